@@ -1,0 +1,266 @@
+"""Thin commands: load the config, call one library function, print where the result is.
+
+Heavy libraries are imported inside the commands that need them so `llamaduo --help`,
+`config validate` and the service stages start instantly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from llamaduo.config import Config, ConfigError, dump_config, example_yaml, load_config
+
+app = typer.Typer(
+    help="llamaduo: move a task from a service LLM to a small local model you own.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect and validate llamaduo.yaml.", no_args_is_help=True)
+cache_app = typer.Typer(help="The service-call cache of a run.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(cache_app, name="cache")
+
+console = Console()
+err = Console(stderr=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: a.b=value (repeatable).")]  # noqa: UP045
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _load(path: Path, overrides: list[str] | None) -> Config:
+    try:
+        return load_config(path, overrides or [])
+    except ConfigError as e:
+        fail(str(e))
+        raise  # unreachable
+
+
+def _run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
+    from llamaduo.store import RunStore
+
+    store = RunStore(run_dir)
+    if not store.config_path.exists():
+        fail(f"{run_dir}: not a run directory (no config.yaml); create one with 'llamaduo prepare' or 'llamaduo run'")
+    cfg = _load(store.config_path, overrides)
+    # A run directory's config names itself: keep results where they are even if moved.
+    return cfg.model_copy(update={"runs_dir": run_dir.parent, "name": run_dir.name})
+
+
+# ------------------------------------------------------------------------- config
+@app.command()
+def init(directory: Path = typer.Argument(Path("."), help="Folder to write llamaduo.yaml into.")) -> None:
+    """Write a commented example llamaduo.yaml."""
+    from llamaduo.store import atomic_write_text
+
+    target = directory / "llamaduo.yaml"
+    if target.exists():
+        fail(f"{target}: already exists; not overwriting")
+    atomic_write_text(target, example_yaml())
+    console.print(f"wrote {target}")
+
+
+@config_app.command("validate")
+def config_validate(file: Path, set_: SetOpt = None) -> None:
+    """Validate a config file (and --set overrides); exit 2 with the problem on failure."""
+    _load(file, set_)
+    console.print(f"{file}: ok")
+
+
+@config_app.command("show")
+def config_show(file: Path, set_: SetOpt = None) -> None:
+    """Print the resolved config (defaults filled in, overrides applied)."""
+    cfg = _load(file, set_)
+    console.print(dump_config(cfg), highlight=False, markup=False, end="")
+
+
+# ------------------------------------------------------------------------ prepare
+@app.command()
+def prepare(
+    config: Annotated[Optional[Path], typer.Argument(help="llamaduo.yaml (optional).")] = None,  # noqa: UP045
+    input: Annotated[Optional[Path], typer.Option("--input", help="Coverage dataset file.")] = None,  # noqa: UP045
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory to create.")] = None,  # noqa: UP045
+    test_fraction: Annotated[Optional[float], typer.Option(help="Share held out for testing.")] = None,  # noqa: UP045
+    test_file: Annotated[Optional[Path], typer.Option(help="Use this file as the test split.")] = None,  # noqa: UP045
+    seed: Annotated[Optional[int], typer.Option(help="Split seed.")] = None,  # noqa: UP045
+    set_: SetOpt = None,
+) -> None:
+    """Read, validate and split a coverage dataset into RUN_DIR/data/{train,test}.jsonl."""
+    from llamaduo import data
+    from llamaduo.config import from_dict
+    from llamaduo.store import RunStore
+
+    overrides = list(set_ or [])
+    if input is not None:
+        overrides.append(f"data.input={json.dumps(str(input))}")
+    if test_fraction is not None:
+        overrides.append(f"data.test_fraction={test_fraction}")
+    if test_file is not None:
+        overrides.append(f"data.test_file={json.dumps(str(test_file))}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
+    if out is not None:
+        out = out.absolute()
+        overrides += [f"runs_dir={json.dumps(str(out.parent))}", f"name={json.dumps(out.name)}"]
+    if config is not None:
+        cfg = _load(config, overrides)
+    else:
+        try:
+            cfg = from_dict({}, overrides, source="command line")
+        except ConfigError as e:
+            fail(str(e))
+    if cfg.data.input is None:
+        fail("no input: pass --input FILE or set data.input in the config")
+    try:
+        result = data.prepare(cfg, RunStore(cfg.run_dir))
+    except data.DataError as e:
+        for problem in e.problems[:200]:
+            err.print(str(problem), highlight=False, markup=False, soft_wrap=True)
+        if len(e.problems) > 200:
+            err.print(f"... and {len(e.problems) - 200} more", highlight=False)
+        fail(f"{e}; nothing was written")
+    console.print(data.render_stats_table(result.stats))
+    for w in result.warnings:
+        err.print(f"[yellow]warning:[/] {w}", highlight=False)
+    console.print(f"train: {result.train_count}  test: {result.test_count}  →  {cfg.run_dir}/data/")
+
+
+# ---------------------------------------------------------------------------- run
+@app.command()
+def run(
+    config: Path,
+    set_: SetOpt = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Discard the existing run directory and start over.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final line.")] = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="Progress as JSON lines (for CI logs).")] = False,
+) -> None:
+    """Run the migration loop: train, infer, judge, synthesize, repeat until the target is met."""
+    from llamaduo import loop
+
+    cfg = _load(config, set_)
+    result = _call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines))
+    console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}  →  {result.run_dir}")
+
+
+def _display(quiet: bool, json_lines: bool) -> str:
+    if json_lines:
+        return "json"
+    return "quiet" if quiet else "rich"
+
+
+def _call(fn, *args, **kwargs):
+    """Call a library function; turn expected user-facing errors into one line + exit 2."""
+    from llamaduo.errors import UserError
+
+    try:
+        return fn(*args, **kwargs)
+    except (UserError, ConfigError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted; rerun the same command to resume", code=130)
+
+
+RoundOpt = Annotated[Optional[int], typer.Option("--round", help="Round number; default: the latest.")]  # noqa: UP045
+
+
+@app.command()
+def train(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
+    """Train one round's adapter over a run directory."""
+    from llamaduo import loop
+
+    cfg = _run_config(run_dir, set_)
+    out = _call(loop.stage_train, cfg, round)
+    console.print(f"adapter → {out}")
+
+
+@app.command()
+def infer(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
+    """Generate K candidates per test prompt with one round's adapter."""
+    from llamaduo import loop
+
+    cfg = _run_config(run_dir, set_)
+    out = _call(loop.stage_infer, cfg, round)
+    console.print(f"predictions → {out}")
+
+
+@app.command()
+def judge(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
+    """Judge one round's predictions with the service LLM."""
+    from llamaduo import loop
+
+    cfg = _run_config(run_dir, set_)
+    out = _call(loop.stage_judge, cfg, round)
+    console.print(f"scores → {out}")
+
+
+@app.command()
+def synth(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
+    """Synthesize (and clean) the training data of a round (≥ 1)."""
+    from llamaduo import loop
+
+    cfg = _run_config(run_dir, set_)
+    out = _call(loop.stage_synth, cfg, round)
+    console.print(f"synthetic data → {out}")
+
+
+@app.command()
+def report(run_dir: Path) -> None:
+    """(Re)write report.html and report.md of a run directory."""
+    from llamaduo import report as report_mod
+    from llamaduo.store import RunStore
+
+    store = RunStore(run_dir)
+    if not store.exists():
+        fail(f"{run_dir}: not a run directory (no manifest.json)")
+    html, md = _call(report_mod.write_report, store)
+    console.print(f"report → {html}  ({md.name})")
+
+
+@app.command()
+def status(run_dir: Path) -> None:
+    """Where a run stands: rounds, statistics, spend, stop reason."""
+    from llamaduo import loop
+
+    console.print(_call(loop.status_table, run_dir))
+
+
+@app.command()
+def runs(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run directories.")) -> None:
+    """List runs with round, best statistic, spend and state."""
+    from llamaduo import loop
+
+    console.print(_call(loop.runs_table, runs_dir))
+
+
+@cache_app.command("stats")
+def cache_stats(run_dir: Path) -> None:
+    """Cache hits, misses and money saved by the service-call cache."""
+    from llamaduo import service
+    from llamaduo.store import RunStore
+
+    store = RunStore(run_dir)
+    if not store.service_db.exists():
+        fail(f"{run_dir}: no service.sqlite (no service calls yet)")
+    stats = service.cache_stats(store.service_db)
+    console.print_json(data=stats)
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # `llamaduo ... | head`
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,375 @@
+"""The one config schema for `llamaduo.yaml`.
+
+Every default is declared once, here, with a description. Secrets never live in the
+config: only the *names* of environment variables that hold them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased as one line for the user."""
+
+
+# ----------------------------------------------------------------------------- data
+class FieldMap(Strict):
+    id: str = Field("id", description="Field holding a record id (optional in the data).")
+    prompt: str = Field("prompt", description="Field holding the instruction text.")
+    response: str = Field("response", description="Field holding the reference answer.")
+    category: str = Field("category", description="Field holding the task category (optional).")
+    messages: str = Field(
+        "messages", description="Field holding OpenAI-style messages; used when prompt/response are absent."
+    )
+    system: str = Field("system", description="Field holding an optional system prompt.")
+
+
+class DataConfig(Strict):
+    input: Path | None = Field(None, description="Coverage dataset: JSONL, JSON array, CSV, Parquet or a HF dataset dir.")
+    format: Literal["auto", "jsonl", "json", "csv", "parquet", "hf"] = Field(
+        "auto", description="Input format; 'auto' picks by file extension (a directory is a HF dataset)."
+    )
+    fields: FieldMap = Field(default_factory=FieldMap, description="Names of the fields in the input records.")
+    test_file: Path | None = Field(None, description="Use this file as the test split instead of splitting the input.")
+    test_fraction: float = Field(0.1, gt=0, lt=1, description="Share of each category held out as the test split.")
+    max_test: int | None = Field(None, ge=1, description="Cap on test examples (stratified); None keeps all.")
+    categories: list[str] | None = Field(None, description="Keep only these categories; None keeps all.")
+    default_category: str = Field("default", description="Category for records that have none.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer (local dir) for token-length stats; None reports characters only."
+    )
+
+
+# -------------------------------------------------------------------------- service
+class Price(Strict):
+    input_per_mtok: float = Field(..., ge=0, description="USD per million input tokens.")
+    output_per_mtok: float = Field(..., ge=0, description="USD per million output tokens.")
+
+
+DEFAULT_PRICES: dict[str, dict[str, float]] = {
+    # USD per million tokens, list prices as published by the providers (2025).
+    "gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10.0},
+    "gpt-4o-mini": {"input_per_mtok": 0.15, "output_per_mtok": 0.6},
+    "gpt-4.1": {"input_per_mtok": 2.0, "output_per_mtok": 8.0},
+    "gpt-4.1-mini": {"input_per_mtok": 0.4, "output_per_mtok": 1.6},
+    "claude-3-5-sonnet-latest": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+    "claude-sonnet-4-5": {"input_per_mtok": 3.0, "output_per_mtok": 15.0},
+    "claude-3-5-haiku-latest": {"input_per_mtok": 0.8, "output_per_mtok": 4.0},
+    "gemini-1.5-flash": {"input_per_mtok": 0.075, "output_per_mtok": 0.3},
+    "gemini-2.5-flash": {"input_per_mtok": 0.3, "output_per_mtok": 2.5},
+    "gemini-2.5-pro": {"input_per_mtok": 1.25, "output_per_mtok": 10.0},
+}
+
+
+class ServiceConfig(Strict):
+    provider: Literal["openai", "anthropic"] = Field(
+        "openai", description="'openai' = any OpenAI-compatible endpoint; 'anthropic' = native Messages API."
+    )
+    base_url: str | None = Field(None, description="Endpoint base URL, e.g. http://127.0.0.1:8000/v1; None = provider default.")
+    model: str = Field("gpt-4o-mini", description="Service model used for synthesis (and judging unless judge.model is set).")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Name of the environment variable holding the API key.")
+    concurrency: int = Field(8, ge=1, description="Maximum service calls in flight.")
+    rpm: int | None = Field(None, ge=1, description="Requests-per-minute budget; None = unlimited.")
+    tpm: int | None = Field(None, ge=1, description="Tokens-per-minute budget; None = unlimited.")
+    max_retries: int = Field(5, ge=0, description="Retries per call on 429, 5xx, timeouts and connection errors.")
+    json_retries: int = Field(2, ge=0, description="Extra calls when a reply is not valid JSON for its schema.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-call timeout in seconds.")
+    backoff_base_s: float = Field(1.0, gt=0, description="First backoff delay; doubles per retry, with jitter.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Cap on one backoff delay.")
+    structured_output: Literal["json_schema", "json_object", "prompt"] = Field(
+        "json_object", description="How JSON replies are requested from the provider."
+    )
+    prices: dict[str, Price] = Field(
+        default_factory=lambda: {k: Price(**v) for k, v in DEFAULT_PRICES.items()},
+        description="USD prices per model; models not listed are costed at 0 and flagged.",
+    )
+    max_usd: float | None = Field(None, gt=0, description="Budget in USD for the whole run; the loop stops cleanly when reached.")
+    max_tokens: int | None = Field(None, gt=0, description="Budget in service tokens for the whole run.")
+
+
+# ---------------------------------------------------------------------------- judge
+class PassRule(Strict):
+    metric: Literal["similarity", "precision"] = Field("precision", description="Judged metric the rule reads.")
+    statistic: Literal["mean", "median", "coverage@50", "coverage@70"] = Field(
+        "mean", description="Statistic of the per-candidate scores."
+    )
+    threshold: float = Field(70.0, ge=0, description="Absolute target (score 1-100, coverage in percent).")
+    relative_to_service: float | None = Field(
+        None, gt=0, description="If set (e.g. 0.95), pass when local ÷ service-baseline statistic reaches it."
+    )
+
+
+class JudgeConfig(Strict):
+    model: str | None = Field(None, description="Judge model; None = service.model.")
+    judgments_per_candidate: int = Field(10, ge=1, description="M: judge calls per candidate (the paper's 10).")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature of judge calls (varies the M judgments).")
+    max_tokens: int = Field(512, ge=16, description="Max tokens of one judge reply.")
+    template: Path | None = Field(None, description="Override the judge Jinja template.")
+    pass_rule: PassRule = Field(default_factory=PassRule, description="When a round counts as passed.")
+    max_test_prompts: int | None = Field(None, ge=1, description="Judge only this many test prompts; None = all.")
+
+
+# ---------------------------------------------------------------------------- synth
+class SynthConfig(Strict):
+    model: str | None = Field(None, description="Generator model; None = service.model.")
+    per_round: int = Field(100, ge=1, description="Synthetic pairs requested in the first synthesis round.")
+    growth: Literal["fixed", "double"] = Field("fixed", description="'double' doubles per_round each round (paper sweep).")
+    max_per_round: int = Field(256_000, ge=1, description="Cap for the growth schedule.")
+    pairs_per_call: int = Field(5, ge=1, description="Pairs asked for in one synthesis call.")
+    temperature: float = Field(1.0, ge=0, description="Sampling temperature of synthesis calls.")
+    max_tokens: int = Field(2048, ge=16, description="Max tokens of one synthesis reply.")
+    topics: dict[str, str] = Field(default_factory=dict, description="Topic text per category; default = the category name.")
+    template: Path | None = Field(None, description="Override the synthesis Jinja template.")
+    min_chars: int = Field(2, ge=1, description="Reject instructions/responses shorter than this.")
+    max_chars: int = Field(8000, ge=1, description="Reject instructions/responses longer than this.")
+
+
+# ---------------------------------------------------------------------------- model
+class ModelConfig(Strict):
+    base: str = Field("", description="Base model: local directory, GGUF file path, or Hub id (must be cached offline).")
+    gguf_file: str | None = Field(None, description="GGUF file name inside `base` when base is a directory.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="Weights dtype.")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (text or path); None = the model's own, else ChatML."
+    )
+    cache_dir: Path | None = Field(None, description="Where converted GGUF->safetensors copies are cached.")
+
+
+# ---------------------------------------------------------------------------- train
+class TrainConfig(Strict):
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="Fine-tuning method.")
+    lora_r: int | None = Field(None, ge=1, description="LoRA rank; None = paper schedule by data size (8/16/32).")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha; None = 2 × rank.")
+    lora_dropout: float = Field(0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description="Modules LoRA adapts.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: str = Field("cosine", description="Transformers scheduler name.")
+    warmup_ratio: float = Field(0.1, ge=0, lt=1, description="Share of steps spent warming up.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over the round's training set.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
+    batch_size: int = Field(4, ge=1, description="Per-device batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(1024, ge=16, description="Truncate chat-formatted examples to this many tokens.")
+    packing: bool = Field(False, description="Pack sequences (padding-free) to save compute.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    continue_from_previous: bool = Field(False, description="Start each round from the previous round's adapter.")
+    val_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the train set held out for validation loss.")
+    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (for resume inside a round).")
+    logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+
+
+# ---------------------------------------------------------------------------- infer
+class InferConfig(Strict):
+    backend: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="'auto' = vLLM when installed with CUDA, else transformers."
+    )
+    num_samples: int = Field(4, ge=1, description="K: sampled candidates per test prompt (the paper's 4).")
+    temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(1024, ge=1, description="Max generated tokens per candidate.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+
+
+# ----------------------------------------------------------------------------- loop
+class LoopConfig(Strict):
+    max_rounds: int = Field(3, ge=1, description="Rounds including round 0 (training on coverage data only).")
+    min_delta: float = Field(0.0, ge=0, description="Improvement of the pass statistic that counts as progress.")
+    patience: int | None = Field(None, ge=1, description="Stop after this many rounds without min_delta progress.")
+    max_wall_s: float | None = Field(None, gt=0, description="Wall-clock limit for the whole run in seconds.")
+
+
+# --------------------------------------------------------------------------- deploy
+class DeployConfig(Strict):
+    formats: list[Literal["hf", "gguf", "ollama"]] = Field(
+        default_factory=lambda: ["hf", "ollama"], description="Artifacts to export."
+    )
+    gguf_type: str = Field("f16", description="GGUF output type for llama.cpp's converter.")
+
+
+class ServeConfig(Strict):
+    host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
+    port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
+    api_key_env: str | None = Field(None, description="Env var holding the bearer key clients must send; None = open.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
+    max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
+    max_batch: int = Field(8, ge=1, description="Concurrent requests generated together.")
+    batch_wait_ms: float = Field(10.0, ge=0, description="How long to gather a batch.")
+    fallback: bool = Field(False, description="Forward to the service LLM when the local model fails or is slow.")
+    latency_budget_s: float | None = Field(None, gt=0, description="Fallback when local generation exceeds this.")
+
+
+# ---------------------------------------------------------------------------- root
+class Config(Strict):
+    name: str = Field("llamaduo-run", description="Run name; the run directory is runs_dir/name.")
+    runs_dir: Path = Field(Path("runs"), description="Parent directory of run directories.")
+    seed: int = Field(0, description="Seed for splits, sampling and training.")
+    data: DataConfig = Field(default_factory=DataConfig, description="Coverage data.")
+    service: ServiceConfig = Field(default_factory=ServiceConfig, description="The service LLM.")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM-as-judge protocol.")
+    synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic data generation.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The local (student) model.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
+    infer: InferConfig = Field(default_factory=InferConfig, description="Batch inference on the test split.")
+    loop: LoopConfig = Field(default_factory=LoopConfig, description="Rounds and stop rules.")
+    deploy: DeployConfig = Field(default_factory=DeployConfig, description="Export.")
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="OpenAI-compatible server.")
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not v or "/" in v or v in {".", ".."}:
+            raise ValueError("must be a plain directory name")
+        return v
+
+    @property
+    def run_dir(self) -> Path:
+        return self.runs_dir / self.name
+
+    @property
+    def judge_model(self) -> str:
+        return self.judge.model or self.service.model
+
+    @property
+    def synth_model(self) -> str:
+        return self.synth.model or self.service.model
+
+
+# ---------------------------------------------------------------------- load / save
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {dotted}: '{k}' is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b=c` overrides; values are parsed as YAML so numbers and lists work."""
+    tree = copy.deepcopy(tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=2")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(tree, key.strip(), value)
+    return tree
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        parts.append(f"{source}: {loc}: {e['msg']}")
+    return "; ".join(parts)
+
+
+def from_dict(tree: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    tree = apply_overrides(tree, overrides or [])
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(path: Path | str, overrides: list[str] | None = None) -> Config:
+    """Load and validate a YAML config. Relative paths in it resolve against its folder."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    try:
+        tree = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    cfg = from_dict(tree, overrides, source=str(path))
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: Config, base: Path) -> Config:
+    """Make file paths in the config relative to the config file's folder, not the cwd."""
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else base / p
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.runs_dir = fix(cfg.runs_dir)
+    cfg.data.input = fix(cfg.data.input)
+    cfg.data.test_file = fix(cfg.data.test_file)
+    cfg.judge.template = fix(cfg.judge.template)
+    cfg.synth.template = fix(cfg.synth.template)
+    if cfg.model.base and not cfg.model.base.startswith(("hf:",)):
+        cand = base / cfg.model.base
+        if not Path(cfg.model.base).is_absolute() and cand.exists():
+            cfg.model.base = str(cand)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML of the resolved config. It holds env-var names only, never secret values."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def example_yaml() -> str:
+    """A commented example config: every field with its description and default."""
+    lines = [
+        "# llamaduo.yaml — every setting with its default. Delete what you do not change.",
+        "# Secrets are never written here: name the environment variable that holds them.",
+        "",
+    ]
+
+    def walk(model: type[BaseModel], indent: int, instance: BaseModel) -> None:
+        pad = "  " * indent
+        for name, field in model.model_fields.items():
+            value = getattr(instance, name)
+            if field.description:
+                lines.append(f"{pad}# {field.description}")
+            if isinstance(value, BaseModel):
+                lines.append(f"{pad}{name}:")
+                walk(type(value), indent + 1, value)
+            else:
+                value = _jsonable(value)
+                if isinstance(value, dict) and value:
+                    dumped = yaml.safe_dump({name: value}, default_flow_style=None, sort_keys=False).rstrip()
+                    lines.extend(pad + ln for ln in dumped.splitlines())
+                else:  # JSON is valid YAML and keeps one setting on one line
+                    lines.append(f"{pad}{name}: {json.dumps(value, ensure_ascii=False)}")
+
+    walk(Config, 0, Config())
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

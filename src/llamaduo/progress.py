@@ -1,0 +1,64 @@
+"""How the loop's events reach a person or a CI log: rich lines, quiet, or JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from rich.console import Console
+
+Event = dict[str, Any]
+Display = Callable[[Event], None]
+
+_QUIET_KINDS = {"warning", "stop", "invalidated"}
+
+
+def make_display(mode: str = "rich", console: Console | None = None) -> Display:
+    """Return a function that shows one loop event. Modes: rich, quiet, json."""
+    if mode == "json":
+
+        def show_json(event: Event) -> None:
+            sys.stdout.write(json.dumps({"ts": round(time.time(), 3), **event}, default=str) + "\n")
+            sys.stdout.flush()
+
+        return show_json
+
+    con = console or Console(stderr=True)
+
+    def show(event: Event) -> None:
+        kind = event.get("event", "")
+        if mode == "quiet" and kind not in _QUIET_KINDS:
+            return
+        con.print(format_event(event), highlight=False)
+
+    return show
+
+
+def format_event(event: Event) -> str:
+    kind = event.get("event", "")
+    r = event.get("round")
+    tag = f"[bold cyan]r{r:02d}[/] " if isinstance(r, int) else ""
+    if kind == "stage_start":
+        return f"{tag}[bold]{event['stage']}[/] …"
+    if kind == "stage_skip":
+        return f"{tag}[dim]{event['stage']}: done already (inputs unchanged), skipped[/]"
+    if kind == "stage_done":
+        detail = event.get("detail", "")
+        return f"{tag}{event['stage']} [green]done[/] in {event.get('seconds', 0):.1f}s {detail}"
+    if kind == "invalidated":
+        return f"{tag}[yellow]{event['stage']}: inputs changed ({', '.join(event['changed'])}); rerunning it and what follows[/]"
+    if kind == "round_done":
+        mark = "[green]PASS[/]" if event.get("passed") else "[red]below target[/]"
+        spend = event.get("spend_usd", 0.0)
+        return (
+            f"{tag}[bold]{event['metric']} {event['statistic']} = {event['value']:.1f}[/] "
+            f"(target {event['target']:.1f}) {mark}  spend so far ${spend:.4f}"
+        )
+    if kind == "stop":
+        return f"[bold]stopped:[/] {event['reason']} — best round r{event['best_round']:02d} ({event.get('value', 0):.1f})"
+    if kind == "warning":
+        return f"[yellow]warning:[/] {event['message']}"
+    return f"{tag}{event.get('message', kind)}"

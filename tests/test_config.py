@@ -1,0 +1,76 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llamaduo.config import Config, ConfigError, dump_config, example_yaml, from_dict, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED_YAML = sorted(p for p in ROOT.rglob("*.yaml") if ".venv" not in p.parts and "runs" not in p.parts)
+
+
+def test_every_field_has_a_description():
+    def walk(model, prefix=""):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{prefix}{name} has no description"
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+
+    walk(Config)
+
+
+@pytest.mark.parametrize("path", SHIPPED_YAML, ids=[str(p.relative_to(ROOT)) for p in SHIPPED_YAML])
+def test_every_shipped_yaml_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+def test_shipped_yaml_exists():
+    assert any(p.name == "llamaduo.yaml" for p in SHIPPED_YAML)
+
+
+def test_example_yaml_round_trips_to_defaults(tmp_path):
+    p = tmp_path / "llamaduo.yaml"
+    p.write_text(example_yaml())
+    loaded = load_config(p)
+    assert loaded.model_dump(exclude={"runs_dir"}) == Config().model_dump(exclude={"runs_dir"})
+    assert "# Share of each category held out as the test split." in example_yaml()
+
+
+def test_unknown_key_is_rejected_with_its_path(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train:\n  epochz: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml: train.epochz: Extra inputs are not permitted"):
+        load_config(p)
+
+
+def test_set_overrides_are_typed_and_validated():
+    cfg = from_dict({}, ["train.epochs=2", "infer.stop=['</s>']", "service.model=gpt-4o"])
+    assert cfg.train.epochs == 2.0 and cfg.infer.stop == ["</s>"] and cfg.service.model == "gpt-4o"
+    with pytest.raises(ConfigError, match="train.learning_rate"):
+        from_dict({}, ["train.learning_rate=-1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        from_dict({}, ["train.epochs"])
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("name: x\ntrain: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:\d+: invalid YAML"):
+        load_config(p)
+
+
+def test_relative_paths_resolve_against_the_config_folder(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "c.yaml"
+    p.write_text("data:\n  input: cov.jsonl\nruns_dir: out\n")
+    cfg = load_config(p)
+    assert cfg.data.input == tmp_path / "sub" / "cov.jsonl"
+    assert cfg.run_dir == tmp_path / "sub" / "out" / "llamaduo-run"
+
+
+def test_dumped_config_holds_env_var_names_not_secrets(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-config-0000")
+    text = dump_config(Config())
+    assert "sk-canary" not in text
+    assert yaml.safe_load(text)["service"]["api_key_env"] == "OPENAI_API_KEY"
