@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -57,10 +58,8 @@ def test_atomic_write_cleans_its_temp_file_on_error(tmp_path):
             raise Boom
 
         os.replace = fail
-        try:
+        with contextlib.suppress(Boom):
             atomic_write_text(target, "new")
-        except Boom:
-            pass
     finally:
         os.replace = os_replace
     assert target.read_text() == "old"

@@ -255,6 +255,41 @@ def cache_stats(run_dir: Path) -> None:
     console.print_json(data=stats)
 
 
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option("--quick", help="Tiny in-process model: the whole pipeline in ~2 minutes.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/demo).")] = None,  # noqa: UP045
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over instead of resuming.")] = False,
+    serve_: Annotated[
+        Optional[bool],  # noqa: UP045
+        typer.Option("--serve/--no-serve", help="Keep serving the deployed model until Ctrl-C (default: when interactive)."),
+    ] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="Progress as JSON lines.")] = False,
+) -> None:
+    """A complete offline migration: simulated service LLM, real training, judging, deploy and serve."""
+    from llamaduo import demo as demo_mod
+
+    keep = sys.stdin.isatty() if serve_ is None else serve_
+    result = _call(demo_mod.run_demo, quick=quick, out=out, display=_display(False, json_lines), fresh=fresh, keep_serving=keep)
+    scores = "  ".join(f"r{i:02d}={v:.1f}" for i, v in enumerate(result.round_values))
+    console.print(f"\n[bold]per-round score[/] (precision mean): {scores}")
+    console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}; {result.seconds:.0f}s")
+    console.print(f"report   → {result.report}")
+    if result.deployed:
+        console.print(f"deployed → {result.deployed}")
+    if result.endpoint:
+        console.print(f"served at {result.endpoint}; it answered: {result.served_reply!r}")
+        console.print(demo_mod.snippets(result), highlight=False, markup=False)
+    if keep and result.handle is not None:
+        console.print("serving — press Ctrl-C to stop")
+        try:
+            result.handle.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            result.handle.stop()
+
+
 def main() -> None:
     try:
         app()

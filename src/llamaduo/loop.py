@@ -20,7 +20,16 @@ from llamaduo.config import Config, dump_config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
 from llamaduo.progress import Display, make_display
-from llamaduo.store import RunStore, atomic_write_text, hash_file, hash_obj, read_json, read_jsonl, write_json, write_jsonl
+from llamaduo.store import (
+    RunStore,
+    atomic_write_text,
+    hash_file,
+    hash_obj,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 
 
 class RoundSummary(BaseModel):
