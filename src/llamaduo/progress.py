@@ -9,6 +9,8 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.progress import ProgressColumn, Task
+from rich.text import Text
 
 Event = dict[str, Any]
 Display = Callable[[Event], None]
@@ -62,3 +64,15 @@ def format_event(event: Event) -> str:
     if kind == "warning":
         return f"[yellow]warning:[/] {event['message']}"
     return f"{tag}{event.get('message', kind)}"
+
+
+class RateColumn(ProgressColumn):
+    """Items per second for rich progress bars."""
+
+    def __init__(self, unit: str = "it"):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")

@@ -1,29 +1,40 @@
 """The only network client: calls to the service LLM.
 
-INTERFACE (implementation in progress) — judge/synth/loop depend only on this:
-
     client = ServiceClient(cfg.service, db_path=store.service_db)
-    reply = await client.chat_json(
-        messages=[{"role": "user", "content": "..."}],
-        schema=SomePydanticModel,      # reply must parse as JSON and validate against it
-        model="gpt-4o-mini",
-        temperature=0.7,
-        max_tokens=512,
-        sample_index=0,                # part of the cache key: M judgments of one prompt differ by it
-        stage="judge", round=0,        # for the ledger
-    )
+    reply = await client.chat_json(messages, schema=JudgeReply, model="gpt-4o", temperature=0.7,
+                                   max_tokens=512, sample_index=3, stage="judge", round=0)
     reply.ok, reply.parsed, reply.raw, reply.error, reply.cached
+    results = client.run([coro, ...], description="judging")   # in order, with a progress bar
 
-    results = client.run(coros)        # sync helper: run many coroutines with progress, return results
-    client.close()
+Every attempt is logged in SQLite (`service.sqlite`): request hash, model, tokens, cost,
+latency, status, raw reply. Successful replies are cached by content (provider, model,
+messages, parameters, sample index), so a rerun with unchanged inputs sends nothing. Service
+faults (429, 5xx, timeouts, malformed JSON) are retried within limits and never raise; only
+`BudgetExceeded` does, so the loop can stop cleanly. API keys are read from the environment
+at call time and never written anywhere.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
+import os
+import random
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from llamaduo.config import ServiceConfig
+from llamaduo.errors import UserError
 
 
 @dataclass
@@ -43,3 +54,511 @@ class ServiceReply:
 
 class BudgetExceeded(RuntimeError):
     """Raised before a call that would start after the run's budget is spent."""
+
+
+class ServiceError(UserError):
+    """A configuration problem with the service (missing key, unknown provider)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts REAL NOT NULL,
+  stage TEXT, round INTEGER,
+  provider TEXT, model TEXT,
+  request_hash TEXT, sample_index INTEGER, attempt INTEGER,
+  status TEXT, http_status INTEGER, latency_ms REAL,
+  input_tokens INTEGER DEFAULT 0, output_tokens INTEGER DEFAULT 0,
+  cost_usd REAL DEFAULT 0, saved_usd REAL DEFAULT 0,
+  raw_reply TEXT, error TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_hash ON calls(request_hash);
+CREATE TABLE IF NOT EXISTS cache (
+  request_hash TEXT PRIMARY KEY,
+  model TEXT, raw_reply TEXT NOT NULL,
+  input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, ts REAL
+);
+"""
+
+
+class _Log:
+    """SQLite call log + cache. One connection, guarded by a lock (calls come from one loop)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(_SCHEMA)
+        self.lock = threading.Lock()
+
+    def cached(self, request_hash: str) -> tuple[str, int, int, float] | None:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT raw_reply, input_tokens, output_tokens, cost_usd FROM cache WHERE request_hash=?", (request_hash,)
+            ).fetchone()
+        return tuple(row) if row else None  # type: ignore[return-value]
+
+    def put_cache(self, request_hash: str, model: str, raw: str, tin: int, tout: int, cost: float) -> None:
+        with self.lock, self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?)", (request_hash, model, raw, tin, tout, cost, time.time())
+            )
+
+    def record(self, **row: Any) -> None:
+        cols = ",".join(row)
+        with self.lock, self.conn:
+            self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({','.join('?' * len(row))})", tuple(row.values()))
+
+    def totals(self) -> tuple[float, int]:
+        with self.lock:
+            usd, tok = self.conn.execute(
+                "SELECT COALESCE(SUM(cost_usd),0), COALESCE(SUM(input_tokens+output_tokens),0) FROM calls WHERE status!='cached'"
+            ).fetchone()
+        return float(usd), int(tok)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def ledger_from_db(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Totals overall and per (stage, round), counting only what was paid for."""
+
+    def agg(where: str = "", group: str = "") -> list[tuple]:
+        sel = f"{group + ',' if group else ''}"
+        q = (
+            f"SELECT {sel} COUNT(*) FILTER (WHERE status!='cached'), COUNT(*) FILTER (WHERE status='cached'),"
+            " COUNT(*) FILTER (WHERE status='failed'),"
+            " COALESCE(SUM(CASE WHEN status!='cached' THEN input_tokens END),0),"
+            " COALESCE(SUM(CASE WHEN status!='cached' THEN output_tokens END),0),"
+            " COALESCE(SUM(cost_usd),0), COALESCE(SUM(saved_usd),0) FROM calls"
+            f" {where} {'GROUP BY ' + group if group else ''}"
+        )
+        return conn.execute(q).fetchall()
+
+    def row_dict(r: Sequence[Any]) -> dict[str, Any]:
+        calls, cached, failed, tin, tout, usd, saved = r
+        return {
+            "calls": calls,
+            "cached": cached,
+            "failed": failed,
+            "input_tokens": tin,
+            "output_tokens": tout,
+            "usd": round(usd, 6),
+            "saved_usd": round(saved, 6),
+        }
+
+    by_stage = {}
+    for r in agg(group="stage, round"):
+        key = f"{r[0]}" + (f"/r{r[1]:02d}" if r[1] is not None else "")
+        by_stage[key] = row_dict(r[2:])
+    return {"total": row_dict(agg()[0]), "by_stage": by_stage}
+
+
+def cache_stats(db_path: Path) -> dict[str, Any]:
+    """Hits, misses and money saved, from a run's service.sqlite."""
+    conn = sqlite3.connect(str(db_path))
+    try:
+        ledger = ledger_from_db(conn)
+        entries = conn.execute("SELECT COUNT(*) FROM cache").fetchone()[0]
+    finally:
+        conn.close()
+    t = ledger["total"]
+    return {
+        "hits": t["cached"],
+        "misses": t["calls"],
+        "entries": entries,
+        "saved_usd": t["saved_usd"],
+        "spent_usd": t["usd"],
+        "by_stage": {k: {"hits": v["cached"], "misses": v["calls"], "saved_usd": v["saved_usd"]} for k, v in ledger["by_stage"].items()},
+    }
+
+
+# ---------------------------------------------------------------------- parsing
+def extract_json(text: str) -> Any:
+    """Parse JSON from an LLM reply: plain, inside ``` fences, or the first {...} in prose."""
+    t = text.strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", t, re.S)
+    if fence:
+        t = fence.group(1).strip()
+    try:
+        return json.loads(t)
+    except json.JSONDecodeError:
+        pass
+    start = t.find("{")
+    if start < 0:
+        raise ValueError("no JSON object in the reply")
+    obj, _ = json.JSONDecoder().raw_decode(t[start:])
+    return obj
+
+
+def parse_reply(text: str, schema: type[BaseModel]) -> tuple[BaseModel | None, str | None]:
+    try:
+        return schema.model_validate(extract_json(text)), None
+    except (ValueError, ValidationError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        return None, f"invalid JSON for {schema.__name__}: {msg}"
+
+
+# ---------------------------------------------------------------------- pacing
+class _Pacer:
+    """Requests- and tokens-per-minute pacing plus a shared back-off after a 429."""
+
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float]):
+        self.clock = clock
+        self.interval = 60.0 / rpm if rpm else 0.0
+        self.tpm = tpm
+        self.next_slot = 0.0
+        self.tokens = float(tpm or 0)
+        self.tokens_at = clock()
+        self.not_before = 0.0
+
+    def reserve(self, est_tokens: int) -> float:
+        """Seconds to wait before sending; books the slot and the tokens now."""
+        now = self.clock()
+        start = max(now, self.next_slot, self.not_before)
+        if self.interval:
+            self.next_slot = start + self.interval
+        if self.tpm:
+            rate = self.tpm / 60.0
+            self.tokens = min(float(self.tpm), self.tokens + (now - self.tokens_at) * rate)
+            self.tokens_at = now
+            need = min(est_tokens, self.tpm)
+            if self.tokens < need:
+                start = max(start, now + (need - self.tokens) / rate)
+            self.tokens -= need
+        return max(0.0, start - now)
+
+    def correct(self, estimated: int, actual: int) -> None:
+        if self.tpm:
+            self.tokens += estimated - actual
+
+    def back_off(self, seconds: float) -> None:
+        self.not_before = max(self.not_before, self.clock() + seconds)
+
+
+# ---------------------------------------------------------------------- client
+class ServiceClient:
+    def __init__(
+        self,
+        cfg: ServiceConfig,
+        db_path: Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        api_key: str | None = None,
+    ):
+        self.cfg = cfg
+        self.clock = clock
+        self.sleep = sleep
+        self._api_key = api_key
+        self.log = _Log(db_path)
+        self.pacer = _Pacer(cfg.rpm, cfg.tpm, clock)
+        self._sdk: Any = None
+        self._sdk_loop: Any = None
+        self._sem: asyncio.Semaphore | None = None
+        self._budget_usd, self._budget_tokens = self.log.totals()
+
+    # ---- plumbing
+    def _key(self) -> str:
+        if self._api_key:
+            return self._api_key
+        key = os.environ.get(self.cfg.api_key_env)
+        if key:
+            return key
+        host = urlparse(self.cfg.base_url or "").hostname or ""
+        if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
+            return "not-needed"  # local servers usually ignore the key
+        raise ServiceError(f"service.api_key_env: environment variable {self.cfg.api_key_env} is not set")
+
+    def _client(self) -> Any:
+        loop = asyncio.get_running_loop()
+        if self._sdk is None or self._sdk_loop is not loop:
+            if self.cfg.provider == "anthropic":
+                import anthropic
+
+                self._sdk = anthropic.AsyncAnthropic(
+                    api_key=self._key(), base_url=self.cfg.base_url, max_retries=0, timeout=self.cfg.timeout_s
+                )
+            else:
+                import openai
+
+                self._sdk = openai.AsyncOpenAI(
+                    api_key=self._key(), base_url=self.cfg.base_url, max_retries=0, timeout=self.cfg.timeout_s
+                )
+            self._sdk_loop = loop
+            self._sem = asyncio.Semaphore(self.cfg.concurrency)
+        return self._sdk
+
+    def price(self, model: str) -> tuple[float, float] | None:
+        prices = self.cfg.prices
+        if model in prices:
+            p = prices[model]
+        else:
+            match = max((k for k in prices if model.startswith(k)), key=len, default=None)
+            if match is None:
+                return None
+            p = prices[match]
+        return p.input_per_mtok, p.output_per_mtok
+
+    def cost(self, model: str, tin: int, tout: int) -> float:
+        p = self.price(model)
+        return 0.0 if p is None else (tin * p[0] + tout * p[1]) / 1e6
+
+    def _check_budget(self) -> None:
+        if self.cfg.max_usd is not None and self._budget_usd >= self.cfg.max_usd:
+            raise BudgetExceeded(f"spent ${self._budget_usd:.4f} of max_usd ${self.cfg.max_usd}")
+        if self.cfg.max_tokens is not None and self._budget_tokens >= self.cfg.max_tokens:
+            raise BudgetExceeded(f"used {self._budget_tokens} of max_tokens {self.cfg.max_tokens}")
+
+    def request_hash(self, model: str, messages: list[dict[str, str]], params: dict[str, Any], sample_index: int) -> str:
+        blob = json.dumps(
+            {"provider": self.cfg.provider, "model": model, "messages": messages, "params": params, "sample": sample_index},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    # ---- one HTTP exchange
+    async def _send(self, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[str, int, int]:
+        sdk = self._client()
+        if self.cfg.provider == "anthropic":
+            system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+            rest = [m for m in messages if m["role"] != "system"]
+            kwargs: dict[str, Any] = {"model": model, "messages": rest, "max_tokens": params["max_tokens"], "temperature": params["temperature"]}
+            if system:
+                kwargs["system"] = system
+            resp = await sdk.messages.create(**kwargs)
+            text = "".join(getattr(b, "text", "") for b in resp.content)
+            return text, resp.usage.input_tokens, resp.usage.output_tokens
+        resp = await sdk.chat.completions.create(model=model, messages=messages, **params)
+        if not getattr(resp, "choices", None):
+            raise _Malformed("reply has no choices")
+        text = resp.choices[0].message.content or ""
+        usage = getattr(resp, "usage", None)
+        tin = getattr(usage, "prompt_tokens", 0) or 0
+        tout = getattr(usage, "completion_tokens", 0) or 0
+        return text, tin, tout
+
+    async def _call(
+        self,
+        model: str,
+        messages: list[dict[str, str]],
+        params: dict[str, Any],
+        sample_index: int,
+        stage: str,
+        round: int | None,
+    ) -> tuple[str | None, int, int, float, int, str | None, bool, str]:
+        """Cached call with retries. Returns (text, tin, tout, cost, attempts, error, cached, hash)."""
+        h = self.request_hash(model, messages, params, sample_index)
+        base = {"stage": stage, "round": round, "provider": self.cfg.provider, "model": model, "request_hash": h, "sample_index": sample_index}
+        hit = self.log.cached(h)
+        if hit is not None:
+            raw, tin, tout, cost = hit
+            self.log.record(ts=time.time(), attempt=0, status="cached", saved_usd=cost, input_tokens=tin, output_tokens=tout, **base)
+            return raw, tin, tout, 0.0, 0, None, True, h
+        self._check_budget()
+        self._client()
+        assert self._sem is not None
+        est = sum(len(m["content"]) for m in messages) // 4 + int(params.get("max_tokens", 0))
+        error = None
+        attempt = 0
+        for attempt in range(1, self.cfg.max_retries + 2):
+            wait = self.pacer.reserve(est)
+            if wait > 0:
+                await self.sleep(wait)
+            t0 = time.monotonic()
+            status, http_status, retry_after = "ok", 200, None
+            try:
+                async with self._sem:
+                    text, tin, tout = await asyncio.wait_for(self._send(model, messages, params), self.cfg.timeout_s + 5)
+            except Exception as e:  # classify every provider/transport failure the same way
+                status, http_status, retry_after, error = _classify(e)
+                self.log.record(ts=time.time(), attempt=attempt, status=status, http_status=http_status, latency_ms=(time.monotonic() - t0) * 1000, error=error, **base)
+                if status == "client_error" or attempt > self.cfg.max_retries:
+                    break
+                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
+                delay = delay * (0.5 + random.random() / 2)
+                if retry_after is not None:
+                    delay = max(delay, retry_after)
+                    self.pacer.back_off(delay)  # every worker waits: no 429 storm
+                await self.sleep(delay)
+                continue
+            cost = self.cost(model, tin, tout)
+            self.pacer.correct(est, tin + tout)
+            self._budget_usd += cost
+            self._budget_tokens += tin + tout
+            self.log.record(
+                ts=time.time(), attempt=attempt, status="ok", http_status=200, latency_ms=(time.monotonic() - t0) * 1000,
+                input_tokens=tin, output_tokens=tout, cost_usd=cost, raw_reply=text, **base,
+            )
+            return text, tin, tout, cost, attempt, None, False, h
+        self.log.record(ts=time.time(), attempt=attempt, status="failed", error=error, **base)
+        return None, 0, 0, 0.0, attempt, error, False, h
+
+    # ---- public API
+    def _params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
+        params: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
+        if schema is not None and self.cfg.provider == "openai":
+            if self.cfg.structured_output == "json_object":
+                params["response_format"] = {"type": "json_object"}
+            elif self.cfg.structured_output == "json_schema":
+                params["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()},
+                }
+        return params
+
+    async def chat_json(
+        self,
+        messages: list[dict[str, str]],
+        schema: type[BaseModel],
+        *,
+        model: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        sample_index: int = 0,
+        stage: str = "",
+        round: int | None = None,
+    ) -> ServiceReply:
+        """One structured call. A reply that is not valid JSON for `schema` gets bounded repair retries."""
+        model = model or self.cfg.model
+        params = self._params(temperature, max_tokens, schema)
+        convo = [dict(m) for m in messages]
+        total = ServiceReply(ok=False, parsed=None, raw=None, model=model)
+        first_hash = None
+        for repair in range(self.cfg.json_retries + 1):
+            text, tin, tout, cost, attempts, error, cached, h = await self._call(model, convo, params, sample_index, stage, round)
+            first_hash = first_hash or h
+            total.input_tokens += tin
+            total.output_tokens += tout
+            total.cost_usd += cost
+            total.attempts += attempts
+            total.cached = cached if repair == 0 else total.cached and cached
+            if text is None:
+                total.error = error
+                return total
+            total.raw = text
+            parsed, perr = parse_reply(text, schema)
+            if parsed is not None:
+                if not cached:  # only replies that parsed are worth replaying
+                    self.log.put_cache(h, model, text, tin, tout, cost)
+                    if first_hash and first_hash != h:  # a rerun replays the repaired answer at once
+                        self.log.put_cache(first_hash, model, text, tin, tout, cost)
+                total.ok, total.parsed, total.error = True, parsed, None
+                return total
+            total.error = perr
+            # Ask again with the bad reply in view; the changed messages change the cache key.
+            convo = convo[: len(messages)] + [
+                {"role": "assistant", "content": text[:4000]},
+                {"role": "user", "content": f"That reply was not valid JSON for the required format ({perr}). Reply with the JSON object only."},
+            ]
+        return total
+
+    async def chat_text(
+        self,
+        messages: list[dict[str, str]],
+        *,
+        model: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        sample_index: int = 0,
+        stage: str = "",
+        round: int | None = None,
+    ) -> ServiceReply:
+        """One plain-text call (e.g. the service baseline's own answers)."""
+        model = model or self.cfg.model
+        params = self._params(temperature, max_tokens, None)
+        text, tin, tout, cost, attempts, error, cached, h = await self._call(
+            model, [dict(m) for m in messages], params, sample_index, stage, round
+        )
+        if text is not None and not cached:
+            self.log.put_cache(h, model, text, tin, tout, cost)
+        return ServiceReply(
+            ok=text is not None, parsed=None, raw=text, error=error, cached=cached, model=model,
+            input_tokens=tin, output_tokens=tout, cost_usd=cost, attempts=attempts,
+        )
+
+    def run(self, coros: Sequence[Awaitable[Any]], description: str = "service calls", progress: bool = True) -> list[Any]:
+        """Run coroutines concurrently (the semaphore caps calls in flight); results in order."""
+        return asyncio.run(self._gather(list(coros), description, progress))
+
+    async def _gather(self, coros: list[Awaitable[Any]], description: str, progress: bool) -> list[Any]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        from llamaduo.progress import RateColumn
+
+        results: list[Any] = [None] * len(coros)
+
+        async def one(i: int, c: Awaitable[Any]) -> None:
+            results[i] = await c
+
+        tasks = [asyncio.ensure_future(one(i, c)) for i, c in enumerate(coros)]
+        bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("calls"),
+            TimeRemainingColumn(), disable=not progress, transient=True,
+        )
+        try:
+            with bar:
+                tid = bar.add_task(description, total=len(tasks))
+                for fut in asyncio.as_completed(tasks):
+                    await fut
+                    bar.advance(tid)
+        except BaseException:
+            # Let calls already in flight finish and be recorded; start no new ones.
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        finally:
+            if self._sdk is not None and self._sdk_loop is asyncio.get_running_loop():
+                await self._sdk.close()
+                self._sdk = None
+        return results
+
+    def ledger(self) -> dict[str, Any]:
+        with self.log.lock:
+            return ledger_from_db(self.log.conn)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _classify(e: Exception) -> tuple[str, int | None, float | None, str]:
+    """(status, http status, retry-after seconds, one-line error) for any call failure."""
+    status_code = getattr(e, "status_code", None)
+    response = getattr(e, "response", None)
+    headers = getattr(response, "headers", None) or {}
+    retry_after = _retry_after(headers)
+    name = type(e).__name__
+    msg = f"{name}: {str(e).splitlines()[0][:300]}" if str(e) else name
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)) or "Timeout" in name:
+        return "timeout", None, None, msg
+    if status_code == 429:
+        return "http_429", 429, retry_after if retry_after is not None else None, msg
+    if isinstance(status_code, int) and status_code >= 500:
+        return f"http_{status_code}", status_code, retry_after, msg
+    if isinstance(status_code, int) and status_code in (408, 409):
+        return f"http_{status_code}", status_code, retry_after, msg
+    if isinstance(status_code, int) and 400 <= status_code < 500:
+        return "client_error", status_code, None, msg
+    if "Connection" in name:
+        return "connection_error", None, None, msg
+    return "malformed", None, None, msg
+
+
+def _retry_after(headers: Any) -> float | None:
+    for key in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        v = headers.get(key) if hasattr(headers, "get") else None
+        if v is None:
+            continue
+        m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s)?\s*", str(v))
+        if m:
+            return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    return None

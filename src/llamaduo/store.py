@@ -153,6 +153,24 @@ class RunStore:
         return self.root / "deploy"
 
     @property
+    def merged_dir(self) -> Path:
+        """The best round's adapter merged into the base: a plain HF model dir (+ model card)."""
+        return self.deploy_dir / "merged"
+
+    @property
+    def gguf_path(self) -> Path:
+        return self.deploy_dir / "model.gguf"
+
+    @property
+    def modelfile_path(self) -> Path:
+        return self.deploy_dir / "Modelfile"
+
+    @property
+    def accept_dir(self) -> Path:
+        """The served artifact judged on the test split: predictions/judgments/scores like a round."""
+        return self.root / "accept"
+
+    @property
     def report_html(self) -> Path:
         return self.root / "report.html"
 

@@ -1,0 +1,267 @@
+"""`llamaduo capture`: grow a coverage dataset from the traffic an application already sends.
+
+An OpenAI-compatible pass-through proxy in front of the service LLM. The application points
+its `base_url` at the proxy; every request is forwarded unchanged (the caller's own
+Authorization header goes to the upstream and nowhere else), the reply is relayed unchanged
+(SSE chunks as they arrive when streaming), and each completed chat exchange is appended to
+a JSONL file in the messages format that `llamaduo prepare` reads:
+
+    {"messages": [...request messages..., {"role": "assistant", "content": reply}],
+     "category": <x-llamaduo-category header or "default">, "model": <model that answered>}
+
+Recorded text is redacted (e-mail addresses and phone numbers by default; any list of
+regexes). No header is ever recorded, so API keys never reach the file.
+"""
+
+import contextlib
+import json
+import logging
+import re
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("llamaduo.capture")
+
+EMAIL_RE = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
+# Phone numbers: international (+CC ...), an area code in parentheses, or 3-3-4 groups. Dates,
+# prices and bare order numbers do not match, so redaction does not eat task content.
+PHONE_RE = (
+    r"(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}"
+    r"|\(\d{2,4}\)[\s.-]?\d{3,4}[\s.-]?\d{3,4}|\d{3}[\s.-]\d{3}[\s.-]\d{4})(?!\w)"
+)
+DEFAULT_PATTERNS: list[str] = [EMAIL_RE, PHONE_RE]
+
+# Hop-by-hop headers are per connection; content-length/encoding are recomputed by the relay.
+_HOP = {
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "trailers",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "content-encoding",
+    "accept-encoding",
+}
+
+
+def make_redactor(patterns: list[str], mask: str = "[REDACTED]") -> Callable[[str], str]:
+    """A redaction function that replaces every match of any of `patterns` with `mask`."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def redact(text: str) -> str:
+        for rx in compiled:
+            text = rx.sub(mask, text)
+        return text
+
+    return redact
+
+
+_email = re.compile(EMAIL_RE)
+_phone = re.compile(PHONE_RE)
+
+
+def default_redact(text: str) -> str:
+    """Mask e-mail addresses as [EMAIL] and phone numbers as [PHONE]."""
+    return _phone.sub("[PHONE]", _email.sub("[EMAIL]", text))
+
+
+class CaptureWriter:
+    """Appends records to a JSONL file; one locked write + flush per line keeps lines whole."""
+
+    def __init__(self, out: Path):
+        self.out = Path(out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.count = 0
+
+    def append(self, record: dict[str, Any]) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with self._lock, open(self.out, "a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+            self.count += 1
+
+
+def _text(content: Any) -> str | None:
+    """Message content as text: a string, or the text parts of a content-part list."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        return "".join(parts) if parts else None
+    return None
+
+
+def build_record(
+    request: dict[str, Any], reply: str, model: str | None, category: str, redact: Callable[[str], str]
+) -> dict[str, Any] | None:
+    """The coverage record of one exchange, or None when it is not a plain-text chat."""
+    msgs = request.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        return None
+    out = []
+    for m in msgs:
+        if not isinstance(m, dict):
+            return None
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        text = _text(m.get("content"))
+        if role not in ("system", "user", "assistant") or text is None:
+            return None  # tool calls and images are not coverage pairs
+        out.append({"role": role, "content": redact(text)})
+    out.append({"role": "assistant", "content": redact(reply)})
+    return {"messages": out, "category": category or "default", "model": model or request.get("model")}
+
+
+class _SSEText:
+    """Assembles choice 0's text from OpenAI chat-completion SSE bytes as they pass through."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.parts: list[str] = []
+        self.model: str | None = None
+        self.done = False
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for raw in lines:
+            line = raw.strip()
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if payload == b"[DONE]":
+                self.done = True
+                continue
+            with contextlib.suppress(ValueError, AttributeError, TypeError):
+                obj = json.loads(payload)
+                self.model = obj.get("model") or self.model
+                for ch in obj.get("choices") or []:
+                    if ch.get("index", 0) == 0:
+                        self.parts.append((ch.get("delta") or {}).get("content") or "")
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _error(status: int, message: str, code: str):
+    from fastapi.responses import JSONResponse
+
+    body = {"error": {"message": message, "type": "proxy_error", "param": None, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def create_capture_app(
+    upstream: str,
+    out: Path,
+    redact: Callable[[str], str] = default_redact,
+    category_header: str = "x-llamaduo-category",
+    timeout_s: float = 600.0,
+):
+    """FastAPI app: `/v1/<path>` is forwarded to `<upstream>/<path>`; chat completions are recorded.
+
+    `upstream` is the base URL as the OpenAI SDK takes it (e.g. https://api.openai.com/v1).
+    """
+    import httpx
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response, StreamingResponse
+
+    upstream = upstream.rstrip("/")
+    writer = CaptureWriter(out)
+    category_header = category_header.lower()
+    state: dict[str, httpx.AsyncClient] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        state["client"] = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        try:
+            yield
+        finally:
+            await state["client"].aclose()
+
+    app = FastAPI(title="llamaduo capture proxy", lifespan=lifespan)
+    app.state.writer = writer
+
+    def record(body: dict[str, Any], reply: str, model: str | None, category: str) -> None:
+        rec = build_record(body, reply, model, category, redact)
+        if rec is None:
+            log.info("exchange not recorded: not a plain-text chat")
+            return
+        writer.append(rec)
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def forward(path: str, request: Request):
+        raw = await request.body()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP and k.lower() != category_header}
+        headers["accept-encoding"] = "identity"  # relay bytes we can read for the record
+        category = request.headers.get(category_header) or "default"
+        url = f"{upstream}/{path}"
+        if request.url.query:
+            url += "?" + request.url.query
+        body: dict[str, Any] | None = None
+        if path.rstrip("/") == "chat/completions" and request.method == "POST":
+            with contextlib.suppress(ValueError):
+                parsed = json.loads(raw)
+                body = parsed if isinstance(parsed, dict) else None
+        client = state["client"]
+        req = client.build_request(request.method, url, content=raw, headers=headers)
+        try:
+            resp = await client.send(req, stream=True)
+        except httpx.HTTPError as e:
+            log.warning("upstream unreachable: %s", type(e).__name__)
+            return _error(502, f"upstream {upstream} unreachable: {type(e).__name__}", "upstream_unreachable")
+        out_headers = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP}
+        is_sse = resp.headers.get("content-type", "").startswith("text/event-stream")
+
+        if body is not None and body.get("stream") and is_sse:
+            sse = _SSEText()
+
+            async def relay() -> AsyncIterator[bytes]:
+                try:
+                    async for chunk in resp.aiter_bytes():
+                        sse.feed(chunk)
+                        yield chunk
+                finally:
+                    await resp.aclose()
+                if resp.status_code == 200 and sse.done:
+                    record(body, sse.text, sse.model, category)
+
+            return StreamingResponse(relay(), status_code=resp.status_code, headers=out_headers)
+
+        try:
+            content = await resp.aread()
+        finally:
+            await resp.aclose()
+        if body is not None and resp.status_code == 200:
+            with contextlib.suppress(ValueError, AttributeError, IndexError, KeyError, TypeError):
+                reply = json.loads(content)
+                text = _text(reply["choices"][0]["message"].get("content"))
+                if text is not None:
+                    record(body, text, reply.get("model"), category)
+        return Response(content=content, status_code=resp.status_code, headers=out_headers)
+
+    return app
+
+
+def capture(
+    upstream: str,
+    out: Path,
+    host: str = "127.0.0.1",
+    port: int = 8001,
+    redact_patterns: list[str] | None = None,
+    category_header: str = "x-llamaduo-category",
+) -> None:
+    """Run the capture proxy until interrupted. `redact_patterns` replaces the default redaction."""
+    import uvicorn
+
+    redact = default_redact if redact_patterns is None else make_redactor(redact_patterns)
+    app = create_capture_app(upstream, out, redact=redact, category_header=category_header)
+    log.info("capturing %s -> %s on http://%s:%s/v1", upstream, out, host, port)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

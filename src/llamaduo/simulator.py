@@ -1,0 +1,232 @@
+"""A loopback OpenAI-compatible server whose answers come from a function of the request.
+
+It plays the service LLM in the test suite (with faults on demand: 429 with Retry-After,
+5xx, slow replies, malformed or truncated JSON) and in `llamaduo demo`, where it is labelled
+as a simulator. It binds 127.0.0.1 only and records every request it receives.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+
+
+@dataclass
+class Fault:
+    """One injected misbehaviour, consumed by the next request."""
+
+    kind: str
+    status: int = 200
+    seconds: float = 0.0
+    text: str = ""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @staticmethod
+    def rate_limit(retry_after_s: float = 1.0) -> Fault:
+        return Fault("rate_limit", 429, headers={"Retry-After": f"{retry_after_s:g}"})
+
+    @staticmethod
+    def server_error(status: int = 500) -> Fault:
+        return Fault("server_error", status)
+
+    @staticmethod
+    def timeout(seconds: float) -> Fault:
+        return Fault("timeout", seconds=seconds)
+
+    @staticmethod
+    def malformed() -> Fault:
+        return Fault("malformed")
+
+    @staticmethod
+    def truncated_json() -> Fault:
+        return Fault("bad_content", text='{"similarity": {"score": 8')
+
+    @staticmethod
+    def bad_content(text: str) -> Fault:
+        return Fault("bad_content", text=text)
+
+
+def estimate_tokens(text: str) -> int:
+    return len(text) // 4 + 1
+
+
+class SimulatedService:
+    """`with SimulatedService(responder) as svc: ... svc.base_url ... svc.requests`."""
+
+    def __init__(
+        self,
+        responder: Responder,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        latency_s: float = 0.0,
+        rpm_limit: int | None = None,
+    ):
+        self.responder = responder
+        self.latency_s = latency_s
+        self.rpm_limit = rpm_limit
+        self.requests: list[dict[str, Any]] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._faults: deque[Fault] = deque()
+        self._window: deque[float] = deque()
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((host, port), self._handler())
+        self._server.daemon_threads = True
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle
+    @property
+    def base_url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}/v1"
+
+    def start(self) -> SimulatedService:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="simulated-service", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> SimulatedService:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- control
+    def inject(self, *faults: Fault) -> None:
+        with self._lock:
+            self._faults.extend(faults)
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    def _next_fault(self) -> Fault | None:
+        with self._lock:
+            return self._faults.popleft() if self._faults else None
+
+    def _over_rpm(self) -> float | None:
+        """Seconds until a slot frees when the sliding 60 s window is full, else None."""
+        if self.rpm_limit is None:
+            return None
+        now = time.monotonic()
+        with self._lock:
+            while self._window and now - self._window[0] >= 60.0:
+                self._window.popleft()
+            if len(self._window) >= self.rpm_limit:
+                return 60.0 - (now - self._window[0])
+            self._window.append(now)
+            return None
+
+    # ---- HTTP
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        svc = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output clean
+                pass
+
+            def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _error(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+                err = {"error": {"message": message, "type": "simulated_error", "code": status}}
+                self._send(status, json.dumps(err).encode(), headers)
+
+            def do_GET(self) -> None:
+                if self.path.rstrip("/").endswith("/models"):
+                    body = {"object": "list", "data": [{"id": "simulated", "object": "model", "owned_by": "llamaduo"}]}
+                    self._send(200, json.dumps(body).encode())
+                else:
+                    self._error(404, f"no route {self.path}")
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    self._error(400, "request body is not JSON")
+                    return
+                record = {"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}}
+                with svc._lock:
+                    svc.requests.append(record)
+                    svc.in_flight += 1
+                    svc.max_in_flight = max(svc.max_in_flight, svc.in_flight)
+                try:
+                    self._answer(body)
+                finally:
+                    with svc._lock:
+                        svc.in_flight -= 1
+
+            def _answer(self, body: dict[str, Any]) -> None:
+                if not self.path.rstrip("/").endswith("/chat/completions"):
+                    self._error(404, f"no route {self.path}")
+                    return
+                wait = svc._over_rpm()
+                if wait is not None:
+                    headers = {
+                        "Retry-After": f"{max(wait, 0.01):.2f}",
+                        "x-ratelimit-remaining-requests": "0",
+                        "x-ratelimit-reset-requests": f"{max(wait, 0.01):.2f}s",
+                    }
+                    self._error(429, "rate limit reached (simulated)", headers)
+                    return
+                fault = svc._next_fault()
+                if svc.latency_s:
+                    time.sleep(svc.latency_s)
+                content: str | None = None
+                if fault is not None:
+                    if fault.kind in ("rate_limit", "server_error"):
+                        self._error(fault.status, f"injected {fault.kind}", fault.headers)
+                        return
+                    if fault.kind == "timeout":
+                        time.sleep(fault.seconds)
+                    elif fault.kind == "malformed":
+                        self._send(200, b'{"id": "x", "choices": [ this is not json')
+                        return
+                    elif fault.kind == "bad_content":
+                        content = fault.text
+                reply = svc.responder(body) if content is None else content
+                if isinstance(reply, dict):
+                    self._send(200, json.dumps(reply).encode())
+                    return
+                prompt = json.dumps(body.get("messages", []))
+                out = {
+                    "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": body.get("model", "simulated"),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
+                    ],
+                    "usage": {
+                        "prompt_tokens": estimate_tokens(prompt),
+                        "completion_tokens": estimate_tokens(reply),
+                        "total_tokens": estimate_tokens(prompt) + estimate_tokens(reply),
+                    },
+                }
+                self._send(200, json.dumps(out).encode())
+
+        return Handler

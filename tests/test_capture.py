@@ -1,0 +1,149 @@
+"""The capture proxy in front of a real loopback service LLM, driven by the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import openai
+import pytest
+
+from llamaduo.capture import build_record, create_capture_app, default_redact, make_redactor
+from llamaduo.config import InferConfig, ServeConfig
+from llamaduo.serve import BackgroundServer, create_app
+from llamaduo.simulator import Fault, SimulatedService
+
+CANARY = "sk-canary-123"
+
+
+def echo(request: dict) -> str:
+    return "reply to: " + request["messages"][-1]["content"]
+
+
+@pytest.fixture
+def upstream():
+    with SimulatedService(echo) as svc:
+        yield svc
+
+
+@pytest.fixture
+def proxy(upstream, tmp_path):
+    out = tmp_path / "captured.jsonl"
+    with BackgroundServer(create_capture_app(upstream.base_url, out)) as srv:
+        yield srv, out
+
+
+def lines(path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_exchange_is_forwarded_unchanged_and_recorded_as_messages(proxy, upstream):
+    srv, out = proxy
+    client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}],
+        temperature=0.3,
+        extra_headers={"x-llamaduo-category": "brainstorm"},
+    )
+    assert r.choices[0].message.content == "reply to: Name a colour."
+    sent = upstream.requests[-1]
+    assert sent["headers"]["authorization"] == f"Bearer {CANARY}"
+    assert sent["body"]["temperature"] == 0.3 and sent["body"]["model"] == "gpt-4o-mini"
+    assert "x-llamaduo-category" not in sent["headers"]
+    [rec] = lines(out)
+    assert rec == {
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Name a colour."},
+            {"role": "assistant", "content": "reply to: Name a colour."},
+        ],
+        "category": "brainstorm",
+        "model": "gpt-4o-mini",
+    }
+
+
+def test_pii_is_redacted_in_the_record_but_not_in_the_forwarded_request(proxy, upstream):
+    srv, out = proxy
+    client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+    prompt = "Mail ana.costa@example.com or call +351 912 345 678 about order 12345678 from 2024-01-15."
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}])
+    assert upstream.requests[-1]["body"]["messages"][0]["content"] == prompt
+    [rec] = lines(out)
+    recorded = rec["messages"][0]["content"]
+    assert "ana.costa@example.com" not in recorded and "912 345 678" not in recorded
+    assert "[EMAIL]" in recorded and "[PHONE]" in recorded
+    assert "12345678" in recorded and "2024-01-15" in recorded  # task content survives
+    assert rec["messages"][1]["content"].startswith("reply to: Mail [EMAIL]")
+    assert rec["category"] == "default"
+
+
+def test_callers_key_never_reaches_the_captured_file(proxy, upstream, tmp_path):
+    srv, out = proxy
+    client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+    client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}])
+    upstream.inject(Fault.server_error(500))
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": "again"}])
+    client.models.list()
+    assert len(lines(out)) == 1  # the failed exchange and the models call are not recorded
+    for f in tmp_path.rglob("*"):
+        if f.is_file():
+            assert CANARY.encode() not in f.read_bytes(), f
+
+
+def test_concurrent_exchanges_append_whole_lines(proxy):
+    srv, out = proxy
+
+    async def many() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+        rs = await asyncio.gather(
+            *[
+                client.chat.completions.create(model="m", messages=[{"role": "user", "content": f"q{i} " + "x" * 2000}])
+                for i in range(24)
+            ]
+        )
+        await client.close()
+        return [r.choices[0].message.content for r in rs]
+
+    replies = asyncio.run(many())
+    recs = lines(out)
+    assert len(recs) == 24
+    assert sorted(r["messages"][-1]["content"] for r in recs) == sorted(replies)
+
+
+def test_streamed_reply_is_relayed_in_chunks_and_recorded_whole(tmp_path):
+    # The upstream here is llamaduo's own server, which streams real SSE chunks.
+    def gen(prompts, sampling, seed):
+        return [type("Out", (), {"text": "streamed answer about " + m[-1].content})() for _, m in prompts]
+
+    out = tmp_path / "captured.jsonl"
+    upstream_app = create_app(gen, ServeConfig(), "student", defaults=InferConfig(max_new_tokens=8))
+    with BackgroundServer(upstream_app) as up, BackgroundServer(create_capture_app(up.base_url, out)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+        stream = client.chat.completions.create(
+            model="student", messages=[{"role": "user", "content": "tides"}], stream=True,
+            extra_headers={"x-llamaduo-category": "qa"},
+        )
+        chunks = list(stream)
+    assert len(chunks) >= 2
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "streamed answer about tides"
+    [rec] = lines(out)
+    assert rec["messages"][-1] == {"role": "assistant", "content": "streamed answer about tides"}
+    assert rec["category"] == "qa" and rec["model"] == "student"
+
+
+def test_custom_redaction_patterns_replace_the_default():
+    redact = make_redactor([r"ACME-\d+"])
+    rec = build_record({"messages": [{"role": "user", "content": "ticket ACME-42 for bob@example.com"}]}, "ok", "m", "c", redact)
+    assert rec["messages"][0]["content"] == "ticket [REDACTED] for bob@example.com"
+    assert default_redact("call 555-123-4567") == "call [PHONE]"
+
+
+def test_tool_and_image_exchanges_are_not_recorded():
+    tool = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x", "tool_call_id": "1"}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}]}
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert build_record(tool, "r", None, "c", default_redact) is None
+    assert build_record(image, "r", None, "c", default_redact) is None
+    assert build_record(parts, "r", None, "c", default_redact)["messages"][0]["content"] == "ab"
