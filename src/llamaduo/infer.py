@@ -1,0 +1,178 @@
+"""Batch inference on the test split: K samples per prompt, length-sorted left-padded batches.
+
+The transformers backend runs anywhere; the vLLM backend (LoRA included) is used when vLLM is
+installed and CUDA is present. Prompts are encoded by `models.encode_prompt`, the function
+training uses, so the model sees at inference exactly the prefix it was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from llamaduo.config import Config, InferConfig
+from llamaduo.data import Example, Message
+
+
+class Completion(BaseModel):
+    prompt_id: str
+    sample_index: int
+    text: str
+    model_hash: str = ""
+    adapter_hash: str = ""
+    finish_reason: str = "stop"
+    new_tokens: int = 0
+
+
+def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[tuple[str, list[Message]]],
+    sampling: InferConfig,
+    seed: int = 0,
+    model_hash: str = "",
+    adapter_hash: str = "",
+    progress: bool = True,
+) -> list[Completion]:
+    """Generate `sampling.num_samples` completions per prompt; output in input order × sample index."""
+    import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from llamaduo.models import encode_prompt
+    from llamaduo.progress import RateColumn
+
+    k = sampling.num_samples
+    encoded = [(pid, encode_prompt(tokenizer, msgs)) for pid, msgs in prompts]
+    # Length-sorted batches waste little on padding; the original order is restored at the end.
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
+    results: dict[int, list[Completion]] = {}
+    greedy = sampling.temperature == 0
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    bar = Progress(
+        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), RateColumn("prompts"), TimeRemainingColumn(),
+        disable=not progress, transient=True,
+    )
+    with bar, torch.inference_mode():
+        task = bar.add_task("gen", total=len(order))
+        for start in range(0, len(order), sampling.batch_size):
+            idx = order[start : start + sampling.batch_size]
+            longest = max(len(encoded[i][1]) for i in idx)
+            input_ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
+            attn = torch.zeros((len(idx), longest), dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids = encoded[i][1]
+                input_ids[row, longest - len(ids):] = torch.tensor(ids, dtype=torch.long)
+                attn[row, longest - len(ids):] = 1
+            # Seeded per batch position so a rerun (or a resumed run) samples the same text.
+            torch.manual_seed(seed * 1_000_003 + start)
+            kwargs: dict[str, Any] = {
+                "max_new_tokens": sampling.max_new_tokens,
+                "pad_token_id": pad_id,
+                "eos_token_id": tokenizer.eos_token_id,
+                "num_return_sequences": 1 if greedy else k,
+            }
+            if greedy:
+                kwargs["do_sample"] = False
+            else:
+                kwargs.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p)
+            if sampling.stop:
+                kwargs["stop_strings"] = sampling.stop
+                kwargs["tokenizer"] = tokenizer
+            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+            gen = out[:, longest:].cpu()
+            per = 1 if greedy else k
+            for row, i in enumerate(idx):
+                comps = []
+                for s in range(k):
+                    seq = gen[row * per + (0 if greedy else s)].tolist()
+                    n_new = len(seq)
+                    finish = "length"
+                    if tokenizer.eos_token_id in seq:
+                        n_new = seq.index(tokenizer.eos_token_id)
+                        finish = "stop"
+                    while n_new and seq[n_new - 1] == pad_id:
+                        n_new -= 1
+                    text = tokenizer.decode(seq[:n_new], skip_special_tokens=True)
+                    text, stopped = _cut_at_stop(text, sampling.stop)
+                    comps.append(
+                        Completion(
+                            prompt_id=encoded[i][0], sample_index=s, text=text.strip(), model_hash=model_hash,
+                            adapter_hash=adapter_hash, finish_reason="stop" if stopped else finish, new_tokens=n_new,
+                        )
+                    )
+                results[i] = comps
+            bar.advance(task, len(idx))
+    return [c for i in range(len(encoded)) for c in results[i]]
+
+
+def vllm_available() -> bool:
+    try:
+        import torch
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def generate_vllm(
+    cfg: Config, prompts: list[tuple[str, list[Message]]], adapter_dir: Path | None, model_hash: str, adapter_hash: str
+) -> list[Completion]:
+    """The GPU route: vLLM with the round's LoRA adapter."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from llamaduo import models
+
+    base = models.resolve_base(cfg.model)
+    tok, _ = models.load_tokenizer(cfg.model, adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").exists() else None)
+    is_lora = adapter_dir is not None and (adapter_dir / "adapter_config.json").exists()
+    llm = LLM(model=str(adapter_dir if adapter_dir and not is_lora else base), enable_lora=is_lora, seed=cfg.seed)
+    s = cfg.infer
+    params = SamplingParams(
+        n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, stop=s.stop or None,
+        seed=cfg.seed,
+    )
+    texts = [models.render_prompt(tok, msgs) for _, msgs in prompts]
+    lora = LoRARequest("round", 1, str(adapter_dir)) if is_lora else None
+    outs = llm.generate(texts, params, lora_request=lora)
+    return [
+        Completion(
+            prompt_id=pid, sample_index=j, text=o.text.strip(), model_hash=model_hash, adapter_hash=adapter_hash,
+            finish_reason=o.finish_reason or "stop", new_tokens=len(o.token_ids),
+        )
+        for (pid, _), out in zip(prompts, outs)
+        for j, o in enumerate(out.outputs)
+    ]
+
+
+def run_inference(cfg: Config, test: list[Example], adapter_dir: Path | None, progress: bool = True) -> list[Completion]:
+    """Load the round's model and answer every test prompt K times."""
+    from llamaduo import models
+
+    prompts = [(e.id, e.prompt_messages) for e in test]
+    mh, ah = models.model_hash(cfg.model), models.adapter_hash(adapter_dir)
+    use_vllm = cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available())
+    if use_vllm:
+        return generate_vllm(cfg, prompts, adapter_dir, mh, ah)
+    model, tok = load_round_model(cfg, adapter_dir)
+    return generate(model, tok, prompts, cfg.infer, seed=cfg.seed, model_hash=mh, adapter_hash=ah, progress=progress)
+
+
+def load_round_model(cfg: Config, adapter_dir: Path | None) -> tuple[Any, Any]:
+    """A round's output is a LoRA adapter, or a whole model after full fine-tuning."""
+    from llamaduo import models
+
+    if adapter_dir is not None and (Path(adapter_dir) / "adapter_config.json").exists():
+        return models.load_model(cfg.model, adapter=Path(adapter_dir))
+    if adapter_dir is not None and (Path(adapter_dir) / "config.json").exists():
+        full = cfg.model.model_copy(update={"base": str(adapter_dir), "gguf_file": None})
+        return models.load_model(full)
+    return models.load_model(cfg.model)

@@ -1,0 +1,112 @@
+"""The migration loop end to end: tiny model, loopback service, real training and judging."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+
+from llamaduo import loop
+from llamaduo.config import from_dict
+from llamaduo.demo_task import coverage_records, simulator_responder
+from llamaduo.store import RunStore, read_json
+from tests.conftest import overlap_judge
+
+
+def responder(request: dict) -> str:
+    """Judge by token overlap with the reference it finds in the prompt; synthesize demo-task pairs."""
+    text = "\n".join(m.get("content", "") for m in request.get("messages", []))
+    if "<candidate>" in text:
+        return overlap_judge(request)
+    return simulator_responder(request)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from llamaduo.models import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"))
+
+
+def make_config(tmp_path, svc, tiny_model, **over):
+    cov = tmp_path / "coverage.jsonl"
+    cov.write_text("".join(json.dumps(r) + "\n" for r in coverage_records(36, seed=3)))
+    tree = {
+        "name": "e2e",
+        "runs_dir": str(tmp_path / "runs"),
+        "seed": 1,
+        "data": {"input": str(cov), "test_fraction": 0.17},
+        "service": {
+            "base_url": svc.base_url, "model": "fake-model", "api_key_env": "LLAMADUO_TEST_KEY",
+            "backoff_base_s": 0.01, "prices": {"fake-model": {"input_per_mtok": 1.0, "output_per_mtok": 2.0}},
+        },
+        "judge": {"judgments_per_candidate": 2, "pass_rule": {"threshold": 99}},
+        "synth": {"per_round": 24, "pairs_per_call": 4},
+        "model": {"base": str(tiny_model)},
+        "train": {"method": "full", "learning_rate": 3e-3, "epochs": 2, "batch_size": 8, "max_length": 96},
+        "infer": {"num_samples": 2, "max_new_tokens": 24, "temperature": 0.0},
+        "loop": {"max_rounds": 3},
+    }
+    for k, v in over.items():
+        tree[k].update(v) if isinstance(v, dict) else tree.__setitem__(k, v)
+    return from_dict(tree)
+
+
+def test_two_rounds_end_to_end_with_every_request_logged(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model)
+    result = loop.run(cfg, display="quiet")
+    store = RunStore(cfg.run_dir)
+
+    assert result.stop_reason == "max_rounds"
+    assert [r.round for r in result.rounds] == [0, 1, 2]
+    for r in range(3):
+        for p in (store.adapter_dir(r), store.predictions_path(r), store.judgments_path(r), store.scores_path(r)):
+            assert p.exists(), p
+    for r in (1, 2):
+        assert store.synthetic_path(r).exists() and store.rejected_path(r).exists()
+    assert result.rounds[2].train_examples > result.rounds[0].train_examples
+    manifest = read_json(store.manifest_path)
+    assert manifest["stop_reason"] == "max_rounds" and set(manifest["rounds"]) == {"r00", "r01", "r02"}
+    assert manifest["best_round"] == result.best_round
+    assert (store.root / "config.yaml").exists() and store.report_html.exists()
+
+    conn = sqlite3.connect(store.service_db)
+    sent = conn.execute("SELECT COUNT(*) FROM calls WHERE status NOT IN ('cached', 'failed')").fetchone()[0]
+    assert sent == fake_service.count > 0
+
+    # A rerun with nothing changed resumes to the same end and pays for nothing.
+    before = fake_service.count
+    again = loop.run(cfg, display="quiet")
+    assert again.stop_reason == "max_rounds" and fake_service.count == before
+    assert [r.value for r in again.rounds] == [r.value for r in result.rounds]
+
+
+def test_target_met_stops_early(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, judge={"judgments_per_candidate": 1, "pass_rule": {"threshold": 1}})
+    result = loop.run(cfg, display="quiet")
+    assert result.stop_reason == "target_met" and len(result.rounds) == 1
+
+
+def test_budget_stops_the_loop_cleanly(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, service={"max_usd": 1e-9})
+    result = loop.run(cfg, display="quiet")
+    assert result.stop_reason == "budget"
+    assert read_json(RunStore(cfg.run_dir).manifest_path)["stop_reason"] == "budget"
+
+
+def test_changed_judge_setting_reruns_judging_only(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, loop={"max_rounds": 1})
+    loop.run(cfg, display="quiet")
+    events = []
+    cfg2 = cfg.model_copy(deep=True)
+    cfg2.judge.judgments_per_candidate = 3
+    loop.run(cfg2, display=events.append)
+    skipped = {e["stage"] for e in events if e["event"] == "stage_skip"}
+    invalid = {e["stage"]: e["changed"] for e in events if e["event"] == "invalidated"}
+    assert {"prepare", "r00/train", "r00/infer"} <= skipped
+    assert invalid == {"r00/judge": ["judge"]}
