@@ -6,9 +6,11 @@ import csv
 import hashlib
 import io
 import json
+import math
 import random
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,6 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from llamaduo.config import DataConfig, FieldMap
 
 if TYPE_CHECKING:
+    from rich.table import Table
+
     from llamaduo.config import Config
     from llamaduo.store import RunStore
 
@@ -73,7 +77,11 @@ def content_id(messages: list[Message]) -> str:
 
 
 def make_example(
-    prompt: str, response: str, category: str = "default", system: str | None = None, lineage: Lineage | None = None
+    prompt: str,
+    response: str,
+    category: str = "default",
+    system: str | None = None,
+    lineage: Lineage | None = None,
 ) -> Example:
     msgs = ([Message(role="system", content=system)] if system else []) + [
         Message(role="user", content=prompt),
@@ -90,17 +98,32 @@ def load_examples(path) -> list[Example]:
 
 
 # ------------------------------------------------------------------ reading files
+Unit = Literal["line", "row", "index"]
+
+
+def location(source: str, line: int | None, unit: Unit = "line") -> str:
+    """How a position is written: `f.jsonl:7` (line), `f.csv:row 3` (data row), `f.json[4]` (0-based index)."""
+    if line is None:
+        return source
+    if unit == "index":
+        return f"{source}[{line}]"
+    if unit == "row":
+        return f"{source}:row {line}"
+    return f"{source}:{line}"
+
+
 class Problem(BaseModel):
+    """One thing wrong with an input: `str()` gives `coverage.jsonl:7: field 'response': missing`."""
+
     source: str
     line: int | None = None
     field: str | None = None
     message: str
-    unit: str = "line"
+    unit: Unit = "line"
 
     def __str__(self) -> str:
-        where = f"{self.source}:{self.line}" if self.line is not None else self.source
         field = f" field '{self.field}':" if self.field else ""
-        return f"{where}:{field} {self.message}"
+        return f"{location(self.source, self.line, self.unit)}:{field} {self.message}"
 
 
 class DataError(Exception):
@@ -114,11 +137,22 @@ class DataError(Exception):
         super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''} in {records} records")
 
 
-class RawRecord(BaseModel):
-    source: str
-    line: int  # 1-based line (JSONL), element index (JSON), data row (CSV/Parquet/HF)
+@dataclass(frozen=True, slots=True)
+class RawRecord:
+    """One input record before mapping, or the reason it could not be read."""
+
+    source: str  # file name, as shown in messages
+    line: int  # JSONL: 1-based line; CSV: 1-based data row; JSON/Parquet/HF: 0-based index
+    unit: Unit = "line"
     data: Any = None
     error: str | None = None
+
+    @property
+    def where(self) -> str:
+        return location(self.source, self.line, self.unit)
+
+
+_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:
@@ -127,86 +161,146 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
     if path.is_dir():
         return "hf"
     suffix = path.suffix.lower()
-    formats = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if suffix not in formats:
-        raise DataError([Problem(source=path.name, message=f"unknown format '{suffix}': use .jsonl, .json, .csv, .parquet")], path.name)
-    return formats[suffix]
+    if suffix not in _SUFFIXES:
+        msg = f"unknown format '{suffix}': use .jsonl, .json, .csv, .parquet, a saved HF dataset dir, or set data.format"
+        raise DataError([Problem(source=path.name, message=msg)], path.name)
+    return _SUFFIXES[suffix]
+
+
+def _fatal(src: str, message: str) -> DataError:
+    return DataError([Problem(source=src, message=message)], src)
 
 
 def read_records(path: Path, fmt: str = "auto") -> Iterator[RawRecord]:
-    """Yield the input's records, each remembering where it came from; never raises on a bad record."""
+    """Yield the input's records, each remembering where it came from.
+
+    A bad record is yielded with `error` set (so every one gets reported); only an input that
+    cannot be opened at all raises DataError.
+    """
     path = Path(path)
-    src = path.name
     if not path.exists():
-        raise DataError([Problem(source=str(path), message="no such file or directory")], str(path))
+        raise _fatal(str(path), "no such file or directory")
     fmt = detect_format(path, fmt)
-    if fmt == "jsonl":
-        with open(path, "rb") as fh:
-            for i, raw in enumerate(fh, start=1):
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    yield RawRecord(source=src, line=i, error=f"undecodable bytes (not UTF-8) at byte {e.start}")
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    yield RawRecord(source=src, line=i, data=json.loads(text))
-                except json.JSONDecodeError as e:
-                    yield RawRecord(source=src, line=i, error=f"bad JSON: {e.msg} (column {e.colno})")
-    elif fmt == "json":
+    reader = {
+        "jsonl": _read_jsonl,
+        "json": _read_json,
+        "csv": _read_csv,
+        "parquet": _read_parquet,
+        "hf": _read_hf,
+    }
+    yield from reader[fmt](path, path.name)
+
+
+def _read_jsonl(path: Path, src: str) -> Iterator[RawRecord]:
+    with open(path, "rb") as fh:
+        for i, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield RawRecord(src, i, error=f"undecodable bytes (not UTF-8) at column {e.start + 1}")
+                continue
+            if i == 1:
+                text = text.removeprefix("\ufeff")
+            if not text.strip():
+                continue
+            try:
+                yield RawRecord(src, i, data=json.loads(text.rstrip("\r\n")))  # columns stay on this line
+            except json.JSONDecodeError as e:
+                yield RawRecord(src, i, error=f"bad JSON: {e.msg} (column {e.colno})")
+
+
+def _bad_utf8_lines(blob: bytes, src: str) -> list[RawRecord]:
+    """One record per physical line that is not valid UTF-8, so each gets named."""
+    bad = []
+    for i, raw in enumerate(blob.split(b"\n"), start=1):
         try:
-            items = json.loads(path.read_bytes().decode("utf-8"))
+            raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            yield RawRecord(source=src, line=0, error=f"undecodable bytes (not UTF-8) at byte {e.start}")
-            return
-        except json.JSONDecodeError as e:
-            yield RawRecord(source=src, line=e.lineno, error=f"bad JSON: {e.msg} (column {e.colno})")
-            return
-        if isinstance(items, dict) and isinstance(items.get("data"), list):
-            items = items["data"]
-        if not isinstance(items, list):
-            yield RawRecord(source=src, line=1, error="a .json input must be an array of records")
-            return
-        for i, item in enumerate(items):
-            yield RawRecord(source=src, line=i, data=item)
-    elif fmt == "csv":
-        try:
-            text = path.read_bytes().decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-            yield RawRecord(source=src, line=line, error=f"undecodable bytes (not UTF-8) at byte {e.start}")
-            return
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+            bad.append(RawRecord(src, i, error=f"undecodable bytes (not UTF-8) at column {e.start + 1}"))
+    return bad
+
+
+def _read_json(path: Path, src: str) -> Iterator[RawRecord]:
+    blob = path.read_bytes()
+    try:
+        items = json.loads(blob.decode("utf-8-sig"))
+    except UnicodeDecodeError:
+        yield from _bad_utf8_lines(blob, src)
+        return
+    except json.JSONDecodeError as e:
+        yield RawRecord(src, e.lineno, error=f"bad JSON: {e.msg} (column {e.colno})")
+        return
+    if isinstance(items, dict) and isinstance(items.get("data"), list):
+        items = items["data"]  # {"data": [...]}, a common export shape
+    if not isinstance(items, list):
+        yield RawRecord(
+            src, 1, error=f"a .json input must be an array of records, got {type(items).__name__}"
+        )
+        return
+    for i, item in enumerate(items):
+        yield RawRecord(src, i, unit="index", data=item)
+
+
+def _read_csv(path: Path, src: str) -> Iterator[RawRecord]:
+    blob = path.read_bytes()
+    try:
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        yield from _bad_utf8_lines(blob, src)
+        return
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    i = 0
+    try:
         for i, row in enumerate(reader, start=1):
-            yield RawRecord(source=src, line=i, data={k: v for k, v in row.items() if k is not None})
-    elif fmt == "parquet":
+            if None in row:  # DictReader files surplus cells under the key None
+                yield RawRecord(
+                    src, i, unit="row", error=f"{len(row[None])} more cell(s) than the header has columns"
+                )
+                continue
+            yield RawRecord(src, i, unit="row", data=row)
+    except csv.Error as e:
+        yield RawRecord(src, i + 1, unit="row", error=f"bad CSV: {e}")
+
+
+def _read_parquet(path: Path, src: str) -> Iterator[RawRecord]:
+    try:
         import pyarrow.parquet as pq
+    except ImportError:
+        raise _fatal(src, "reading Parquet needs: pip install pyarrow") from None
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several unrelated types for a bad file
+        raise _fatal(src, f"not a readable Parquet file: {e}") from None
+    for i, row in enumerate(table.to_pylist()):
+        yield RawRecord(src, i, unit="index", data=row)
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield RawRecord(source=src, line=i, data=row)
-    elif fmt == "hf":
-        try:
-            import datasets
-        except ImportError:
-            raise DataError([Problem(source=src, message="reading a saved HF dataset needs: pip install datasets")], src) from None
+
+def _read_hf(path: Path, src: str) -> Iterator[RawRecord]:
+    try:
+        import datasets
+    except ImportError:
+        raise _fatal(src, "reading a saved HF dataset needs: pip install datasets") from None
+    try:
         ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
-        for i, row in enumerate(ds, start=1):
-            yield RawRecord(source=src, line=i, data=row)
+    except Exception as e:  # missing state/info files, wrong directory, ...
+        raise _fatal(src, f"not a dataset saved with save_to_disk: {e}") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split_name = "train" if "train" in ds else next(iter(ds))
+        src = f"{src}/{split_name}"
+        ds = ds[split_name]
+    for i, row in enumerate(ds):
+        yield RawRecord(src, i, unit="index", data=row)
 
 
-def _unit(fmt: str) -> str:
-    return {"jsonl": "line", "json": "element", "csv": "row"}.get(fmt, "row")
-
-
-def to_example(rec: RawRecord, fields: FieldMap, default_category: str) -> tuple[Example | None, list[Problem]]:
+# ------------------------------------------------------------------ field mapping
+def to_example(
+    rec: RawRecord, fields: FieldMap, default_category: str
+) -> tuple[Example | None, list[Problem]]:
     """Map one record to an Example, or return every problem it has."""
     probs: list[Problem] = []
 
     def problem(field: str | None, msg: str) -> None:
-        probs.append(Problem(source=rec.source, line=rec.line, field=field, message=msg))
+        probs.append(Problem(source=rec.source, line=rec.line, unit=rec.unit, field=field, message=msg))
 
     if rec.error:
         problem(None, rec.error)
@@ -216,7 +310,7 @@ def to_example(rec: RawRecord, fields: FieldMap, default_category: str) -> tuple
         problem(None, f"expected an object, got {type(d).__name__}")
         return None, probs
     category = d.get(fields.category)
-    if category is None or category == "":
+    if category is None or (isinstance(category, str) and not category.strip()):
         category = default_category
     elif not isinstance(category, str):
         problem(fields.category, f"must be a string, got {type(category).__name__}")
@@ -224,17 +318,20 @@ def to_example(rec: RawRecord, fields: FieldMap, default_category: str) -> tuple
     if system is not None and not isinstance(system, str):
         problem(fields.system, f"must be a string, got {type(system).__name__}")
         system = None
+    system = system if system and system.strip() else None
     if fields.prompt in d or fields.response in d or fields.messages not in d:
-        messages = _from_prompt_response(d, fields, system or None, problem)
+        messages = _from_prompt_response(d, fields, system, problem)
     else:
-        messages = _from_messages(d.get(fields.messages), fields.messages, problem)
+        messages = _from_messages(d[fields.messages], fields.messages, problem)
+        if messages and system and messages[0].role != "system":
+            messages.insert(0, Message(role="system", content=system))
     if probs or messages is None:
         return None, probs
-    lineage = Lineage(source="coverage", origin=f"{rec.source}:{rec.line}")
-    return Example(id=content_id(messages), messages=messages, category=str(category), lineage=lineage), probs
+    lineage = Lineage(source="coverage", origin=rec.where)
+    return Example(id=content_id(messages), messages=messages, category=category, lineage=lineage), probs
 
 
-def _text_field(d: dict, name: str, problem) -> str | None:
+def _text_field(d: dict, name: str, problem: Callable[[str | None, str], None]) -> str | None:
     if name not in d or d[name] is None:
         problem(name, "missing")
         return None
@@ -257,33 +354,59 @@ def _from_prompt_response(d: dict, fields: FieldMap, system: str | None, problem
     return msgs + [Message(role="user", content=prompt), Message(role="assistant", content=response)]
 
 
+def _content_text(content: Any) -> str | None:
+    """A turn's text: a string, or OpenAI content parts that are all text."""
+    if isinstance(content, str):
+        return content
+    if (
+        isinstance(content, list)
+        and content
+        and all(
+            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            for p in content
+        )
+    ):
+        return "".join(p["text"] for p in content)
+    return None
+
+
 def _from_messages(raw: Any, name: str, problem) -> list[Message] | None:
+    """OpenAI-style turns: the last assistant turn is the target, everything before it context."""
     if not isinstance(raw, list) or not raw:
         problem(name, "must be a non-empty list of {role, content}")
         return None
     msgs: list[Message] = []
+    ok = True
     for i, m in enumerate(raw):
         where = f"{name}[{i}]"
         if not isinstance(m, dict):
-            problem(where, "must be an object with role and content")
-            return None
-        role, content = m.get("role"), m.get("content")
+            problem(where, f"must be an object with role and content, got {type(m).__name__}")
+            ok = False
+            continue
+        role, content = m.get("role"), _content_text(m.get("content"))
         if role not in ("system", "user", "assistant"):
-            problem(f"{where}.role", f"must be system, user or assistant, got {role!r}")
-            return None
-        if not isinstance(content, str):
-            problem(f"{where}.content", f"must be a string, got {type(content).__name__}")
-            return None
-        msgs.append(Message(role=role, content=content))
-    last_assistant = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
-    if last_assistant is None:
+            problem(f"{where}.role", f"must be system, user or assistant, got {m.get('role')!r}")
+            ok = False
+        if content is None:
+            got = "missing" if m.get("content") is None else type(m.get("content")).__name__
+            problem(f"{where}.content", f"must be a string, got {got}")
+            ok = False
+        if ok:
+            msgs.append(Message(role=role, content=content))
+    if not ok:
+        return None
+    last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
+    if last is None:
         problem(name, "has no assistant turn to learn from")
         return None
-    if last_assistant != len(msgs) - 1:
-        problem(name, "turns after the last assistant turn have no target")
+    if last != len(msgs) - 1:
+        problem(
+            f"{name}[{last + 1}]",
+            f"{len(msgs) - 1 - last} turn(s) after the last assistant turn have no target",
+        )
         return None
     if not msgs[-1].content.strip():
-        problem(f"{name}[{last_assistant}].content", "empty")
+        problem(f"{name}[{last}].content", "empty")
         return None
     if not any(m.role == "user" and m.content.strip() for m in msgs[:-1]):
         problem(name, "has no non-empty user turn before the target")
@@ -291,31 +414,41 @@ def _from_messages(raw: Any, name: str, problem) -> list[Message] | None:
     return msgs
 
 
-def load_coverage(path: Path, cfg: DataConfig) -> tuple[list[Example], list[str]]:
+# --------------------------------------------------------------------- validation
+@dataclass
+class Coverage:
+    """A validated coverage file: unique examples plus what was dropped and why."""
+
+    examples: list[Example]
+    records: int
+    duplicates: int = 0  # exact same messages seen again: kept once
+    filtered_out: int = 0  # outside `data.categories`
+    warnings: list[str] = field(default_factory=list)
+
+
+def load_coverage(path: Path, cfg: DataConfig) -> Coverage:
     """Read and validate a whole coverage file. Raises DataError listing every problem."""
     path = Path(path)
     fmt = detect_format(path, cfg.format)
     problems: list[Problem] = []
-    warnings: list[str] = []
     examples: list[Example] = []
-    seen_ids: dict[str, int] = {}
+    seen_ids: dict[str, str] = {}
     seen_content: set[str] = set()
-    duplicates = 0
-    n = 0
+    duplicates = n = 0
     for rec in read_records(path, fmt):
         n += 1
         ex, probs = to_example(rec, cfg.fields, cfg.default_category)
-        for p in probs:
-            p.unit = _unit(fmt)
         problems += probs
-        if isinstance(rec.data, dict) and cfg.fields.id in rec.data and rec.data[cfg.fields.id] not in (None, ""):
-            rid = str(rec.data[cfg.fields.id])
+        rid = rec.data.get(cfg.fields.id) if isinstance(rec.data, dict) else None
+        if rid is not None and rid != "":
+            rid = str(rid)
             if rid in seen_ids:
+                msg = f"duplicate id {rid!r} (first at {seen_ids[rid]})"
                 problems.append(
-                    Problem(source=rec.source, line=rec.line, field=cfg.fields.id, message=f"duplicate id {rid!r} (first at {seen_ids[rid]})")
+                    Problem(source=rec.source, line=rec.line, unit=rec.unit, field=cfg.fields.id, message=msg)
                 )
             else:
-                seen_ids[rid] = rec.line
+                seen_ids[rid] = rec.where
         if ex is None:
             continue
         if ex.id in seen_content:
@@ -327,60 +460,102 @@ def load_coverage(path: Path, cfg: DataConfig) -> tuple[list[Example], list[str]
         raise DataError(problems, path.name, n)
     if n == 0:
         raise DataError([Problem(source=path.name, message="no records")], path.name, 0)
+    cov = Coverage(examples=examples, records=n, duplicates=duplicates)
     if duplicates:
-        warnings.append(f"{path.name}: {duplicates} exact duplicate record(s) kept once")
+        cov.warnings.append(f"{path.name}: {duplicates} exact duplicate record(s) kept once")
     if cfg.categories is not None:
         keep = set(cfg.categories)
-        examples = [e for e in examples if e.category in keep]
-        if not examples:
-            raise DataError([Problem(source=path.name, message=f"no records in categories {sorted(keep)}")], path.name, n)
-    return examples, warnings
+        missing = sorted(keep - {e.category for e in examples})
+        if missing:
+            cov.warnings.append(
+                f"{path.name}: no records in categor{'y' if len(missing) == 1 else 'ies'} {missing}"
+            )
+        cov.examples = [e for e in examples if e.category in keep]
+        cov.filtered_out = len(examples) - len(cov.examples)
+        if not cov.examples:
+            msg = f"no records in categories {sorted(keep)}"
+            raise DataError([Problem(source=path.name, field="category", message=msg)], path.name, n)
+    return cov
 
 
 # ------------------------------------------------------------------------- split
 def split(
     examples: list[Example], test_fraction: float, seed: int, max_test: int | None = None
 ) -> tuple[list[Example], list[Example]]:
-    """Stratified by category; deterministic per seed; each category with ≥ 2 examples is in both."""
-    rng = random.Random(seed)
+    """Stratified split; deterministic per seed; no example in both; input order kept.
+
+    Each category with ≥ 2 examples gets at least one test example and keeps at least one
+    for training; sizes are proportional (largest remainder). `max_test` is a hard cap: when
+    it is below the number of categories, the largest categories get the test slots.
+    """
     by_cat: dict[str, list[Example]] = defaultdict(list)
     for e in examples:
         by_cat[e.category].append(e)
     total = len(examples)
-    want_total = round(total * test_fraction) if max_test is None else min(max_test, round(total * test_fraction))
+    target = round(total * test_fraction)
+    if max_test is not None:
+        target = min(target, max_test)
+    eligible = {c: items for c, items in by_cat.items() if len(items) >= 2}
+    quota = {c: len(items) * target / max(total, 1) for c, items in eligible.items()}
+    k = {c: min(max(1, int(q)), len(eligible[c]) - 1) for c, q in quota.items()}
+    # Hand the rounding leftovers to the categories that lost the most to rounding down.
+    for c in sorted(eligible, key=lambda c: (k[c] - quota[c], c)):
+        if sum(k.values()) >= target:
+            break
+        if k[c] < len(eligible[c]) - 1:
+            k[c] += 1
+    # The one-each minimum may overshoot a hard cap: trim where most above share, then the smallest.
+    while max_test is not None and sum(k.values()) > max_test:
+        over = [c for c in k if k[c] > 1]
+        if over:
+            k[max(over, key=lambda c: (k[c] - quota[c], c))] -= 1
+        else:
+            k[min((c for c in k if k[c]), key=lambda c: (len(eligible[c]), c))] = 0
     test_ids: set[str] = set()
-    for cat in sorted(by_cat):
-        items = sorted(by_cat[cat], key=lambda e: e.id)
-        rng.shuffle(items)
-        if len(items) < 2:
-            continue
-        k = max(1, round(len(items) * want_total / total)) if total else 0
-        k = min(k, len(items) - 1)
-        test_ids.update(e.id for e in items[:k])
+    for c, n in k.items():
+        # A per-category stream keeps a category's split unchanged when other categories change.
+        items = sorted(eligible[c], key=lambda e: e.id)
+        random.Random(f"{seed}:{c}").shuffle(items)
+        test_ids.update(e.id for e in items[:n])
     train = [e for e in examples if e.id not in test_ids]
     test = [e for e in examples if e.id in test_ids]
     return train, test
 
 
 # ------------------------------------------------------------------------- stats
-def _quantiles(values: list[int]) -> dict[str, float]:
+def _quantiles(values: list[int]) -> dict[str, int]:
+    """Nearest-rank quantiles: every reported value is one that occurs in the data."""
     if not values:
         return {"p10": 0, "p50": 0, "p90": 0, "max": 0}
     v = sorted(values)
+    n = len(v)
 
-    def q(p: float) -> float:
-        return float(v[min(len(v) - 1, int(round(p * (len(v) - 1))))])
+    def q(p: float) -> int:
+        return v[max(0, math.ceil(p * n) - 1)]
 
-    return {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": float(v[-1])}
+    return {"p10": q(0.1), "p50": q(0.5), "p90": q(0.9), "max": v[-1]}
+
+
+def _token_counter(tokenizer: Any) -> Callable[[str], int]:
+    if hasattr(tokenizer, "encode"):
+        return lambda text: len(tokenizer.encode(text))
+
+    def count(text: str) -> int:
+        out = tokenizer(text)
+        ids = out["input_ids"] if isinstance(out, Mapping) else getattr(out, "input_ids", out)
+        return len(ids)
+
+    return count
 
 
 def compute_stats(train: list[Example], test: list[Example], tokenizer: Any = None) -> dict[str, Any]:
+    """Counts per category per split, and length quantiles (chars; tokens when a tokenizer is given)."""
     cats = sorted({e.category for e in train} | {e.category for e in test})
-    per_cat = {
-        c: {"train": sum(e.category == c for e in train), "test": sum(e.category == c for e in test)} for c in cats
-    }
-    for c in per_cat.values():
-        c["total"] = c["train"] + c["test"]
+    per_cat: dict[str, dict[str, int]] = {c: {"train": 0, "test": 0, "total": 0} for c in cats}
+    for name, part in (("train", train), ("test", test)):
+        for e in part:
+            per_cat[e.category][name] += 1
+            per_cat[e.category]["total"] += 1
     everything = train + test
     stats: dict[str, Any] = {
         "counts": {"train": len(train), "test": len(test), "total": len(everything)},
@@ -391,11 +566,7 @@ def compute_stats(train: list[Example], test: list[Example], tokenizer: Any = No
         },
     }
     if tokenizer is not None:
-
-        def ntok(text: str) -> int:
-            enc = tokenizer.encode(text) if hasattr(tokenizer, "encode") else tokenizer(text)["input_ids"]
-            return len(enc)
-
+        ntok = _token_counter(tokenizer)
         stats["tokens"] = {
             "prompt": _quantiles([ntok(e.prompt) for e in everything]),
             "response": _quantiles([ntok(e.response) for e in everything]),
@@ -403,26 +574,32 @@ def compute_stats(train: list[Example], test: list[Example], tokenizer: Any = No
     return stats
 
 
-def render_stats_table(stats: dict[str, Any]):
-    from rich.console import Group
+def render_stats_table(stats: dict[str, Any]) -> Table:
+    """Per-category train/test/total counts; the length summary goes in the caption."""
     from rich.table import Table
 
     t = Table(title="coverage data")
-    for col in ("category", "train", "test", "total"):
-        t.add_column(col, justify="right" if col != "category" else "left")
+    t.add_column("category")
+    for col in ("train", "test", "total"):
+        t.add_column(col, justify="right")
     for cat, c in stats["categories"].items():
         t.add_row(cat, str(c["train"]), str(c["test"]), str(c["total"]))
     counts = stats["counts"]
-    t.add_row("[bold]all[/]", str(counts["train"]), str(counts["test"]), str(counts["total"]))
-    lengths = Table(title="lengths")
-    for col in ("", "p10", "p50", "p90", "max"):
-        lengths.add_column(col, justify="right" if col else "left")
+    t.add_section()
+    t.add_row("all", str(counts["train"]), str(counts["test"]), str(counts["total"]), style="bold")
+    lines = []
     for unit in ("chars", "tokens"):
         for part in ("prompt", "response"):
             if unit in stats:
                 q = stats[unit][part]
-                lengths.add_row(f"{part} {unit}", *(f"{q[k]:.0f}" for k in ("p10", "p50", "p90", "max")))
-    return Group(t, lengths)
+                lines.append(f"{part} {unit}: p10 {q['p10']}  p50 {q['p50']}  p90 {q['p90']}  max {q['max']}")
+    dropped = stats.get("input", {})
+    if dropped.get("duplicates"):
+        lines.append(f"duplicates kept once: {dropped['duplicates']}")
+    t.caption = "\n".join(lines)
+    t.caption_justify = "left"
+    t.min_width = max(map(len, lines), default=0) + 2  # so the summary lines do not wrap
+    return t
 
 
 # ----------------------------------------------------------------------- prepare
@@ -434,45 +611,94 @@ class PrepareResult(BaseModel):
     warnings: list[str] = []
 
 
+def _input_hash(path: Path | None) -> str:
+    from llamaduo.store import hash_dir, hash_file
+
+    if path is None:
+        return ""
+    return hash_dir(path) if Path(path).is_dir() else hash_file(path)
+
+
+def prepare_inputs_hash(cfg: Config) -> str:
+    """What `prepare` depends on: the input file(s) by content, the data config and the seed."""
+    from llamaduo.store import hash_obj
+
+    return hash_obj(
+        {
+            "input": _input_hash(cfg.data.input),
+            "test_file": _input_hash(cfg.data.test_file),
+            "data": cfg.data.model_dump(mode="json", exclude={"input", "test_file"}),
+            "seed": cfg.seed,
+        }
+    )
+
+
+def _load_tokenizer(name: str) -> Any:
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+    except Exception as e:  # ImportError, OSError for a bad path, ValueError for an odd config
+        raise DataError(
+            [Problem(source="config", field="data.tokenizer", message=f"cannot load: {e}")], "config"
+        ) from None
+
+
 def prepare(cfg: Config, store: RunStore) -> PrepareResult:
     """Validate, split and write the coverage data. Nothing is written when the input has errors."""
+    import shutil
+
     from llamaduo.config import dump_config
-    from llamaduo.store import atomic_write_text, hash_obj, write_json, write_jsonl
+    from llamaduo.store import atomic_write_text, write_json, write_jsonl
 
     if cfg.data.input is None:
         raise DataError([Problem(source="config", field="data.input", message="not set")], "config")
-    examples, warnings = load_coverage(Path(cfg.data.input), cfg.data)
+    src = Path(cfg.data.input)
+    cov = load_coverage(src, cfg.data)
+    warnings = list(cov.warnings)
+    removed = 0
     if cfg.data.test_file is not None:
-        test, test_warn = load_coverage(Path(cfg.data.test_file), cfg.data)
-        warnings += test_warn
+        test_cov = load_coverage(Path(cfg.data.test_file), cfg.data)
+        warnings += test_cov.warnings
+        test = test_cov.examples
+        # Decontaminate: a pair in the given test file must not also be trained on.
         test_ids = {e.id for e in test}
-        train = [e for e in examples if e.id not in test_ids]
-        if len(train) < len(examples):
-            warnings.append(f"{len(examples) - len(train)} training example(s) also in the test file were removed from train")
+        train = [e for e in cov.examples if e.id not in test_ids]
+        removed = len(cov.examples) - len(train)
+        if removed:
+            warnings.append(f"{removed} training example(s) also in the test file were removed from train")
         if cfg.data.max_test is not None and len(test) > cfg.data.max_test:
-            _, test = split(test, cfg.data.max_test / len(test), cfg.seed)
+            _, test = split(test, cfg.data.max_test / len(test), cfg.seed, cfg.data.max_test)
     else:
-        train, test = split(examples, cfg.data.test_fraction, cfg.seed, cfg.data.max_test)
+        train, test = split(cov.examples, cfg.data.test_fraction, cfg.seed, cfg.data.max_test)
     if not train or not test:
-        raise DataError(
-            [Problem(source=Path(cfg.data.input).name, message=f"too few examples to split: train {len(train)}, test {len(test)}")],
-            Path(cfg.data.input).name,
-            len(examples),
-        )
-    tokenizer = None
-    if cfg.data.tokenizer:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer)
+        msg = f"too few examples to split: train {len(train)}, test {len(test)}"
+        raise DataError([Problem(source=src.name, message=msg)], src.name, cov.records)
+    untested = sorted({e.category for e in train} - {e.category for e in test})
+    if untested:
+        warnings.append(f"no test examples for categor{'y' if len(untested) == 1 else 'ies'} {untested}")
+    tokenizer = _load_tokenizer(cfg.data.tokenizer) if cfg.data.tokenizer else None
     stats = compute_stats(train, test, tokenizer)
+    stats["input"] = {
+        "records": cov.records,
+        "duplicates": cov.duplicates,
+        "filtered_out": cov.filtered_out,
+        "removed_as_in_test_file": removed,
+    }
+    inputs_hash = prepare_inputs_hash(cfg)
     # Only now, with everything valid, does anything touch the disk.
-    write_jsonl(store.train_path, train)
-    write_jsonl(store.test_path, test)
-    write_json(store.stats_path, stats)
-    atomic_write_text(store.config_path, dump_config(cfg))
-    store.init_manifest(cfg.seed)
-    store.mark_stage(
-        "prepare", "done", inputs_hash=hash_obj({"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed}),
-        train=len(train), test=len(test),
+    existed = store.root.exists()
+    try:
+        write_jsonl(store.train_path, train)
+        write_jsonl(store.test_path, test)
+        write_json(store.stats_path, stats)
+        atomic_write_text(store.config_path, dump_config(cfg))
+        store.init_manifest(cfg.seed)
+        store.mark_stage("prepare", "done", inputs_hash=inputs_hash, train=len(train), test=len(test))
+    except BaseException:
+        if not existed:  # a half-made run dir would later look like a prepared run
+            shutil.rmtree(store.root, ignore_errors=True)
+        raise
+    return PrepareResult(
+        run_dir=store.root, train_count=len(train), test_count=len(test), stats=stats, warnings=warnings
     )
-    return PrepareResult(run_dir=store.root, train_count=len(train), test_count=len(test), stats=stats, warnings=warnings)

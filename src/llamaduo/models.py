@@ -182,6 +182,10 @@ def resolve_base(cfg: ModelConfig) -> Path | str:
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # The weights are already dequantised to float32; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     tmp.rename(cached)
