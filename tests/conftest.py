@@ -1,4 +1,4 @@
-"""Shared fixtures: the loopback service-LLM simulator and a tiny model built in-process."""
+"""Shared fixtures: the loopback service-LLM simulator, a config pointing at it, a scripted judge."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
 import asyncio
+import bisect
 import json
 import os
 import sqlite3
@@ -7,7 +8,7 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from llamaduo.service import BudgetExceeded, ServiceClient, cache_stats, extract_json
+from llamaduo.service import BudgetExceeded, Pacer, ServiceClient, cache_stats, extract_json, strict_schema
 from llamaduo.simulator import Fault
 from tests.conftest import service_config
 
@@ -126,6 +127,43 @@ def test_budget_stops_calls_once_spent(fake_service, tmp_path):
     assert fake_service.count == 1
 
 
+def test_budget_lets_calls_in_flight_finish_and_logs_every_request(tmp_path):
+    from llamaduo.simulator import SimulatedService
+
+    with SimulatedService(lambda req: GOOD, latency_s=0.1) as svc:
+        db = tmp_path / "s.sqlite"
+        client = ServiceClient(service_config(svc, max_usd=1e-6, concurrency=4), db_path=db)
+        with pytest.raises(BudgetExceeded):
+            ask(client, n=20)
+        sent = [r for r in rows(db) if r[0] == "ok"]
+        assert 1 <= svc.count <= 4 and len(sent) == svc.count
+
+
+def test_json_schema_mode_sends_a_strict_schema(fake_service, tmp_path):
+    class Pair(BaseModel):
+        instruction: str
+        response: str = ""
+
+    class Pairs(BaseModel):
+        contents: list[Pair]
+
+    fake_service.responder = lambda req: json.dumps({"contents": [{"instruction": "a", "response": "b"}]})
+    client = ServiceClient(service_config(fake_service, structured_output="json_schema"), db_path=tmp_path / "s.sqlite")
+    [reply] = client.run([client.chat_json([{"role": "user", "content": "x"}], Pairs)], progress=False)
+    fmt = fake_service.requests[0]["body"]["response_format"]
+    assert reply.ok and fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
+    assert fmt["json_schema"]["schema"] == strict_schema(Pairs)
+    pair = strict_schema(Pairs)["$defs"]["Pair"]
+    assert pair["additionalProperties"] is False and pair["required"] == ["instruction", "response"]
+
+
+def test_json_object_mode_asks_for_a_json_object(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    client = ServiceClient(service_config(fake_service, structured_output="json_object"), db_path=tmp_path / "s.sqlite")
+    ask(client)
+    assert fake_service.requests[0]["body"]["response_format"] == {"type": "json_object"}
+
+
 def test_concurrency_cap_is_respected(tmp_path):
     from llamaduo.simulator import SimulatedService
 
@@ -137,10 +175,41 @@ def test_concurrency_cap_is_respected(tmp_path):
 
 def test_rpm_limit_spaces_requests(fake_service, tmp_path):
     fake_service.responder = lambda req: GOOD
-    client = ServiceClient(service_config(fake_service, rpm=600), db_path=tmp_path / "s.sqlite")
+    client = ServiceClient(service_config(fake_service, rpm=1200), db_path=tmp_path / "s.sqlite")
     t0 = time.monotonic()
-    ask(client, n=6)
-    assert time.monotonic() - t0 >= 0.45  # 6 requests at 10/s
+    ask(client, n=24)
+    # A burst of 1 % of the limit (12), then 12 more at 98 % of 20/s.
+    assert time.monotonic() - t0 >= 12 / 19.6 - 0.02
+
+
+@pytest.mark.parametrize("rpm", [60, 1200, 10_000])
+def test_paced_requests_never_exceed_the_limit_in_any_sliding_minute(rpm):
+    now = [0.0]
+    pacer = Pacer(rpm=rpm, tpm=None, clock=lambda: now[0])
+    sends = []
+    for _ in range(3 * rpm):
+        now[0] += pacer.reserve(est_tokens=10)
+        sends.append(now[0])
+    worst = max(bisect.bisect_left(sends, t + 60.0) - i for i, t in enumerate(sends))
+    assert worst <= rpm
+    assert (len(sends) - 1) / (sends[-1] - sends[0]) >= 0.95 * rpm / 60  # and runs close to it
+
+
+def test_tokens_per_minute_pacing_settles_with_actual_usage():
+    now = [0.0]
+    pacer = Pacer(rpm=None, tpm=6000, clock=lambda: now[0])  # ~98 tokens/s
+    assert pacer.reserve(est_tokens=60) == 0.0  # within the burst allowance
+    first = pacer.reserve(est_tokens=1000)
+    assert first > 5  # an estimate this large has to wait for its share
+    pacer.correct(estimated=1000, actual=100)  # the reply was short: the rest is given back
+    assert pacer.reserve(est_tokens=60) < first
+
+
+def test_429_holds_every_worker_until_retry_after():
+    now = [0.0]
+    pacer = Pacer(rpm=600, tpm=None, clock=lambda: now[0])
+    pacer.back_off(2.0)
+    assert pacer.reserve(est_tokens=1) >= 2.0 and pacer.wait_left() == 2.0
 
 
 def test_ledger_totals_per_stage_and_round(fake_service, tmp_path):
@@ -150,6 +219,15 @@ def test_ledger_totals_per_stage_and_round(fake_service, tmp_path):
     ledger = client.ledger()
     assert ledger["total"]["calls"] == 3 and ledger["total"]["usd"] > 0
     assert ledger["by_stage"]["judge/r00"]["calls"] == 3
+    assert ledger["unpriced_models"] == []
+
+
+def test_a_model_without_a_price_costs_zero_and_is_flagged(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    client = ServiceClient(service_config(fake_service, model="mystery-model"), db_path=tmp_path / "s.sqlite")
+    [reply] = ask(client)
+    assert reply.ok and reply.cost_usd == 0.0 and reply.input_tokens > 0
+    assert client.ledger()["unpriced_models"] == ["mystery-model"]
 
 
 def test_every_request_the_server_received_is_in_the_call_log(fake_service, tmp_path):
@@ -172,7 +250,8 @@ def test_canary_key_never_reaches_disk(fake_service, tmp_path, monkeypatch):
     assert fake_service.requests[0]["headers"]["authorization"] == f"Bearer {canary}"  # it was sent...
     for root, _, files in os.walk(tmp_path):
         for f in files:
-            assert canary.encode() not in open(os.path.join(root, f), "rb").read(), f  # ...and never stored
+            with open(os.path.join(root, f), "rb") as fh:
+                assert canary.encode() not in fh.read(), f  # ...and never stored
 
 
 def test_missing_key_for_a_remote_endpoint_is_a_clear_error(tmp_path, monkeypatch):
@@ -197,3 +276,17 @@ def test_a_repaired_reply_is_replayed_from_cache_on_rerun(fake_service, tmp_path
     assert first.ok and fake_service.count == 2
     [again] = ask(ServiceClient(service_config(fake_service), db_path=db))
     assert again.ok and again.cached and fake_service.count == 2
+
+
+def test_anthropic_provider_sends_system_separately_and_shares_the_call_log(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    fake_service.inject(Fault.server_error(529))
+    cfg = service_config(fake_service, provider="anthropic", base_url=fake_service.base_url.removesuffix("/v1"))
+    client = ServiceClient(cfg, db_path=tmp_path / "s.sqlite")
+    msgs = [{"role": "system", "content": "You are a judge."}, {"role": "user", "content": "judge this"}]
+    [reply] = client.run([client.chat_json(msgs, Verdict, stage="judge")], progress=False)
+    body = fake_service.requests[-1]["body"]
+    assert fake_service.requests[-1]["path"] == "/v1/messages"
+    assert reply.ok and reply.parsed.score == 7 and reply.cost_usd > 0
+    assert body["system"] == "You are a judge." and [m["role"] for m in body["messages"]] == ["user"]
+    assert [r[0] for r in rows(tmp_path / "s.sqlite")] == ["http_529", "ok"]

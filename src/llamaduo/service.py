@@ -203,41 +203,88 @@ def parse_reply(text: str, schema: type[BaseModel]) -> tuple[BaseModel | None, s
         return None, f"invalid JSON for {schema.__name__}: {msg}"
 
 
-# ---------------------------------------------------------------------- pacing
-class _Pacer:
-    """Requests- and tokens-per-minute pacing plus a shared back-off after a 429."""
+def strict_schema(schema: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON schema in the form strict structured output accepts: every object
+    closed (`additionalProperties: false`) and every property listed as required."""
 
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float]):
+    def close(node: Any) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node["additionalProperties"] = False
+                node["required"] = list(node["properties"])
+            for v in node.values():
+                close(v)
+        elif isinstance(node, list):
+            for v in node:
+                close(v)
+
+    out = schema.model_json_schema()
+    close(out)
+    return out
+
+
+# ---------------------------------------------------------------------- pacing
+# Limits are usually enforced over a sliding minute. A bucket that refills at 98 % of the
+# limit and holds 1 % of it as burst can never put more than 99 % of the limit in any 60 s
+# window, so it runs close to the limit without ever drawing a 429.
+PACE_RATE = 0.98
+PACE_BURST = 0.01
+
+
+class _Bucket:
+    """Generic cell rate algorithm: when may a request of weight `n` go, given those booked?"""
+
+    def __init__(self, per_minute: int):
+        self.rate = PACE_RATE * per_minute / 60.0
+        self.capacity = max(1.0, PACE_BURST * per_minute)
+        self.tat = float("-inf")  # time at which the bucket would be full again
+
+    def book(self, now: float, n: float) -> float:
+        tat = max(self.tat, now)
+        self.tat = tat + n / self.rate
+        return max(now, self.tat - self.capacity / self.rate)
+
+    def refund(self, n: float) -> None:
+        self.tat -= n / self.rate
+
+
+class Pacer:
+    """Requests- and tokens-per-minute pacing plus a shared back-off after a 429.
+
+    `reserve` books a send time for one request (so requests already waiting keep their
+    order and spacing) and returns how long to wait for it.
+    """
+
+    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic):
         self.clock = clock
-        self.interval = 60.0 / rpm if rpm else 0.0
-        self.tpm = tpm
-        self.next_slot = 0.0
-        self.tokens = float(tpm or 0)
-        self.tokens_at = clock()
-        self.not_before = 0.0
+        self.requests = _Bucket(rpm) if rpm else None
+        self.tokens = _Bucket(tpm) if tpm else None
+        self.not_before = float("-inf")
 
     def reserve(self, est_tokens: int) -> float:
-        """Seconds to wait before sending; books the slot and the tokens now."""
         now = self.clock()
-        start = max(now, self.next_slot, self.not_before)
-        if self.interval:
-            self.next_slot = start + self.interval
-        if self.tpm:
-            rate = self.tpm / 60.0
-            self.tokens = min(float(self.tpm), self.tokens + (now - self.tokens_at) * rate)
-            self.tokens_at = now
-            need = min(est_tokens, self.tpm)
-            if self.tokens < need:
-                start = max(start, now + (need - self.tokens) / rate)
-            self.tokens -= need
-        return max(0.0, start - now)
+        at = max(now, self.not_before)
+        if self.requests:
+            at = max(at, self.requests.book(at, 1))
+        if self.tokens:
+            at = max(at, self.tokens.book(at, est_tokens))
+        return at - now
+
+    def wait_left(self) -> float:
+        """Time still to wait because of a back-off announced after the slot was booked."""
+        return self.not_before - self.clock()
 
     def correct(self, estimated: int, actual: int) -> None:
-        if self.tpm:
-            self.tokens += estimated - actual
+        """Settle the tokens booked for a request once its usage is known."""
+        if self.tokens:
+            self.tokens.refund(estimated - actual)
 
     def back_off(self, seconds: float) -> None:
+        """After a 429 nobody sends before `seconds`, then sending resumes at the paced rate."""
         self.not_before = max(self.not_before, self.clock() + seconds)
+        for bucket in (self.requests, self.tokens):
+            if bucket:  # no burst right after the server said stop
+                bucket.tat = max(bucket.tat, self.not_before + bucket.capacity / bucket.rate)
 
 
 # ---------------------------------------------------------------------- client
@@ -255,7 +302,7 @@ class ServiceClient:
         self.sleep = sleep
         self._api_key = api_key
         self.log = _Log(db_path)
-        self.pacer = _Pacer(cfg.rpm, cfg.tpm, clock)
+        self.pacer = Pacer(cfg.rpm, cfg.tpm, clock)
         self._sdk: Any = None
         self._sdk_loop: Any = None
         self._sem: asyncio.Semaphore | None = None
@@ -327,7 +374,11 @@ class ServiceClient:
         if self.cfg.provider == "anthropic":
             system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
             rest = [m for m in messages if m["role"] != "system"]
-            kwargs: dict[str, Any] = {"model": model, "messages": rest, "max_tokens": params["max_tokens"], "temperature": params["temperature"]}
+            # temperature travels as a body field: SDK releases differ in the keywords they accept.
+            kwargs: dict[str, Any] = {
+                "model": model, "messages": rest, "max_tokens": params["max_tokens"],
+                "extra_body": {"temperature": params["temperature"]},
+            }
             if system:
                 kwargs["system"] = system
             resp = await sdk.messages.create(**kwargs)
@@ -366,16 +417,25 @@ class ServiceClient:
         error = None
         attempt = 0
         for attempt in range(1, self.cfg.max_retries + 2):
-            wait = self.pacer.reserve(est)
-            if wait > 0:
-                await self.sleep(wait)
-            t0 = time.monotonic()
-            status, http_status, retry_after = "ok", 200, None
-            try:
-                async with self._sem:
+            # The slot is booked while holding the semaphore, so a request never waits for a
+            # worker after its paced time (which would bunch requests up past the limit).
+            async with self._sem:
+                wait = self.pacer.reserve(est)
+                while wait > 0:
+                    await self.sleep(wait)
+                    wait = self.pacer.wait_left()  # a 429 seen meanwhile holds everyone
+                self._check_budget()  # spending may have crossed the budget while we waited
+                t0 = time.monotonic()
+                try:
                     text, tin, tout = await asyncio.wait_for(self._send(model, messages, params), self.cfg.timeout_s + 5)
-            except Exception as e:  # classify every provider/transport failure the same way
-                status, http_status, retry_after, error = _classify(e)
+                    failure = None
+                except Exception as e:  # classify every provider/transport failure the same way
+                    if not _is_service_fault(e):
+                        raise  # a bug on our side: retrying would only hide it
+                    failure = e
+            if failure is not None:
+                status, http_status, retry_after, error = _classify(failure)
+                self.pacer.correct(est, 0)
                 self.log.record(ts=time.time(), attempt=attempt, status=status, http_status=http_status, latency_ms=(time.monotonic() - t0) * 1000, error=error, **base)
                 if status == "client_error" or attempt > self.cfg.max_retries:
                     break
@@ -407,7 +467,7 @@ class ServiceClient:
             elif self.cfg.structured_output == "json_schema":
                 params["response_format"] = {
                     "type": "json_schema",
-                    "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema()},
+                    "json_schema": {"name": schema.__name__, "schema": strict_schema(schema), "strict": True},
                 }
         return params
 
@@ -506,8 +566,11 @@ class ServiceClient:
                 for fut in asyncio.as_completed(tasks):
                     await fut
                     bar.advance(tid)
+        except BudgetExceeded:
+            # Calls in flight finish and are recorded; the others stop at their budget check.
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         except BaseException:
-            # Let calls already in flight finish and be recorded; start no new ones.
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -519,8 +582,12 @@ class ServiceClient:
         return results
 
     def ledger(self) -> dict[str, Any]:
+        """Totals overall and per stage/round, plus the models that had no price (costed at 0)."""
         with self.log.lock:
-            return ledger_from_db(self.log.conn)
+            out = ledger_from_db(self.log.conn)
+            models = [m for (m,) in self.log.conn.execute("SELECT DISTINCT model FROM calls WHERE status='ok'")]
+        out["unpriced_models"] = sorted(m for m in models if m and self.price(m) is None)
+        return out
 
     def close(self) -> None:
         self.log.close()
@@ -528,6 +595,13 @@ class ServiceClient:
 
 class _Malformed(Exception):
     pass
+
+
+def _is_service_fault(e: Exception) -> bool:
+    """Errors of the provider, the transport or the reply, as opposed to bugs in our code."""
+    if isinstance(e, (TimeoutError, asyncio.TimeoutError, ConnectionError, ValueError, _Malformed)):
+        return True  # ValueError: a reply body that is not JSON or not the expected shape
+    return type(e).__module__.split(".")[0] in ("openai", "anthropic", "httpx", "httpcore")
 
 
 def _classify(e: Exception) -> tuple[str, int | None, float | None, str]:

@@ -1,6 +1,7 @@
 """A loopback OpenAI-compatible server whose answers come from a function of the request.
 
-It plays the service LLM in the test suite (with faults on demand: 429 with Retry-After,
+`POST /v1/chat/completions` answers in the OpenAI shape; `POST /v1/messages` in the shape of
+Anthropic's native Messages API. It plays the service LLM in the test suite (with faults on demand: 429 with Retry-After,
 5xx, slow replies, malformed or truncated JSON) and in `llamaduo demo`, where it is labelled
 as a simulator. It binds 127.0.0.1 only and records every request it receives.
 """
@@ -55,6 +56,11 @@ class Fault:
         return Fault("bad_content", text=text)
 
 
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 256  # the default listen backlog (5) resets bursts of connections
+    daemon_threads = True
+
+
 def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
@@ -79,8 +85,7 @@ class SimulatedService:
         self._faults: deque[Fault] = deque()
         self._window: deque[float] = deque()
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((host, port), self._handler())
-        self._server.daemon_threads = True
+        self._server = _Server((host, port), self._handler())
         self._thread: threading.Thread | None = None
 
     # ---- lifecycle
@@ -90,7 +95,10 @@ class SimulatedService:
         return f"http://{host}:{port}/v1"
 
     def start(self) -> SimulatedService:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="simulated-service", daemon=True)
+        # A short poll interval makes stop() quick (tests start and stop many servers).
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="simulated-service", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -181,7 +189,9 @@ class SimulatedService:
                         svc.in_flight -= 1
 
             def _answer(self, body: dict[str, Any]) -> None:
-                if not self.path.rstrip("/").endswith("/chat/completions"):
+                path = self.path.rstrip("/")
+                anthropic = path.endswith("/messages") and not path.endswith("/chat/completions")
+                if not (anthropic or path.endswith("/chat/completions")):
                     self._error(404, f"no route {self.path}")
                     return
                 wait = svc._over_rpm()
@@ -213,6 +223,15 @@ class SimulatedService:
                     self._send(200, json.dumps(reply).encode())
                     return
                 prompt = json.dumps(body.get("messages", []))
+                if anthropic:  # the native Messages API shape
+                    out = {
+                        "id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
+                        "model": body.get("model", "simulated"), "content": [{"type": "text", "text": reply}],
+                        "stop_reason": "end_turn", "stop_sequence": None,
+                        "usage": {"input_tokens": estimate_tokens(prompt), "output_tokens": estimate_tokens(reply)},
+                    }
+                    self._send(200, json.dumps(out).encode())
+                    return
                 out = {
                     "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
                     "object": "chat.completion",
