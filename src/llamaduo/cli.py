@@ -256,6 +256,127 @@ def cache_stats(run_dir: Path) -> None:
 
 
 @app.command()
+def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
+    """Merge the best round into the base model; export HF dir, Ollama Modelfile, GGUF, model card."""
+    from llamaduo import deploy as deploy_mod
+    from llamaduo.store import RunStore
+
+    cfg = _run_config(run_dir, set_)
+    result = _call(deploy_mod.deploy, cfg, RunStore(run_dir), round)
+    for note in getattr(result, "notes", []) or []:
+        err.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(f"deployed round r{result.round:02d} → {result.merged_dir}")
+
+
+@app.command()
+def serve(
+    model_or_run_dir: Path,
+    config: Annotated[Optional[Path], typer.Option("--config", help="llamaduo.yaml (default: the run's).")] = None,  # noqa: UP045
+    host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
+    port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,  # noqa: UP045
+    fallback: Annotated[bool, typer.Option("--fallback", help="Forward to the service LLM when the local model fails or is slow.")] = False,
+    set_: SetOpt = None,
+) -> None:
+    """Serve a deployed model (or a run directory's) behind an OpenAI-compatible API."""
+    from llamaduo import serve as serve_mod
+    from llamaduo.config import Config
+
+    overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
+    if config is not None:
+        cfg = _load(config, overrides)
+    elif (model_or_run_dir / "config.yaml").exists():
+        cfg = _run_config(model_or_run_dir, overrides)
+    else:
+        from llamaduo.config import from_dict
+
+        try:
+            cfg = from_dict({}, overrides, source="command line")
+        except ConfigError as e:
+            fail(str(e))
+            cfg = Config()
+    if not model_or_run_dir.exists():
+        fail(f"{model_or_run_dir}: no such model or run directory")
+    console.print(f"serving {model_or_run_dir} on http://{host or cfg.serve.host}:{cfg.serve.port if port is None else port}/v1")
+    _call(serve_mod.serve, model_or_run_dir, cfg, host, port)
+
+
+@app.command()
+def accept(
+    run_dir: Path,
+    endpoint: Annotated[str, typer.Option("--endpoint", help="Base URL of the served model, e.g. http://127.0.0.1:8000/v1.")],
+    model: Annotated[Optional[str], typer.Option(help="Model name to ask the endpoint for.")] = None,  # noqa: UP045
+    round: RoundOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Judge the served model on the test split; compare with the run's best round."""
+    from llamaduo import deploy as deploy_mod
+    from llamaduo.service import ServiceClient
+    from llamaduo.store import RunStore
+
+    cfg = _run_config(run_dir, set_)
+    store = RunStore(run_dir)
+    client = ServiceClient(cfg.service, db_path=store.service_db)
+    try:
+        result = _call(deploy_mod.accept, cfg, store, endpoint, client, model=model, round=round)
+    finally:
+        client.close()
+    console.print(result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2))
+
+
+@app.command()
+def capture(
+    upstream: Annotated[str, typer.Option("--upstream", help="The service LLM's base URL, e.g. https://api.openai.com/v1.")],
+    out: Annotated[Path, typer.Option("--out", help="Coverage JSONL to append exchanges to.")],
+    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8001,
+    redact: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--redact", help="Regex to mask in recorded text (repeatable; replaces the e-mail/phone defaults)."),
+    ] = None,
+    category_header: Annotated[str, typer.Option(help="Request header naming the category.")] = "x-llamaduo-category",
+) -> None:
+    """A pass-through proxy that records real traffic as coverage data for 'llamaduo prepare'."""
+    from llamaduo import capture as capture_mod
+
+    console.print(f"proxy on http://{host}:{port}/v1 → {upstream}; recording to {out}")
+    _call(capture_mod.capture, upstream, out, host=host, port=port, redact_patterns=redact, category_header=category_header)
+
+
+@app.command()
+def cost(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="A finished run: its spend and throughput feed the model.")] = None,  # noqa: UP045
+    input_tokens_per_month: Annotated[Optional[float], typer.Option(help="Prompt tokens per month.")] = None,  # noqa: UP045
+    output_tokens_per_month: Annotated[Optional[float], typer.Option(help="Completion tokens per month.")] = None,  # noqa: UP045
+    service_input_usd_per_mtok: Annotated[Optional[float], typer.Option(help="Service USD per Mtok in.")] = None,  # noqa: UP045
+    service_output_usd_per_mtok: Annotated[Optional[float], typer.Option(help="Service USD per Mtok out.")] = None,  # noqa: UP045
+    migration_usd: Annotated[Optional[float], typer.Option(help="One-off migration cost.")] = None,  # noqa: UP045
+    gpu_price_usd: Annotated[Optional[float], typer.Option(help="Price of one GPU.")] = None,  # noqa: UP045
+    gpu_count: Annotated[Optional[int], typer.Option(help="GPUs bought.")] = None,  # noqa: UP045
+    power_watts: Annotated[Optional[float], typer.Option(help="Power draw of one GPU (W).")] = None,  # noqa: UP045
+    utilisation: Annotated[Optional[float], typer.Option(help="Share of time the GPUs are busy.")] = None,  # noqa: UP045
+    electricity_usd_per_kwh: Annotated[Optional[float], typer.Option(help="Electricity price.")] = None,  # noqa: UP045
+    horizon_months: Annotated[Optional[int], typer.Option(help="Months projected.")] = None,  # noqa: UP045
+    local_tokens_per_s: Annotated[Optional[float], typer.Option(help="Tokens/s one GPU serves.")] = None,  # noqa: UP045
+) -> None:
+    """Months to break even and savings: serving locally vs staying on the service LLM (paper Table 2)."""
+    from llamaduo import cost as cost_mod
+    from llamaduo.store import RunStore
+
+    given = {k: v for k, v in locals().items() if k not in ("run_dir", "cost_mod", "RunStore") and v is not None}
+    if run_dir is not None:
+        inputs = _call(cost_mod.from_run, RunStore(run_dir), **given)
+    else:
+        missing = [k for k in ("input_tokens_per_month", "output_tokens_per_month") if k not in given]
+        if missing:
+            fail("give " + " and ".join("--" + m.replace("_", "-") for m in missing) + " (or a run directory)")
+        try:
+            inputs = cost_mod.CostInputs(**given)
+        except ValueError as e:
+            fail(str(e).splitlines()[0])
+    console.print(cost_mod.render_table(cost_mod.project(inputs)))
+
+
+@app.command()
 def demo(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny in-process model: the whole pipeline in ~2 minutes.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (default runs/demo).")] = None,  # noqa: UP045
