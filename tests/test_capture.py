@@ -147,3 +147,27 @@ def test_tool_and_image_exchanges_are_not_recorded():
     assert build_record(tool, "r", None, "c", default_redact) is None
     assert build_record(image, "r", None, "c", default_redact) is None
     assert build_record(parts, "r", None, "c", default_redact)["messages"][0]["content"] == "ab"
+
+
+def test_captured_file_is_a_coverage_dataset_for_prepare(proxy, tmp_path):
+    from llamaduo.config import Config
+    from llamaduo.data import load_examples, prepare
+    from llamaduo.store import RunStore
+
+    srv, out = proxy
+    client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+    for i in range(10):
+        client.chat.completions.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "system", "content": "Extract JSON."}, {"role": "user", "content": f"Order {i} mugs, tel 555-123-4567"}],
+            extra_headers={"x-llamaduo-category": "extract" if i % 2 else "chat"},
+        )
+    cfg = Config(name="captured", runs_dir=tmp_path / "runs", data={"input": str(out), "test_fraction": 0.2})
+    store = RunStore(cfg.run_dir)
+    res = prepare(cfg, store)
+    examples = load_examples(store.train_path) + load_examples(store.test_path)
+    assert res.train_count + res.test_count == 10 and res.test_count >= 2
+    assert {e.category for e in examples} == {"extract", "chat"}
+    one = next(e for e in examples if e.prompt.startswith("Order 3 "))
+    assert one.prompt == "Order 3 mugs, tel [PHONE]" and one.response == "reply to: Order 3 mugs, tel [PHONE]"
+    assert one.messages[0].role == "system" and one.category == "extract"

@@ -118,6 +118,9 @@ class JudgeConfig(Strict):
     template: Path | None = Field(None, description="Override the judge Jinja template.")
     pass_rule: PassRule = Field(default_factory=PassRule, description="When a round counts as passed.")
     max_test_prompts: int | None = Field(None, ge=1, description="Judge only this many test prompts; None = all.")
+    panel: list[str] = Field(
+        default_factory=list, description="Several judge models; scores averaged, agreement reported."
+    )
 
 
 # ---------------------------------------------------------------------------- synth
@@ -133,6 +136,18 @@ class SynthConfig(Strict):
     template: Path | None = Field(None, description="Override the synthesis Jinja template.")
     min_chars: int = Field(2, ge=1, description="Reject instructions/responses shorter than this.")
     max_chars: int = Field(8000, ge=1, description="Reject instructions/responses longer than this.")
+
+
+# ---------------------------------------------------------------------------- dedup
+class DedupConfig(Strict):
+    num_perm: int = Field(128, ge=16, description="MinHash permutations.")
+    shingle: int = Field(1, ge=1, description="Words per MinHash shingle (1 = word sets).")
+    jaccard: float = Field(0.9, gt=0, le=1, description="LSH Jaccard threshold proposing near-duplicate pairs.")
+    rouge_l: float = Field(0.7, gt=0, le=1, description="A proposed pair is a near duplicate when ROUGE-L F1 exceeds this.")
+    decontam_ngram: int = Field(13, ge=1, description="Drop new pairs sharing a run of this many words with a test item.")
+    decontam_jaccard: float = Field(
+        0.8, gt=0, le=1, description="Drop new pairs whose MinHash Jaccard estimate with a test item reaches this."
+    )
 
 
 # ---------------------------------------------------------------------------- model
@@ -219,6 +234,7 @@ class Config(Strict):
     service: ServiceConfig = Field(default_factory=ServiceConfig, description="The service LLM.")
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="LLM-as-judge protocol.")
     synth: SynthConfig = Field(default_factory=SynthConfig, description="Synthetic data generation.")
+    dedup: DedupConfig = Field(default_factory=DedupConfig, description="Deduplication and test decontamination of synthetic data.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The local (student) model.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
     infer: InferConfig = Field(default_factory=InferConfig, description="Batch inference on the test split.")

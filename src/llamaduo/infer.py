@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from llamaduo.config import Config, InferConfig
 from llamaduo.data import Example, Message
+from llamaduo.errors import UserError
 
 
 class Completion(BaseModel):
@@ -29,6 +30,19 @@ class Completion(BaseModel):
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((text.find(s) for s in stops if s and s in text), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Token ids that end a turn: the tokenizer's eos, the model's own, and `<|im_end|>` if known."""
+    ids: list[int] = []
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [tokenizer.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])]:
+        if isinstance(i, int) and i not in ids:
+            ids.append(i)
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids
 
 
 def generate(
@@ -55,12 +69,15 @@ def generate(
     results: dict[int, list[Completion]] = {}
     greedy = sampling.temperature == 0
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
     bar = Progress(
         TextColumn("generating"), BarColumn(), MofNCompleteColumn(), RateColumn("prompts"), TimeRemainingColumn(),
         disable=not progress, transient=True,
     )
-    with bar, torch.inference_mode():
+    # Sampling reseeds per batch; the caller's RNG state is left as it was.
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with bar, torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
         task = bar.add_task("gen", total=len(order))
         for start in range(0, len(order), sampling.batch_size):
             idx = order[start : start + sampling.batch_size]
@@ -76,7 +93,7 @@ def generate(
             kwargs: dict[str, Any] = {
                 "max_new_tokens": sampling.max_new_tokens,
                 "pad_token_id": pad_id,
-                "eos_token_id": tokenizer.eos_token_id,
+                "eos_token_id": eos_ids,
                 "num_return_sequences": 1 if greedy else k,
             }
             if greedy:
@@ -95,9 +112,9 @@ def generate(
                     seq = gen[row * per + (0 if greedy else s)].tolist()
                     n_new = len(seq)
                     finish = "length"
-                    if tokenizer.eos_token_id in seq:
-                        n_new = seq.index(tokenizer.eos_token_id)
-                        finish = "stop"
+                    ends = [j for j, t in enumerate(seq) if t in eos_ids]
+                    if ends:
+                        n_new, finish = ends[0], "stop"
                     while n_new and seq[n_new - 1] == pad_id:
                         n_new -= 1
                     text = tokenizer.decode(seq[:n_new], skip_special_tokens=True)
@@ -148,7 +165,7 @@ def generate_vllm(
             prompt_id=pid, sample_index=j, text=o.text.strip(), model_hash=model_hash, adapter_hash=adapter_hash,
             finish_reason=o.finish_reason or "stop", new_tokens=len(o.token_ids),
         )
-        for (pid, _), out in zip(prompts, outs)
+        for (pid, _), out in zip(prompts, outs, strict=True)
         for j, o in enumerate(out.outputs)
     ]
 
@@ -159,8 +176,9 @@ def run_inference(cfg: Config, test: list[Example], adapter_dir: Path | None, pr
 
     prompts = [(e.id, e.prompt_messages) for e in test]
     mh, ah = models.model_hash(cfg.model), models.adapter_hash(adapter_dir)
-    use_vllm = cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available())
-    if use_vllm:
+    if cfg.infer.backend == "vllm" and not vllm_available():
+        raise UserError("infer.backend=vllm needs the vllm package and a CUDA GPU; use infer.backend=transformers")
+    if cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available()):
         return generate_vllm(cfg, prompts, adapter_dir, mh, ah)
     model, tok = load_round_model(cfg, adapter_dir)
     return generate(model, tok, prompts, cfg.infer, seed=cfg.seed, model_hash=mh, adapter_hash=ah, progress=progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,29 @@ from llamaduo.errors import UserError
 from llamaduo.store import hash_dir
 
 CHATML_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}"
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Gemma's turn format, for base checkpoints that carry its turn tokens but no template: the
+# tokens are already trained, so nothing is added to the vocabulary. System text opens the
+# first user turn, as Gemma has no system role.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{% set ns.system = message['content'] + '\n\n' %}"
+    "{% else %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{% if message['role'] == 'user' %}{{ ns.system }}{% set ns.system = '' %}{% endif %}"
+    "{{ message['content'] + '<end_of_turn>\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
 CHATML_SPECIAL = ["<|im_start|>", "<|im_end|>"]
+GEMMA_SPECIAL = ["<start_of_turn>", "<end_of_turn>"]
 
 # A few kilobytes of varied text for the tiny test tokenizer: words, digits, punctuation, JSON.
 _TINY_CORPUS = """
@@ -39,12 +57,21 @@ def add(a, b):\n    return a + b\nprint(add(1, 2))  # 3
 Numbers: 0 1 2 3 4 5 6 7 8 9 10 11 12 100 2024. Dates: 12 March, 3 May, 21 June.
 I would like to order a coffee grinder and a yoga mat. Cancel my backpack, I no longer need it.
 The tea kettle arrived damaged; I want to return it. Thanks, Sofia. Good morning, this is Omar.
+system: You are a helpful assistant. user: Hello there! assistant: Hi, how can I help you today?
+The user asks a question and the assistant answers it briefly, clearly and politely.
+[1, 2, 3] (a, b) <tag> x = y * 2 - 1; 50% off! "quoted" 'single' a/b a|b a_b #5 @home ~ok
 """
 
 
 # ------------------------------------------------------------------ tiny test model
-def build_tiny_model(out_dir: Path, seed: int = 0, vocab_size: int = 600) -> Path:
-    """A 2-layer Llama (hidden 64) and a BPE tokenizer trained offline; saved like a real model."""
+def build_tiny_model(
+    out_dir: Path, seed: int = 0, vocab_size: int = 600, chat: bool = True, tied: bool = False
+) -> Path:
+    """A 2-layer Llama (hidden 64) and a BPE tokenizer trained offline; saved like a real model.
+
+    `chat=False` builds a base model as pretrained checkpoints ship: no ChatML tokens, no chat
+    template, eos `<|endoftext|>` and no pad token. `tied=True` shares input and output embeddings.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -53,16 +80,19 @@ def build_tiny_model(out_dir: Path, seed: int = 0, vocab_size: int = 600) -> Pat
     tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    specials = ["<|pad|>", *CHATML_SPECIAL]
+    specials = ["<|pad|>", *CHATML_SPECIAL] if chat else ["<|endoftext|>"]
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, padding_side="left"
-    )
-    fast.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL})
-    fast.chat_template = CHATML_TEMPLATE
+    if chat:
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, padding_side="left"
+        )
+        fast.add_special_tokens({"additional_special_tokens": CHATML_SPECIAL})
+        fast.chat_template = CHATML_TEMPLATE
+    else:
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token=None)
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(fast),
@@ -75,7 +105,8 @@ def build_tiny_model(out_dir: Path, seed: int = 0, vocab_size: int = 600) -> Pat
         pad_token_id=fast.pad_token_id,
         eos_token_id=fast.eos_token_id,
         bos_token_id=None,
-        tie_word_embeddings=True,
+        # Untied by default: with a tied random head the last prompt token predicts itself forever.
+        tie_word_embeddings=tied,
     )
     model = LlamaForCausalLM(cfg)
     model.generation_config.pad_token_id = fast.pad_token_id
@@ -88,31 +119,43 @@ def build_tiny_model(out_dir: Path, seed: int = 0, vocab_size: int = 600) -> Pat
 
 # ----------------------------------------------------------------- chat template
 def ensure_chat_template(tokenizer: Any, template: str | None = None) -> bool:
-    """Give the tokenizer the one chat template used everywhere. Returns True if tokens were added.
+    """Give the tokenizer the one chat template used everywhere. Returns True if tokens were added
+    (the model's embeddings must then be resized, as `load_model` does).
 
-    Precedence: the user's template (text or a file path), the model's own, else ChatML with
-    its special tokens (base models such as Gemma 3 270M pretrained ship none).
+    Precedence: the user's template (text or a file path), the model's own, Gemma's turn format
+    when the vocabulary has its turn tokens, else ChatML with its special tokens added (base
+    models ship no template). eos becomes the end-of-turn token so generation stops there;
+    pad is kept distinct from eos where the vocabulary allows; padding is on the left.
     """
     added = False
+    base_eos = tokenizer.eos_token
+    vocab = tokenizer.get_vocab()
     if template:
         p = Path(template)
         tokenizer.chat_template = p.read_text(encoding="utf-8") if len(template) < 1024 and p.is_file() else template
     elif not getattr(tokenizer, "chat_template", None):
-        missing = [t for t in CHATML_SPECIAL if t not in tokenizer.get_vocab()]
-        if missing:
-            tokenizer.add_special_tokens({"additional_special_tokens": missing})
-            added = True
-        tokenizer.chat_template = CHATML_TEMPLATE
-    if "<|im_end|>" in (tokenizer.chat_template or "") and tokenizer.eos_token != "<|im_end|>":
-        tokenizer.eos_token = "<|im_end|>"  # generation must stop at the end of the turn
-    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
-        if "<|pad|>" in tokenizer.get_vocab() or tokenizer.unk_token is None:
-            if "<|pad|>" not in tokenizer.get_vocab():
-                tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
-                added = True
-            tokenizer.pad_token = "<|pad|>"
+        if all(t in vocab for t in GEMMA_SPECIAL):
+            tokenizer.chat_template = GEMMA_TEMPLATE
         else:
+            missing = [t for t in CHATML_SPECIAL if t not in vocab]
+            if missing:
+                tokenizer.add_special_tokens({"additional_special_tokens": missing})
+                added = True
+            tokenizer.chat_template = CHATML_TEMPLATE
+    vocab = tokenizer.get_vocab()
+    for end in ("<|im_end|>", "<end_of_turn>"):
+        if end in tokenizer.chat_template and end in vocab:
+            tokenizer.eos_token = end  # generation must stop at the end of the turn
+            break
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        if tokenizer.unk_token is not None:
             tokenizer.pad_token = tokenizer.unk_token
+        elif "<|pad|>" in vocab:
+            tokenizer.pad_token = "<|pad|>"
+        elif base_eos is not None and base_eos != tokenizer.eos_token:
+            tokenizer.pad_token = base_eos  # the pretraining eos is free once turns end with their own token
+        else:
+            tokenizer.pad_token = tokenizer.eos_token  # masked everywhere; generation cuts at the first eos
     tokenizer.padding_side = "left"
     return added
 
@@ -169,7 +212,11 @@ def resolve_base(cfg: ModelConfig) -> Path | str:
     elif base.is_dir() and cfg.gguf_file:
         gguf = base / cfg.gguf_file
     if gguf is None:
-        return base if base.exists() else cfg.base
+        if base.exists():
+            return base
+        if cfg.base.startswith(("/", ".", "~")) or cfg.base.count("/") > 1 or base.suffix == ".gguf":
+            raise UserError(f"model.base: {cfg.base}: no such directory or file")
+        return cfg.base  # a Hub id, served from the local cache
     if not gguf.exists():
         raise UserError(f"model.gguf_file: {gguf}: no such file")
     cached = _gguf_cache(cfg, gguf)
@@ -197,29 +244,49 @@ def load_tokenizer(cfg: ModelConfig, path: Path | str | None = None) -> tuple[An
 
     src = path or resolve_base(cfg)
     try:
-        tok = AutoTokenizer.from_pretrained(str(src))
+        # Hub ids come from the local cache only: a run never downloads behind the user's back.
+        tok = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     except OSError as e:
+        if not Path(str(src)).exists():
+            raise UserError(
+                f"model.base: {src}: not a local model and not in the Hugging Face cache "
+                f"(runs are offline; fetch it first: huggingface-cli download {src})"
+            ) from None
         raise UserError(f"model.base: cannot load tokenizer from {src}: {str(e).splitlines()[0]}") from None
     added = ensure_chat_template(tok, cfg.chat_template)
     return tok, added
 
 
-def added_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """Ids of the template tokens this library added to a base vocabulary (trained with LoRA)."""
-    original = getattr(model.config, "llamaduo_base_vocab", None)
-    return list(range(original, len(tokenizer))) if original else []
+def load_model(
+    cfg: ModelConfig, adapter: Path | None = None, for_training: bool = False, quantize_4bit: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) with the chat template in place and an optional PEFT adapter attached.
 
-
-def load_model(cfg: ModelConfig, adapter: Path | None = None, for_training: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) with the chat template in place and an optional PEFT adapter attached."""
+    `quantize_4bit` loads the base as NF4 with bitsandbytes on this process's GPU (QLoRA).
+    """
     from transformers import AutoModelForCausalLM
 
     base = resolve_base(cfg)
     # A saved adapter directory carries the tokenizer it was trained with (added tokens included).
     tok_src = adapter if adapter is not None and (Path(adapter) / "tokenizer_config.json").exists() else base
     tok, _ = load_tokenizer(cfg, tok_src)
+    kwargs: dict[str, Any] = {"dtype": resolve_dtype(cfg.dtype), "local_files_only": True}
+    if quantize_4bit:
+        import os
+
+        import torch
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        # A quantized model cannot be moved after loading: place it on this rank's GPU now.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=resolve_dtype(cfg.dtype))
+        model = AutoModelForCausalLM.from_pretrained(str(base), **kwargs)
     except OSError as e:
         raise UserError(f"model.base: cannot load {base}: {str(e).splitlines()[0]}") from None
     if model.get_input_embeddings().weight.shape[0] < len(tok):
@@ -227,16 +294,33 @@ def load_model(cfg: ModelConfig, adapter: Path | None = None, for_training: bool
 
         # New rows (ChatML tokens for a base model) must be identical in every process that
         # loads this model, or an adapter trained in one would not fit the base in another.
-        torch.manual_seed(0)
-        model.config.llamaduo_base_vocab = model.get_input_embeddings().weight.shape[0]
-        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        # Mean-initialised rows start as an "average token"; they stay frozen under LoRA (the
+        # adapter learns to read and emit them), so adapters stay small.
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the resize explains its init method at length
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                model.config.llamaduo_base_vocab = model.get_input_embeddings().weight.shape[0]
+                model.resize_token_embeddings(len(tok), mean_resizing=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
+    model.config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    # Stop at the end of the turn, and still at any end token the model was pretrained with.
+    own = model.generation_config.eos_token_id
+    own = own if isinstance(own, list) else [own] if own is not None else []
+    model.generation_config.eos_token_id = [tok.eos_token_id, *(i for i in own if i != tok.eos_token_id)]
     if adapter is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
+        with warnings.catch_warnings():
+            # PEFT still asks the model a question transformers 5 renamed; nothing for the user to do.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = PeftModel.from_pretrained(model, str(adapter), is_trainable=for_training)
     if not for_training:
         model.eval()
     return model, tok

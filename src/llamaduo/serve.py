@@ -2,9 +2,11 @@
 `GET /health`.
 
 The application keeps its OpenAI client and changes only `base_url`. Concurrent requests
-are batched: an asyncio queue gathers up to `max_batch` requests within `batch_wait_ms`, groups
-them by sampling parameters, and runs one batched `generate` per group in a single worker
-thread (the model is not shared between threads). Streaming answers use OpenAI's chunk format
+are batched: an asyncio queue gathers up to `max_batch` requests, groups them by sampling
+parameters, and runs one batched `generate` per group in a single worker thread (the model is
+not shared between threads). Requests that arrive while a batch runs form the next batch; the
+extra `batch_wait_ms` gathering wait applies only under concurrent load, so a lone client
+pays no batching delay. Streaming answers use OpenAI's chunk format
 and end with `data: [DONE]`; the text is produced by a batched generate, so it arrives as one
 content chunk after the role chunk.
 
@@ -28,7 +30,7 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -121,7 +123,8 @@ def parse_chat_request(raw: bytes, cfg: ServeConfig, defaults: InferConfig) -> C
             400, f"max_tokens {max_tokens} is over this server's limit of {cfg.max_tokens_limit}", "max_tokens",
             "invalid_value",
         )
-    n = body.get("n") or 1
+    n = body.get("n")
+    n = 1 if n is None else n
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
         raise APIError(400, f"n must be an integer between 1 and {MAX_N}", "n", "invalid_value")
     stop = body.get("stop") or []
@@ -165,7 +168,6 @@ class BatchStats:
     batches: int = 0
     requests: int = 0
     largest: int = 0
-    sizes: list[int] = field(default_factory=list)
 
 
 class Batcher:
@@ -180,6 +182,7 @@ class Batcher:
         # One thread: generation is serialised on the model, the event loop stays free.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaduo-generate")
         self._task: asyncio.Task | None = None
+        self._last_size = 1
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -200,20 +203,21 @@ class Batcher:
     async def _gather(self) -> list[_Job]:
         loop = asyncio.get_running_loop()
         batch = [await self.queue.get()]
-        # The wait counts from the first request's arrival: requests queued behind a running
-        # batch go out at once.
-        deadline = batch[0].arrived + self.wait_s
-        while len(batch) < self.max_batch:
-            if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
-                continue
-            left = deadline - loop.time()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self.queue.get(), left))
-            except (asyncio.TimeoutError, TimeoutError):
-                break
+        while len(batch) < self.max_batch and not self.queue.empty():
+            batch.append(self.queue.get_nowait())
+        # Wait for company only under concurrent load (the last batch had more than one request):
+        # a lone client is never delayed. The wait counts from the first request's arrival.
+        if self._last_size > 1:
+            deadline = batch[0].arrived + self.wait_s
+            while len(batch) < self.max_batch:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except (asyncio.TimeoutError, TimeoutError):
+                    break
+        self._last_size = len(batch)
         return batch
 
     async def _run(self) -> None:
@@ -233,7 +237,6 @@ class Batcher:
                 self.stats.batches += 1
                 self.stats.requests += len(jobs)
                 self.stats.largest = max(self.stats.largest, len(jobs))
-                self.stats.sizes.append(len(jobs))
                 try:
                     outs = await loop.run_in_executor(self._executor, self.generator, prompts, sampling, req.seed)
                     outs = list(outs)
@@ -241,11 +244,11 @@ class Batcher:
                         raise RuntimeError(f"generator returned {len(outs)} outputs for {len(jobs)}×{req.n}")
                 except Exception as e:  # each waiting request decides: fallback or error
                     for j in jobs:
-                        if not j.future.done():
+                        if not j.future.done() and not j.abandoned:
                             j.future.set_exception(e)
                     continue
                 for i, j in enumerate(jobs):
-                    if not j.future.done():
+                    if not j.future.done() and not j.abandoned:
                         j.future.set_result(outs[i * req.n : (i + 1) * req.n])
 
 
@@ -385,18 +388,21 @@ def create_app(
         log.warning("serving from the service LLM (%s): %s", fallback_model, reason)
         app.state.fallbacks += 1
         msgs = [m.model_dump() for m in req.messages]
-        replies = await asyncio.gather(
-            *[
-                fallback.chat_text(
-                    msgs, model=fallback_model, temperature=req.sampling.temperature,
-                    max_tokens=req.sampling.max_new_tokens, sample_index=i, stage="serve_fallback",
-                )
-                for i in range(req.n)
-            ]
-        )
-        bad = [r for r in replies if not r.ok]
-        if bad:
-            raise APIError(502, f"local model failed ({reason}) and the service LLM failed: {bad[0].error}",
+        try:
+            replies = await asyncio.gather(
+                *[
+                    fallback.chat_text(
+                        msgs, model=fallback_model, temperature=req.sampling.temperature,
+                        max_tokens=req.sampling.max_new_tokens, sample_index=i, stage="serve_fallback",
+                    )
+                    for i in range(req.n)
+                ]
+            )
+            errors = [r.error for r in replies if not r.ok]
+        except Exception as e:  # budget spent, missing key, ...
+            errors = [f"{type(e).__name__}: {e}"]
+        if errors:
+            raise APIError(502, f"local model failed ({reason}) and the service LLM failed: {errors[0]}",
                            None, "fallback_failed", "server_error")
         return [
             Choice(text=r.raw or "", completion_tokens=r.output_tokens, prompt_tokens=r.input_tokens) for r in replies
@@ -471,8 +477,7 @@ def local_generator(model: Any, tokenizer: Any) -> Generator:
 
     def run(prompts: list[tuple[str, list[Message]]], sampling: InferConfig, seed: int) -> list[Choice]:
         outs = infer.generate(model, tokenizer, prompts, sampling, seed=seed, progress=False)
-        lengths = [len(tokenizer(models.render_prompt(tokenizer, m), add_special_tokens=False)["input_ids"])
-                   for _, m in prompts]
+        lengths = [len(models.encode_prompt(tokenizer, m)) for _, m in prompts]
         k = sampling.num_samples
         return [
             Choice(

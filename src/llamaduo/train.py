@@ -8,10 +8,13 @@ the Trainer shards the data and only the main process writes the adapter.
 
 from __future__ import annotations
 
-import os
+import contextlib
+import json
 import random
 import shutil
 import time
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,10 +64,6 @@ def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> dict[
     return {"input_ids": ids, "completion_mask": mask}
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _last_checkpoint(ckpt_dir: Path) -> Path | None:
     if not ckpt_dir.is_dir():
         return None
@@ -80,49 +79,79 @@ def train(
     model: Any = None,
     tokenizer: Any = None,
     progress: bool = True,
+    callbacks: list[Any] | None = None,
 ) -> TrainResult:
-    """Train on `examples` and save the adapter (or full model) to `out_dir`, atomically."""
+    """Train on `examples` and save the adapter (or full model) to `out_dir`, atomically.
+
+    `callbacks` are extra transformers `TrainerCallback`s (e.g. to report or stop early).
+    If `out_dir.parent / "checkpoints"` holds a checkpoint of an interrupted call, training
+    resumes from it; the caller must remove checkpoints made from different inputs.
+    """
+    import torch
+
+    if cfg.train.method == "qlora":
+        if not torch.cuda.is_available():
+            raise TrainError("QLoRA needs a CUDA GPU with bitsandbytes; use train.method=lora on CPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise TrainError("QLoRA needs bitsandbytes: pip install bitsandbytes (or use train.method=lora)") from None
+    if not examples:
+        raise TrainError("no training examples")
+    with _quiet_libraries():
+        return _train(cfg, examples, Path(out_dir), init_adapter, model, tokenizer, progress, callbacks or [])
+
+
+def _train(
+    cfg: Config,
+    examples: list[Example],
+    out_dir: Path,
+    init_adapter: Path | None,
+    model: Any,
+    tokenizer: Any,
+    progress: bool,
+    callbacks: list[Any],
+) -> TrainResult:
     import torch
     from datasets import Dataset
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTConfig, SFTTrainer
 
     from llamaduo import models
 
     tc = cfg.train
-    if tc.method == "qlora" and not torch.cuda.is_available():
-        raise TrainError("QLoRA needs a CUDA GPU with bitsandbytes; use train.method=lora on a CPU")
-    if not examples:
-        raise TrainError("no training examples")
-    out_dir = Path(out_dir)
     ckpt_dir = out_dir.parent / "checkpoints"
     set_seed(cfg.seed)
     if model is None or tokenizer is None:
         model_cfg = cfg.model
         if tc.method == "qlora":
             model_cfg = model_cfg.model_copy(update={"dtype": "bfloat16"})
-        model, tokenizer = models.load_model(model_cfg, for_training=True)
+        model, tokenizer = models.load_model(model_cfg, for_training=True, quantize_4bit=tc.method == "qlora")
+    if tc.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        # Norms to fp32, inputs that carry gradients into the frozen 4-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=tc.gradient_checkpointing)
     r, alpha = lora_schedule(len(examples))
     r = tc.lora_r or r
     alpha = tc.lora_alpha or (2 * r if tc.lora_r else alpha)
     if tc.method in ("lora", "qlora"):
-        model = _attach_lora(model, tokenizer, cfg, r, alpha, init_adapter)
+        model = _attach_lora(model, cfg, r, alpha, init_adapter)
     elif init_adapter is not None:
         from transformers import AutoModelForCausalLM
 
+        # Full fine-tuning continues from the previous round's whole model.
         model = AutoModelForCausalLM.from_pretrained(str(init_adapter), dtype=model.dtype)
 
     rows = [tokenize_example(tokenizer, e, tc.max_length) for e in examples]
-    rng = random.Random(cfg.seed)
     order = list(range(len(rows)))
-    rng.shuffle(order)
+    random.Random(cfg.seed).shuffle(order)
     n_val = int(len(rows) * tc.val_fraction)
     val_rows = [rows[i] for i in order[:n_val]]
     train_rows = [rows[i] for i in order[n_val:]]
     train_ds = Dataset.from_list(train_rows)
     val_ds = Dataset.from_list(val_rows) if val_rows else None
 
-    bf16 = cfg.model.dtype == "bfloat16" or (tc.method == "qlora")
     args = SFTConfig(
         output_dir=str(ckpt_dir),
         per_device_train_batch_size=tc.batch_size,
@@ -130,7 +159,7 @@ def train(
         gradient_accumulation_steps=tc.grad_accum,
         learning_rate=tc.learning_rate,
         lr_scheduler_type=tc.lr_scheduler,
-        warmup_steps=tc.warmup_ratio,
+        warmup_steps=tc.warmup_ratio,  # a value below 1 is a ratio of the total steps
         num_train_epochs=tc.epochs,
         max_steps=tc.max_steps or -1,
         logging_steps=tc.logging_steps,
@@ -140,33 +169,36 @@ def train(
         seed=cfg.seed,
         data_seed=cfg.seed,
         report_to=[],
-        bf16=bf16,
+        push_to_hub=False,
+        bf16=cfg.model.dtype == "bfloat16" or tc.method == "qlora",
         fp16=False,
-        gradient_checkpointing=tc.gradient_checkpointing,
+        activation_checkpointing=tc.gradient_checkpointing,
         max_length=tc.max_length,
         packing=tc.packing,
         completion_only_loss=True,
-        dataset_kwargs={},
-        disable_tqdm=not progress,
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,  # our own bar below; the Trainer's prints every log dict
         dataloader_num_workers=0,
-        remove_unused_columns=True,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer
+        model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
+        callbacks=callbacks,
     )
-    resume = _last_checkpoint(ckpt_dir) if tc.save_steps else None
+    trainer.remove_callback(PrinterCallback)
+    if progress:
+        trainer.add_callback(_rich_progress())
+    resume = _last_checkpoint(ckpt_dir)
     t0 = time.monotonic()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     seconds = time.monotonic() - t0
-    val_loss = None
-    if val_ds is not None:
-        val_loss = float(trainer.evaluate()["eval_loss"])
-    epochs = tc.epochs if not tc.max_steps else out.global_step * tc.batch_size * tc.grad_accum / max(1, len(train_rows))
-    tokens = int(sum(len(r["input_ids"]) for r in train_rows) * epochs)
+    tokens = int(trainer.state.num_input_tokens_seen)
+    session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
+    val_loss = float(trainer.evaluate()["eval_loss"]) if val_ds is not None else None
     if trainer.is_world_process_zero():
         _save_atomically(trainer.model, tokenizer, out_dir)
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the round is done; its checkpoints are not needed
+    trainer.accelerator.wait_for_everyone()  # every rank returns only once the adapter exists
     return TrainResult(
         adapter_dir=out_dir,
         method=tc.method,
@@ -176,32 +208,24 @@ def train(
         examples=len(train_rows),
         tokens=tokens,
         seconds=seconds,
-        tokens_per_s=tokens / seconds if seconds else 0.0,
+        tokens_per_s=session_tokens / seconds if seconds else 0.0,
         lora_r=r if tc.method != "full" else None,
         lora_alpha=alpha if tc.method != "full" else None,
         resumed_from_step=int(resume.name.split("-")[-1]) if resume else None,
     )
 
 
-def _attach_lora(model: Any, tokenizer: Any, cfg: Config, r: int, alpha: int, init_adapter: Path | None) -> Any:
+def _attach_lora(model: Any, cfg: Config, r: int, alpha: int, init_adapter: Path | None) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
-
-    from llamaduo import models
 
     if init_adapter is not None:
         return PeftModel.from_pretrained(model, str(init_adapter), is_trainable=True)
-    extra: dict[str, Any] = {}
-    new_tokens = models.added_token_ids(model, tokenizer)
-    if new_tokens:
-        # Template tokens added to a base vocabulary must be learned, and saved with the adapter.
-        extra["trainable_token_indices"] = {"embed_tokens": new_tokens}
     lora = LoraConfig(
         r=r,
         lora_alpha=alpha,
         lora_dropout=cfg.train.lora_dropout,
         target_modules=cfg.train.target_modules,
         task_type="CAUSAL_LM",
-        **extra,
     )
     return get_peft_model(model, lora)
 
@@ -209,7 +233,85 @@ def _attach_lora(model: Any, tokenizer: Any, cfg: Config, r: int, alpha: int, in
 def _save_atomically(model: Any, tokenizer: Any, out_dir: Path) -> None:
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    if hasattr(model, "peft_config"):
+        # Rows added for template tokens are rebuilt identically by `load_model`; never copy the embeddings.
+        model.save_pretrained(str(tmp), save_embedding_layers=False)
+    else:
+        model.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
+    _portable_adapter_config(tmp)
+    (tmp / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card names local paths
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+
+
+def _portable_adapter_config(adapter_dir: Path) -> None:
+    """Same weights → same bytes: sort PEFT's module set and keep no local path of the base."""
+    path = adapter_dir / "adapter_config.json"
+    if not path.exists():
+        return
+    conf = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(conf.get("target_modules"), list):
+        conf["target_modules"] = sorted(conf["target_modules"])
+    base = conf.get("base_model_name_or_path")
+    if base and Path(base).is_absolute():
+        conf["base_model_name_or_path"] = Path(base).name  # the loader is always given the base explicitly
+    path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """Silence the dataset-map and weight-loading bars (and library-internal deprecations) while training."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    ds_on, hf_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # Raised inside the libraries for their own calls; nothing a user can act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        if ds_on:
+            datasets.enable_progress_bars()
+        if hf_on:
+            hf_logging.enable_progress_bar()
+
+
+def _rich_progress() -> Any:
+    """A one-line rich bar (steps, rate, loss) instead of the Trainer's per-step log dicts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from transformers import TrainerCallback
+
+    from llamaduo.progress import RateColumn
+
+    class RichProgress(TrainerCallback):
+        def __init__(self) -> None:
+            self.bar: Progress | None = None
+            self.task: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if state.is_world_process_zero:
+                self.bar = Progress(
+                    TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
+                    RateColumn("steps"), TimeRemainingColumn(), transient=True,
+                )
+                self.bar.start()
+                self.task = self.bar.add_task("", total=state.max_steps, completed=state.global_step)
+
+        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if self.bar is not None:
+                self.bar.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+            if self.bar is not None and logs and "loss" in logs:
+                self.bar.update(self.task, description=f"loss {float(logs['loss']):.3f}")
+
+        def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+            if self.bar is not None:
+                self.bar.stop()
+                self.bar = None
+
+    return RichProgress()

