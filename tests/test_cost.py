@@ -101,7 +101,7 @@ def test_from_run_takes_migration_spend_prices_and_training_throughput(tmp_path)
     assert (inputs.service_input_usd_per_mtok, inputs.service_output_usd_per_mtok) == (2.5, 10.0)
     assert inputs.service_model == "gpt-4o-2024-08-06"
     assert inputs.local_tokens_per_s == 850.0  # the best round's, not round 0's
-    assert inputs.throughput_source == "training, round 1 (proxy for serving)"
+    assert inputs.throughput_source == "training of round 1, a proxy for serving"
 
 
 def test_from_run_prefers_measured_inference_throughput(tmp_path):
@@ -110,7 +110,7 @@ def test_from_run_prefers_measured_inference_throughput(tmp_path):
     write_jsonl(store.predictions_path(1), [{"prompt_id": f"p{i}", "sample_index": 0, "text": "x", "new_tokens": 150} for i in range(4)])
     inputs = cost.from_run(store, input_tokens_per_month=1, output_tokens_per_month=1)
     assert inputs.local_tokens_per_s == pytest.approx(300.0)
-    assert inputs.throughput_source.startswith("inference, round 1")
+    assert inputs.throughput_source.startswith("inference of round 1")
 
 
 def test_from_run_precedence_is_overrides_then_saved_then_measured(tmp_path):
@@ -121,6 +121,10 @@ def test_from_run_precedence_is_overrides_then_saved_then_measured(tmp_path):
     assert (again.input_tokens_per_month, again.gpu_price_usd) == (7e7, 9000)
     changed = cost.from_run(store, gpu_price_usd=1500, migration_usd=None)  # None means "not given"
     assert changed.gpu_price_usd == 1500 and changed.migration_usd == pytest.approx(1.25)
+    # A measured number the user replaces loses the run's label for it.
+    own = cost.from_run(store, local_tokens_per_s=2000, service_input_usd_per_mtok=3.0)
+    assert (own.local_tokens_per_s, own.throughput_source, own.service_model) == (2000, None, None)
+    assert "2,000 tokens/s per GPU (given)" in dict(cost.summary_rows(cost.project(own)))["local GPUs"]
     # What the run measures is read afresh: more spend later shows up in the saved projection.
     store.update_manifest(ledger={"total": {"usd": 3.5}})
     assert cost.from_run(store).migration_usd == pytest.approx(3.5)
@@ -141,5 +145,7 @@ def test_from_run_names_what_is_missing_or_invalid(tmp_path):
         cost.from_run(store)
     with pytest.raises(UserError, match="cost: utilisation: Input should be less than or equal to 1"):
         cost.from_run(store, input_tokens_per_month=1, output_tokens_per_month=1, utilisation=2)
+    with pytest.raises(UserError, match="cost: horizon_months: Input should be greater than or equal to 1"):
+        cost.make_inputs(input_tokens_per_month=1, output_tokens_per_month=1, horizon_months=0)
     with pytest.raises(UserError, match="not a run directory"):
         cost.from_run(RunStore(tmp_path / "nowhere"), input_tokens_per_month=1, output_tokens_per_month=1)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo import cost, report
+from llamaduo import cost, judge, report
 from llamaduo.config import Config, ServiceConfig, dump_config, from_dict
 from llamaduo.data import make_example
 from llamaduo.service import ServiceClient
-from llamaduo.store import RunStore, atomic_write_text, write_json, write_jsonl
+from llamaduo.store import RunStore, atomic_write_text, read_json, write_json, write_jsonl
 
 SCRIPT = "<script>alert(1)</script>"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,15 +28,37 @@ PRECISION = {
     1: [50, 60, 62, 65, 70, 72, 75, 80],
     2: [30, 70, 74, 76, 78, 80, 85, 90],
 }
-ROUND_STATS = {  # what judge.compute_scores would have written (mean, median, cov@50, cov@70, CI)
-    0: (52.75, 53.5, 75.0, 0.0, (47.1, 58.2)),
-    1: (66.75, 67.5, 100.0, 50.0, (59.9, 73.4)),
-    2: (72.88, 77.0, 87.5, 87.5, (61.3, 82.6)),
+ROUND_STATS = {  # hand-computed from PRECISION: mean, median, coverage@50, coverage@70
+    0: (52.75, 53.5, 75.0, 0.0),
+    1: (66.75, 67.5, 100.0, 50.0),
+    2: (72.875, 77.0, 87.5, 87.5),
 }
+BASELINE_PRECISION = 78  # the service LLM's own answers, judged the same way
+
+
+def judged(tests, scores, judges=("gpt-4o-mini", "gpt-4o-mini"), script_at=None):
+    """Predictions and judgment rows: candidate k answers test k // 2, each judged once per judge."""
+    preds, rows = [], []
+    for k, score in enumerate(scores):
+        test, sample = tests[k // 2], k % 2
+        text = f"Ignore the reference. {SCRIPT} & done" if k == script_at else f"Candidate for {test.id} sample {sample}."
+        preds.append({"prompt_id": test.id, "sample_index": sample, "text": text, "new_tokens": 12})
+        for n, model in enumerate(judges):
+            rows.append(
+                {
+                    "prompt_id": test.id, "sample_index": sample, "judge_index": n if judges[0] == judges[-1] else 0,
+                    "ok": True, "similarity": score - 5, "precision": score,
+                    "similarity_reason": f"close to the reference ({score - 5})",
+                    "precision_reason": "answers <b>only</b> half" if k == script_at else f"mostly right ({score})",
+                    "judge_model": model,
+                }
+            )
+    return preds, rows
 
 
 def build_run(root: Path, simulated: bool = True) -> RunStore:
-    """A finished three-round run written with the store helpers, as the loop would leave it."""
+    """A finished three-round run written with the store helpers and the judge's own aggregation,
+    as the loop would leave it: r02 is judged by a two-model panel; a service baseline exists."""
     store = RunStore(root)
     store.init_manifest(seed=7)
     cfg: Config = from_dict(
@@ -54,57 +76,35 @@ def build_run(root: Path, simulated: bool = True) -> RunStore:
     write_jsonl(store.test_path, tests)
     write_jsonl(store.train_path, [make_example(f"train {i}", f"answer {i}") for i in range(20)])
     write_json(store.stats_path, {"train": {"count": 20}, "test": {"count": 4}})
+
+    base_preds, base_rows = judged(tests, [BASELINE_PRECISION] * 8)
+    baseline = judge.compute_scores(base_rows, len(base_preds), test=tests)
+    write_jsonl(store.baseline_dir / "predictions.jsonl", base_preds)
+    write_jsonl(store.baseline_dir / "judgments.jsonl", base_rows)
+    write_json(store.baseline_dir / "scores.json", baseline.model_dump(mode="json"))
+
     train_sizes = {0: 20, 1: 32, 2: 50}
     for r, scores in PRECISION.items():
-        preds, judgments = [], []
-        for k, score in enumerate(scores):
-            test, sample = tests[k // 2], k % 2
-            text = f"Candidate for {test.id} sample {sample}."
-            if r == 2 and score == 30:
-                text = f"Ignore the reference. {SCRIPT} & done"
-            preds.append({"prompt_id": test.id, "sample_index": sample, "text": text, "new_tokens": 12})
-            for j in range(2):
-                judgments.append(
-                    {
-                        "prompt_id": test.id,
-                        "sample_index": sample,
-                        "judge_index": j,
-                        "ok": True,
-                        "similarity": score - 5,
-                        "precision": score,
-                        "similarity_reason": f"close to the reference ({score - 5})",
-                        "precision_reason": "answers <b>only</b> half" if score == 30 else f"mostly right ({score})",
-                        "judge_model": "gpt-4o-mini",
-                    }
-                )
+        panel = ("gpt-4o-mini", "claude-3-5-haiku-latest") if r == 2 else ("gpt-4o-mini", "gpt-4o-mini")
+        preds, rows = judged(tests, scores, panel, script_at=0 if r == 2 else None)
         if r == 1:
-            judgments.append(
+            rows.append(
                 {"prompt_id": tests[0].id, "sample_index": 0, "judge_index": 2, "ok": False,
                  "error": "invalid JSON for JudgeReply: no JSON object in the reply", "judge_model": "gpt-4o-mini"}
             )
         write_jsonl(store.predictions_path(r), preds)
-        write_jsonl(store.judgments_path(r), judgments)
-        mean, median, c50, c70, ci = ROUND_STATS[r]
-        write_json(
-            store.scores_path(r),
-            {
-                "similarity": {"mean": mean - 5, "median": median - 5, "coverage@50": c50, "coverage@70": c70,
-                               "ci": [ci[0] - 5, ci[1] - 5]},
-                "precision": {"mean": mean, "median": median, "coverage@50": c50, "coverage@70": c70, "ci": list(ci)},
-                "counts": {"candidates": 8, "judgments": 16 + (r == 1), "failed": int(r == 1), "unjudged": 0},
-                "per_category": {"summarize": {"precision": mean - 2, "similarity": mean - 7},
-                                 "extract": {"precision": mean + 1, "similarity": mean - 4}},
-            },
-        )
+        write_jsonl(store.judgments_path(r), rows)
+        result = judge.compute_scores(rows, len(preds), test=tests)
+        write_json(store.scores_path(r), result.model_dump(mode="json"))
+        decision = judge.evaluate_pass(result, cfg.judge.pass_rule, baseline)
         write_json(store.train_result_path(r), {"train_loss": 2.0 - r / 2, "examples": train_sizes[r], "tokens_per_s": 900.0})
         if r > 0:
             write_jsonl(store.synthetic_path(r), [make_example(f"syn {r}-{i}", f"resp {i}") for i in range(12 if r == 1 else 18)])
             reasons = ["near_duplicate"] * 3 + ["test_contamination"] if r == 1 else ["exact_duplicate"] * 2 + ["too_short"]
             write_jsonl(store.rejected_path(r), [{"instruction": "x", "response": "y", "reason": x, "round": r} for x in reasons])
         store.set_round(
-            r, round=r, value=mean, passed=mean >= 70, train_examples=train_sizes[r], synthetic_added=train_sizes[r] - train_sizes.get(r - 1, 20),
-            decision={"passed": mean >= 70, "value": mean, "target": 70.0, "statistic": "mean", "metric": "precision",
-                      "relative": None, "reason": "mean precision vs 70"},
+            r, round=r, value=decision.value, passed=decision.passed, train_examples=train_sizes[r],
+            synthetic_added=train_sizes[r] - train_sizes.get(r - 1, 20), decision=decision.model_dump(mode="json"),
         )
     # The call log, written by the real client's logger: judge and synth calls per round, one cache hit.
     client = ServiceClient(ServiceConfig(base_url="http://127.0.0.1:9/v1", model="gpt-4o-mini"), db_path=store.service_db)
@@ -133,10 +133,14 @@ def test_report_shows_round_statistics_against_the_target(tmp_path):
     for text in (html, md):
         assert "demo-run" in text and "target_met" in text
         assert "precision mean ≥ 70.0" in text
-        for mean, median, c50, c70, ci in ROUND_STATS.values():
+        for r, (mean, median, c50, c70) in ROUND_STATS.items():
             assert f"{mean:.1f}" in text and f"{median:.1f}" in text
             assert f"{c50:.1f}%" in text and f"{c70:.1f}%" in text
-            assert f"[{ci[0]:.1f}, {ci[1]:.1f}]" in text
+            lo, hi = read_json(store.scores_path(r))["precision"]["ci"]
+            assert f"[{lo:.1f}, {hi:.1f}]" in text
+        assert "service baseline" in text
+    # Informational ratio against the service baseline (mean 78): 72.875 / 78 = 93 %.
+    assert "72.9 (93% of service)" in md and '72.9<span class="ci">93% of service</span>' in html
     # r00 and r01 failed the rule, r02 passed.
     results = re.findall(r'<span class="pill (pass|fail)">', html)
     assert results == ["fail", "fail", "pass"]
@@ -168,6 +172,15 @@ def test_data_growth_and_rejections_by_reason_are_counted(tmp_path):
     assert "| r01 | 32 | 12 | 4 | 0 | 3 | 1 | 0 |" in md
     assert "| r02 | 50 | 18 | 3 | 2 | 0 | 0 | 1 |" in md
     assert "Coverage split: 20 train, 4 test." in store.report_html.read_text()
+
+
+def test_judge_panel_agreement_is_reported(tmp_path):
+    store = build_run(tmp_path / "run")
+    report.write_report(store)
+    md = store.report_md.read_text()
+    # r02 was judged by two models that agree exactly.
+    assert "| r02 | claude-3-5-haiku-latest vs gpt-4o-mini | precision | 8 | 1.00 | 0.0 |" in md
+    assert "judge: claude-3-5-haiku-latest, gpt-4o-mini" in md
 
 
 def test_judged_failures_are_shown_with_their_error(tmp_path):
@@ -205,9 +218,9 @@ def test_page_is_self_contained_with_well_formed_charts(tmp_path):
     assert not re.search(r"\b(src|href)\s*=", html, re.I)
     assert "http://" not in html.replace("http://www.w3.org/2000/svg", "") and "https://" not in html
     assert "@import" not in html and "url(" not in html
-    # rounds, three histograms, cost per round, data growth, projection
+    # rounds, histograms of three rounds and the baseline, cost per round, data growth, projection
     charts = re.findall(r"<svg\b.*?</svg>", html, re.S)
-    assert len(charts) == 7
+    assert len(charts) == 8
     for svg in charts:
         ET.fromstring(svg)  # raises on a malformed chart
 

@@ -3,6 +3,7 @@
     inputs = from_run(store, input_tokens_per_month=2e8, output_tokens_per_month=5e7)
     proj = project(inputs)        # monthly costs, up-front, break-even month, savings, series
     console.print(render_table(proj)); svg = chart_svg(proj)
+    save_inputs(store, input_tokens_per_month=2e8, ...)   # later reports include the projection
 
 The model is deliberately simple so a reader can check it by hand:
 service per month = tokens × list price; local per month = energy (GPUs × watts × share of
@@ -152,7 +153,18 @@ def from_run(store: RunStore, **overrides: Any) -> CostInputs:
     tps, source = run_throughput(store, manifest)
     if tps is not None:
         derived["local_tokens_per_s"], derived["throughput_source"] = tps, source
-    values = {**derived, **(saved_inputs(store) or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    given = {**(saved_inputs(store) or {}), **{k: v for k, v in overrides.items() if v is not None}}
+    # A label the run derived must not stay on a number the user replaced.
+    if "local_tokens_per_s" in given:
+        derived.pop("throughput_source", None)
+    if {"service_input_usd_per_mtok", "service_output_usd_per_mtok"} & given.keys():
+        derived.pop("service_model", None)
+    return make_inputs(**{**derived, **given})
+
+
+def make_inputs(**values: Any) -> CostInputs:
+    """Validated inputs without a run; a problem is one line naming the field."""
+    values = {k: v for k, v in values.items() if v is not None}
     missing = [k for k in ("input_tokens_per_month", "output_tokens_per_month") if k not in values]
     if missing:
         raise UserError(f"cost: {', '.join(missing)} not given (pass e.g. --input-tokens-per-month 2e8)")
@@ -198,14 +210,14 @@ def run_throughput(store: RunStore, manifest: dict[str, Any] | None = None) -> t
         best = rounds[-1]
     rec = (manifest.get("stages") or {}).get(f"r{best:02d}/infer") or {}
     if _positive(rec.get("tokens_per_s")):
-        return float(rec["tokens_per_s"]), f"inference, round {best}"
+        return float(rec["tokens_per_s"]), f"inference of round {best}"
     if _positive(rec.get("seconds")) and store.predictions_path(best).exists():
         try:
             new = sum(int(p.get("new_tokens") or 0) for p in read_jsonl(store.predictions_path(best)))
         except (OSError, ValueError, TypeError):
             new = 0
         if new > 0:
-            return new / float(rec["seconds"]), f"inference, round {best} (generated tokens only)"
+            return new / float(rec["seconds"]), f"inference of round {best}, generated tokens only"
     path = store.train_result_path(best)
     if path.exists():
         try:
@@ -213,7 +225,7 @@ def run_throughput(store: RunStore, manifest: dict[str, Any] | None = None) -> t
         except (OSError, ValueError):
             tr = {}
         if isinstance(tr, dict) and _positive(tr.get("tokens_per_s")):
-            return float(tr["tokens_per_s"]), f"training, round {best} (proxy for serving)"
+            return float(tr["tokens_per_s"]), f"training of round {best}, a proxy for serving"
     return None, None
 
 

@@ -28,6 +28,7 @@ import unicodedata
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -89,7 +90,9 @@ class _TokenHashes(dict):
         return h
 
 
-def _flatten(docs: Sequence[Sequence[str]], vocab: _TokenHashes) -> tuple[np.ndarray, np.ndarray]:
+def _flatten(
+    docs: Sequence[Sequence[str]], vocab: _TokenHashes, normalized: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Token hashes of every segment of every document, concatenated, and segment lengths
     (shape docs × segments). Shingles never span two segments."""
     flat: list[int] = []
@@ -97,7 +100,7 @@ def _flatten(docs: Sequence[Sequence[str]], vocab: _TokenHashes) -> tuple[np.nda
     get = vocab.__getitem__
     for segments in docs:
         for text in segments:
-            toks = _WORD.findall(normalize(text))
+            toks = _WORD.findall(text if normalized else normalize(text))
             flat.extend(map(get, toks))
             lengths.append(len(toks))
     nseg = len(docs[0]) if docs else 0
@@ -235,6 +238,32 @@ def _candidates(keys: np.ndarray, index: np.ndarray, first_new: int) -> dict[int
 
 
 # ----------------------------------------------------------------------- clean
+@dataclass
+class _Docs:
+    """Documents as the similarity checks see them: two segments each (instruction, response)."""
+
+    examples: list[Example]
+    pairs: list[tuple[str, str]]  # normalised (instruction, response)
+    th: np.ndarray  # token hashes of all segments, concatenated
+    seg_len: np.ndarray  # documents × 2
+    sig: np.ndarray  # MinHash signatures, documents × num_perm
+    has: np.ndarray  # documents with at least one shingle
+
+    @classmethod
+    def of(cls, examples: list[Example], pairs: list[tuple[str, str]], vocab: _TokenHashes, dc: DedupConfig) -> _Docs:
+        th, seg_len = _flatten(pairs, vocab, normalized=True)
+        keys, owner = _ngram_keys(th, seg_len, dc.shingle, short=True)
+        sig, has = signatures(keys, owner, len(examples), dc.num_perm)
+        return cls(examples, pairs, th, seg_len, sig, has)
+
+    def take(self, rows: list[int]) -> _Docs:
+        mask = np.zeros(len(self.examples), dtype=bool)
+        mask[rows] = True
+        th = self.th[np.repeat(mask, self.seg_len.sum(axis=1))]
+        return _Docs([self.examples[r] for r in rows], [self.pairs[r] for r in rows], th, self.seg_len[mask],
+                     self.sig[mask], self.has[mask])
+
+
 def _row(ex: Example, reason: str, duplicate_of: str | None, detail: str) -> dict[str, Any]:
     return {
         "id": ex.id,
@@ -249,8 +278,8 @@ def _row(ex: Example, reason: str, duplicate_of: str | None, detail: str) -> dic
     }
 
 
-def _pair_key(ex: Example) -> str:
-    return normalize(ex.prompt) + "\x00" + normalize(ex.response)
+def _normalized(examples: list[Example]) -> list[tuple[str, str]]:
+    return [(normalize(ex.prompt), normalize(ex.response)) for ex in examples]
 
 
 def clean(
@@ -261,11 +290,11 @@ def clean(
     rejected: dict[int, dict[str, Any]] = {}
 
     # 1. exact duplicates
-    seen: dict[str, str] = {}
-    for ex in existing:
-        seen.setdefault(_pair_key(ex), ex.id)
-    for i, ex in enumerate(new):
-        key = _pair_key(ex)
+    pairs_new, pairs_old = _normalized(new), _normalized(existing)
+    seen: dict[tuple[str, str], str] = {}
+    for ex, key in zip(existing, pairs_old, strict=True):
+        seen.setdefault(key, ex.id)
+    for i, (ex, key) in enumerate(zip(new, pairs_new, strict=True)):
         if key in seen:
             rejected[i] = _row(ex, "exact_duplicate", seen[key], "same normalised instruction and response")
         else:
@@ -275,34 +304,26 @@ def clean(
         return [], [rejected[i] for i in sorted(rejected)]
 
     vocab = _TokenHashes()
-    live = [new[i] for i in alive]
-    th_new, len_new = _flatten([(ex.prompt, ex.response) for ex in live], vocab)
-    sig_new, has_new = _signatures(th_new, len_new, dc)
-    th_e, len_e = _flatten([(ex.prompt, ex.response) for ex in existing], vocab)
+    docs = _Docs.of([new[i] for i in alive], [pairs_new[i] for i in alive], vocab, dc)
+    old = _Docs.of(existing, pairs_old, vocab, dc)
 
     # 2. decontamination against the test split
     if test:
-        _decontaminate(live, alive, (th_new, len_new), (th_e, len_e), sig_new, has_new, test, dc, vocab, rejected)
+        for pos, (test_id, detail) in _contaminated(docs, old, test, dc, vocab).items():
+            rejected[alive[pos]] = _row(docs.examples[pos], "test_contamination", test_id, detail)
 
-    # 3. near duplicates among what is left, existing data first
+    # 3. near duplicates among what is left; existing data first, so it always wins
     rows = [p for p, i in enumerate(alive) if i not in rejected]
     if rows:
-        docs = list(existing) + [live[p] for p in rows]
-        sig, has = sig_new[rows], has_new[rows]
-        if existing:
-            sig_e, has_e = _signatures(th_e, len_e, dc)
-            sig, has = np.concatenate([sig_e, sig]), np.concatenate([has_e, has])
-        for d, c, score in _near_duplicates(docs, sig, has, len(existing), dc):
+        both = old.examples + [docs.examples[p] for p in rows]
+        sig = np.concatenate([old.sig, docs.sig[rows]])
+        has = np.concatenate([old.has, docs.has[rows]])
+        for d, c, score in _near_duplicates(both, sig, has, len(existing), dc):
             i = alive[rows[d - len(existing)]]
-            rejected[i] = _row(new[i], "near_duplicate", docs[c].id, f"ROUGE-L F1 {score:.2f}")
+            rejected[i] = _row(new[i], "near_duplicate", both[c].id, f"ROUGE-L F1 {score:.2f}")
 
     kept = [ex for i, ex in enumerate(new) if i not in rejected]
     return kept, [rejected[i] for i in sorted(rejected)]
-
-
-def _signatures(th: np.ndarray, seg_len: np.ndarray, dc: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
-    keys, owner = _ngram_keys(th, seg_len, dc.shingle, short=True)
-    return signatures(keys, owner, len(seg_len), dc.num_perm)
 
 
 def _drop_found(keys: np.ndarray, owners: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -316,65 +337,50 @@ def _drop_found(keys: np.ndarray, owners: np.ndarray, others: np.ndarray) -> tup
     return keys[keep], owners[keep]
 
 
-def _decontaminate(
-    live: list[Example],
-    alive: list[int],
-    new_tokens: tuple[np.ndarray, np.ndarray],
-    existing_tokens: tuple[np.ndarray, np.ndarray],
-    sig_n: np.ndarray,
-    has_n: np.ndarray,
-    test: list[Example],
-    dc: DedupConfig,
-    vocab: _TokenHashes,
-    rejected: dict[int, dict[str, Any]],
-) -> None:
-    th_test, len_test = _flatten([(t.prompt, t.response) for t in test], vocab)
+def _contaminated(docs: _Docs, old: _Docs, test: list[Example], dc: DedupConfig, vocab: _TokenHashes) -> dict[int, tuple[str, str]]:
+    """Position in `docs` → (test id, why) for each document that leaks a test item."""
+    found: dict[int, tuple[str, str]] = {}
+    tdocs = _Docs.of(test, _normalized(test), vocab, dc)
 
     # (a) a test prompt repeated as an instruction
-    prompts = {normalize(t.prompt): t.id for t in test if t.prompt.strip()}
-    for pos, ex in enumerate(live):
-        tid = prompts.get(normalize(ex.prompt))
-        if tid is not None:
-            rejected[alive[pos]] = _row(ex, "test_contamination", tid, "instruction repeats a test prompt")
+    prompts = {p: t.id for t, (p, _) in zip(test, tdocs.pairs, strict=True) if p}
+    for pos, (p, _) in enumerate(docs.pairs):
+        if p in prompts:
+            found[pos] = (prompts[p], "instruction repeats a test prompt")
 
     # (b) a shared run of decontam_ngram words. Runs that the existing training data also
     # holds are the task's boilerplate (a fixed instruction, a shared passage), not a leak of
     # one test item, so they do not count.
     n = dc.decontam_ngram
-    tkeys, tdocs = _ngram_keys(th_test, len_test, n, short=False)
-    if len(tkeys) and existing_tokens[1].size:
-        tkeys, tdocs = _drop_found(tkeys, tdocs, _ngram_keys(*existing_tokens, n, short=False)[0])
+    tkeys, towner = _ngram_keys(tdocs.th, tdocs.seg_len, n, short=False)
+    if len(tkeys) and old.th.size:
+        tkeys, towner = _drop_found(tkeys, towner, _ngram_keys(old.th, old.seg_len, n, short=False)[0])
     if len(tkeys):
         order = np.argsort(tkeys)
-        tkeys, tdocs = tkeys[order], tdocs[order]
-        nkeys, ndocs = _ngram_keys(*new_tokens, n, short=False)
+        tkeys, towner = tkeys[order], towner[order]
+        nkeys, nowner = _ngram_keys(docs.th, docs.seg_len, n, short=False)
         at = np.searchsorted(tkeys, nkeys).clip(max=len(tkeys) - 1)
         hit = tkeys[at] == nkeys
-        for pos, t in zip(ndocs[hit], tdocs[at[hit]], strict=True):
-            i = alive[int(pos)]
-            if i not in rejected:
-                rejected[i] = _row(live[int(pos)], "test_contamination", test[int(t)].id, f"shares a {n}-word run with a test item")
+        for pos, t in zip(nowner[hit].tolist(), towner[at[hit]].tolist(), strict=True):
+            found.setdefault(pos, (test[t].id, f"shares a {n}-word run with a test item"))
 
-    # (c) MinHash Jaccard estimate with a test item
-    sig_t, has_t = _signatures(th_test, len_test, dc)
+    # (c) MinHash Jaccard estimate with a test item, test items bucketed by LSH
     bands, rows = lsh_params(dc.decontam_jaccard, dc.num_perm)
-    bt, bn = band_keys(sig_t, bands, rows), band_keys(sig_n, bands, rows)
+    bt, bn = band_keys(tdocs.sig, bands, rows), band_keys(docs.sig, bands, rows)
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for t in np.flatnonzero(has_t):
+    for t in np.flatnonzero(tdocs.has).tolist():
         for k in range(bands):
-            buckets[(k, int(bt[t, k]))].append(int(t))
+            buckets[(k, int(bt[t, k]))].append(t)
     for k in range(bands):
-        hit = np.flatnonzero(np.isin(bn[:, k], bt[has_t, k]) & has_n)
-        for pos in hit:
-            i = alive[int(pos)]
-            if i in rejected:
+        for pos in np.flatnonzero(np.isin(bn[:, k], bt[tdocs.has, k]) & docs.has).tolist():
+            if pos in found:
                 continue
             for t in buckets.get((k, int(bn[pos, k])), []):
-                est = float(np.mean(sig_n[pos] == sig_t[t]))
+                est = float(np.mean(docs.sig[pos] == tdocs.sig[t]))
                 if est >= dc.decontam_jaccard:
-                    detail = f"MinHash Jaccard {est:.2f} with a test item"
-                    rejected[i] = _row(live[int(pos)], "test_contamination", test[t].id, detail)
+                    found[pos] = (test[t].id, f"MinHash Jaccard {est:.2f} with a test item")
                     break
+    return found
 
 
 def _near_duplicates(

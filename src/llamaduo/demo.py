@@ -88,17 +88,18 @@ def demo_config(out: Path, base_url: str, student: dict[str, Any], quick: bool) 
             "temperature": 0.0,
             "pass_rule": {"metric": "precision", "statistic": "mean", "threshold": 90.0},
         },
-        "synth": {"per_round": 120 if quick else 96, "growth": "double", "pairs_per_call": 6, "topics": TOPICS},
+        "synth": {"per_round": 200 if quick else 96, "growth": "double", "pairs_per_call": 6, "topics": TOPICS},
         "model": student,
         "infer": {"num_samples": 2, "temperature": 0.0 if quick else 0.2, "max_new_tokens": 48, "batch_size": 16},
         "loop": {"max_rounds": 3},
     }
     if quick:
+        # A random 2-layer model learns from scratch: full fine-tuning, a high rate, many epochs.
         tree["train"] = {
             "method": "full",
             "learning_rate": 3e-3,
-            "epochs": 4,
-            "batch_size": 8,
+            "epochs": 10,
+            "batch_size": 16,
             "max_length": 128,
             "warmup_ratio": 0.05,
         }

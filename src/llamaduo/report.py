@@ -44,6 +44,7 @@ class RoundView:
     value: float | None = None
     target: float | None = None
     passed: bool | None = None
+    relative: float | None = None  # local ÷ service baseline, when a baseline was judged
     counts: dict[str, int | None] = field(default_factory=dict)
     candidate_scores: dict[str, list[float]] = field(default_factory=dict)
     judge_errors: Counter = field(default_factory=Counter)
@@ -51,6 +52,8 @@ class RoundView:
     per_category: dict[str, dict[str, float | None]] = field(default_factory=dict)
     train_loss: float | None = None
     warnings: list[str] = field(default_factory=list)
+    judge_models: list[str] = field(default_factory=list)
+    agreement: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -85,7 +88,7 @@ class ReportView:
     metric: str = "precision"
     statistic: str = "mean"
     target: float | None = None
-    relative: bool = False
+    relative_to_service: float | None = None  # the pass rule's ratio when it is relative
     simulated: bool = False
     simulator_label: str | None = None
     service_model: str | None = None
@@ -129,6 +132,7 @@ def collect(store: RunStore) -> ReportView:
         metric=str(rule.get("metric") or "precision"),
         statistic=str(rule.get("statistic") or "mean"),
         target=_num(rule.get("threshold")),
+        relative_to_service=_num(rule.get("relative_to_service")),
         simulated=bool(m.get("simulated_service")),
         simulator_label=m.get("simulator_label") if isinstance(m.get("simulator_label"), str) else None,
         service_model=_dig(cfg, "service", "model"),
@@ -146,7 +150,6 @@ def collect(store: RunStore) -> ReportView:
         decision = _dig(rec, "decision") if isinstance(_dig(rec, "decision"), dict) else {}
         view.metric = str(decision.get("metric") or view.metric)
         view.statistic = str(decision.get("statistic") or view.statistic)
-        view.relative = view.relative or decision.get("relative") is not None
         view.target = rv.target if rv.target is not None else view.target
         if view.best_round == r and view.best_value is None:
             view.best_value = rv.value
@@ -157,6 +160,9 @@ def collect(store: RunStore) -> ReportView:
             _fill_scores(rv, scores)
             _fill_judgments(rv, safe(f"{d.name}/judgments.jsonl", lambda d=d: read_jsonl(d / "judgments.jsonl"), []))
             view.references.append(rv)
+    used = sorted({m for rv in view.rounds for m in rv.judge_models})
+    if used:
+        view.judge_model = ", ".join(used)
     if view.best_round is None and view.rounds:
         valued = [rv for rv in view.rounds if rv.value is not None]
         if valued:
@@ -180,6 +186,7 @@ def _round_view(store: RunStore, r: int, rec: Any, safe: Callable[..., Any]) -> 
     rv.target = _num(decision.get("target"))
     passed = decision.get("passed", rec.get("passed"))
     rv.passed = passed if isinstance(passed, bool) else None
+    rv.relative = _num(decision.get("relative"))
     _fill_scores(rv, safe(f"{rv.label}/scores.json", lambda: read_json(store.scores_path(r)), None))
     _fill_judgments(rv, safe(f"{rv.label}/judgments.jsonl", lambda: read_jsonl(store.judgments_path(r)), []))
     rejected = safe(f"{rv.label}/rejected.jsonl", lambda: read_jsonl(store.rejected_path(r)), [])
@@ -212,7 +219,9 @@ def _fill_scores(rv: RoundView, scores: Any) -> None:
         "candidates": ("candidates", "n_candidates"),
         "judgments": ("judgments", "n_judgments"),
         "failed": ("failed", "failed_judgments", "n_failed"),
+        "judged": ("judged", "n_judged"),
         "unjudged": ("unjudged", "unjudged_candidates", "n_unjudged"),
+        "missing": ("missing", "n_missing"),
     }.items():
         rv.counts[key] = next((_int(counts[a]) for a in aliases if _int(counts.get(a)) is not None), None)
     per_cat = scores.get("per_category")
@@ -225,6 +234,10 @@ def _fill_scores(rv: RoundView, scores: Any) -> None:
     warns = scores.get("warnings")
     if isinstance(warns, list):
         rv.warnings += [str(w) for w in warns]
+    if isinstance(scores.get("judge_models"), list):
+        rv.judge_models = [str(m) for m in scores["judge_models"]]
+    if isinstance(scores.get("agreement"), list):
+        rv.agreement = [a for a in scores["agreement"] if isinstance(a, dict)]
 
 
 def _fill_judgments(rv: RoundView, judgments: list[dict[str, Any]]) -> None:
@@ -237,7 +250,10 @@ def _fill_judgments(rv: RoundView, judgments: list[dict[str, Any]]) -> None:
             rv.judge_errors[err.splitlines()[0][:120]] += 1
     if judgments:  # counts from the rows themselves when scores.json lacks them
         keys = {(j.get("prompt_id"), j.get("sample_index")) for j in judgments if isinstance(j, dict)}
-        for key, value in (("candidates", len(keys)), ("judgments", len(judgments)), ("failed", sum(rv.judge_errors.values()))):
+        judged = len(set().union(*(set(m) for m in candidate_means(judgments).values())))
+        derived = {"candidates": len(keys), "judged": judged, "unjudged": len(keys) - judged,
+                   "judgments": len(judgments), "failed": sum(rv.judge_errors.values())}
+        for key, value in derived.items():
             if rv.counts.get(key) is None:
                 rv.counts[key] = value
 
@@ -454,9 +470,15 @@ def _ci_text(stats: dict[str, float | None]) -> str:
 
 
 def _rule_text(view: ReportView) -> str:
-    t = fmt(view.target, 2 if view.relative else 1)
-    what = f"{view.metric} {view.statistic}" + (" ÷ service baseline" if view.relative else "")
-    return f"{what} ≥ {t}"
+    what = f"{view.metric} {view.statistic}"
+    if view.relative_to_service is not None:  # the target is then ratio × the service's own statistic
+        return f"{what} ≥ {view.relative_to_service:.0%} of the service LLM's ({fmt(view.target)})"
+    return f"{what} ≥ {fmt(view.target)}"
+
+
+def _value_text(rv: RoundView) -> str:
+    rel = f" ({rv.relative:.0%} of service)" if rv.relative is not None else ""
+    return fmt(rv.value) + rel
 
 
 def _simulated_text(view: ReportView) -> str:
@@ -491,7 +513,7 @@ def svg_rounds(view: ReportView, width: int = 1060, height: int = 280) -> str:
     left, right, top, bottom = 56, 24, 30, 40
     w, h = width - left - right, height - top - bottom
     hi = max([v for _, v, _ in pts if v is not None] + ([view.target] if view.target is not None else []))
-    ymax, step = (100.0, 25.0) if hi <= 100 and not view.relative else cost_mod.nice_axis(hi * 1.05)
+    ymax, step = (100.0, 25.0) if hi <= 100 else cost_mod.nice_axis(hi * 1.05)
     n = len(pts)
 
     def x(i: int) -> float:
@@ -510,7 +532,7 @@ def svg_rounds(view: ReportView, width: int = 1060, height: int = 280) -> str:
             f'<line x1="{left}" x2="{left + w}" y1="{y(view.target):.1f}" y2="{y(view.target):.1f}" '
             'stroke="#c92a2a" stroke-width="1.5" stroke-dasharray="6 4"/>'
         )
-        out.append(_text(left + w, y(view.target) - 6, f"target {fmt(view.target, 2 if view.relative else 1)}", "end", "#c92a2a"))
+        out.append(_text(left + w, y(view.target) - 6, f"target {fmt(view.target, 1)}", "end", "#c92a2a"))
     line = [(x(i), y(v)) for i, (_, v, _) in enumerate(pts) if v is not None]
     out.append(
         '<polyline fill="none" stroke="#1864ab" stroke-width="2.5" points="'
@@ -523,7 +545,7 @@ def svg_rounds(view: ReportView, width: int = 1060, height: int = 280) -> str:
             continue
         color = "#2b8a3e" if passed else ("#c92a2a" if passed is False else "#868e96")
         out.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="5" fill="{color}" stroke="#fff" stroke-width="1.5"/>')
-        out.append(_text(x(i), y(v) - 10, fmt(v, 2 if view.relative else 1), fill="#212529", extra='font-weight="600"'))
+        out.append(_text(x(i), y(v) - 10, fmt(v, 1), fill="#212529", extra='font-weight="600"'))
     out.append("</svg>")
     return "".join(out)
 
@@ -671,7 +693,7 @@ section { background:#fff; border:1px solid var(--line); border-radius:10px; pad
 table { border-collapse:collapse; width:100%; font-size:13.5px; font-variant-numeric:tabular-nums; }
 th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:right; vertical-align:top; }
 th { background:#f1f3f5; font-weight:600; } th.group { text-align:center; border-left:2px solid #fff; }
-td.l, th.l { text-align:left; } .ci { color:var(--muted); font-size:12px; }
+td.l, th.l { text-align:left; } .ci { display:block; color:var(--muted); font-size:12px; white-space:nowrap; }
 .pill { display:inline-block; padding:1px 9px; border-radius:999px; font-size:12px; font-weight:600; color:#fff; }
 .pass { background:var(--pass); } .fail { background:var(--fail); } .na { background:#adb5bd; }
 .grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(340px,1fr)); gap:14px; }
@@ -716,9 +738,9 @@ def _html_header(view: ReportView) -> str:
         (
             "best round",
             _e(f"r{best:02d}" if best is not None else "n/a"),
-            f"{_e(view.metric)} {_e(view.statistic)} {_e(fmt(view.best_value, 2 if view.relative else 1))}",
+            f"{_e(view.metric)} {_e(view.statistic)} {_e(fmt(view.best_value, 1))}",
         ),
-        ("target", _e(fmt(view.target, 2 if view.relative else 1)), _e(_rule_text(view))),
+        ("target", _e(fmt(view.target, 1)), _e(_rule_text(view))),
         ("service spend", _e(fmt_usd(spend)), f"{_e(view.cost.calls if view.cost.calls is not None else 'n/a')} requests sent"),
         ("train examples", _e(final if final is not None else "n/a"), f"after {len(view.rounds)} round(s)"),
     ]
@@ -735,19 +757,20 @@ def _html_rounds(view: ReportView) -> str:
         return "<section id='rounds'><h2>Rounds against the target</h2><p class='note'>n/a: no round has run yet.</p></section>"
     groups = "".join(f'<th class="group" colspan="4">{mt}</th>' for mt in METRICS)
     head1 = f'<tr><th class="l" colspan="3"></th>{groups}<th class="group" colspan="2">pass rule</th></tr>'
-    cols = ["round", "train examples", "synthetic added"] + ["mean [95% CI]", "median", "cov@50", "cov@70"] * 2 + ["value", "result"]
+    cols = ["round", "train examples", "synthetic added"] + ["mean", "median", "cov@50", "cov@70"] * 2 + ["value", "result"]
     head2 = "<tr>" + "".join(f'<th class="{"l" if i == 0 else ""}">{c}</th>' for i, c in enumerate(cols)) + "</tr>"
     rows = []
     for rv in view.rounds + view.references:
         cells = [_e(rv.label) + (" ★" if rv.round is not None and rv.round == view.best_round else "")]
-        cells += [_e(fmt(rv.train_examples, 0)) if rv.train_examples is not None else "n/a"]
+        cells += [_e(fmt(rv.train_examples, 0)) if rv.train_examples is not None else ("" if rv.round is None else "n/a")]
         cells += [_e(rv.synthetic_added) if rv.synthetic_added is not None else ("" if rv.round is None else "n/a")]
         for mt in METRICS:
             st = rv.stats.get(mt, {})
             ci = _ci_text(st)
             cells.append(_e(_stat_text(st, "mean")) + (f' <span class="ci">{_e(ci)}</span>' if ci else ""))
             cells += [_e(_stat_text(st, s)) for s in STATS[1:]]
-        cells += [_e(fmt(rv.value, 2 if view.relative else 1)) if rv.round is not None else "", _pill(rv.passed) if rv.round is not None else ""]
+        rel = f'<span class="ci">{rv.relative:.0%} of service</span>' if rv.relative is not None else ""
+        cells += [_e(fmt(rv.value)) + rel if rv.round is not None else "", _pill(rv.passed) if rv.round is not None else ""]
         rows.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(cells)) + "</tr>")
     table = f"<table><thead>{head1}{head2}</thead><tbody>{''.join(rows)}</tbody></table>"
     chart = svg_rounds(view)
@@ -755,8 +778,9 @@ def _html_rounds(view: ReportView) -> str:
     warn_html = "".join(f"<p class='note'>⚠ {_e(w)}</p>" for w in warn)
     return (
         "<section id='rounds'><h2>Rounds against the target</h2>"
-        f"<p class='note'>Pass rule: {_e(_rule_text(view))}. Scores are 1–100 per candidate (the mean of its judgments); "
-        "coverage@k is the share of candidates scoring at least k. ★ marks the best round.</p>"
+        f"<p class='note'>Pass rule: {_e(_rule_text(view))}. Scores are 1–100 per candidate (the mean of its judgments), "
+        "with the 95% bootstrap interval of the mean below it; coverage@k is the share of candidates scoring at least k. "
+        "★ marks the best round.</p>"
         f"{chart}{table}{warn_html}{_html_categories(view)}</section>"
     )
 
@@ -825,20 +849,41 @@ def _html_data(view: ReportView) -> str:
     return f"<section id='data'><h2>Training data</h2>{body}</section>"
 
 
-def _html_judging(view: ReportView) -> str:
+JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "judgments", "failed judgments", "most common failure"]
+AGREEMENT_HEAD = ["round", "judges", "metric", "candidates", "Pearson r", "mean abs. difference"]
+
+
+def _judging_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows (escape before use): counts of judged and failed per round."""
     rows = []
     for rv in view.rounds + view.references:
         err = rv.judge_errors.most_common(1)
-        rows.append(
-            [_e(rv.label)]
-            + [_e(rv.counts.get(k) if rv.counts.get(k) is not None else "n/a") for k in ("candidates", "judgments", "failed", "unjudged")]
-            + [_e(f"{err[0][0]} (×{err[0][1]})") if err else "—"]
-        )
-    table = _table(["round", "candidates", "judgments", "failed judgments", "unjudged candidates", "most common failure"], rows, (0, 5)) if rows else "<p class='note'>n/a</p>"
+        counts = [str(rv.counts[k]) if rv.counts.get(k) is not None else "n/a"
+                  for k in ("candidates", "judged", "unjudged", "missing", "judgments", "failed")]
+        rows.append([rv.label, *counts, f"{err[0][0]} (×{err[0][1]})" if err else "—"])
+    return rows
+
+
+def _agreement_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows: how far the judges of a panel agree, per round and metric."""
+    return [
+        [rv.label, " vs ".join(str(j) for j in a.get("judges") or []), str(a.get("metric", "n/a")),
+         str(a.get("n", "n/a")), fmt(_num(a.get("pearson")), 2), fmt(_num(a.get("mean_abs_diff")))]
+        for rv in view.rounds + view.references
+        for a in rv.agreement
+    ]
+
+
+def _html_judging(view: ReportView) -> str:
+    rows = [[_e(c) for c in r] for r in _judging_rows(view)]
+    table = _table(JUDGING_HEAD, rows, (0, 7)) if rows else "<p class='note'>n/a</p>"
+    agree = [[_e(c) for c in r] for r in _agreement_rows(view)]
+    panel = "<h3>Judge agreement</h3>" + _table(AGREEMENT_HEAD, agree, (0, 1, 2)) if agree else ""
     return (
         "<section id='judging'><h2>Judging health</h2><p class='note'>A failed judgment is a reply that never parsed as the "
-        "required JSON (after retries); it does not count toward any score. An unjudged candidate had no valid judgment.</p>"
-        f"{table}</section>"
+        "required JSON (after retries) or a service error; it counts toward no score. An unjudged candidate had no valid "
+        "judgment and is left out of the statistics; “not sent” candidates were never judged.</p>"
+        f"{table}{panel}</section>"
     )
 
 
@@ -939,7 +984,7 @@ def render_markdown(view: ReportView) -> str:
     best = f"r{view.best_round:02d}" if view.best_round is not None else "n/a"
     L += [
         f"- state: {_md(view.state)}; stop reason: {_md(view.stop_reason or 'n/a')}",
-        f"- best round: {best} ({_md(view.metric)} {_md(view.statistic)} {fmt(view.best_value, 2 if view.relative else 1)})",
+        f"- best round: {best} ({_md(view.metric)} {_md(view.statistic)} {fmt(view.best_value, 1)})",
         f"- pass rule: {_md(_rule_text(view))}",
         f"- service model: {_md(view.service_model or 'n/a')}; judge: {_md(view.judge_model or 'n/a')}",
         f"- service spend: {fmt_usd(view.cost.total_usd)} ({view.cost.calls if view.cost.calls is not None else 'n/a'} requests sent)",
@@ -950,11 +995,12 @@ def render_markdown(view: ReportView) -> str:
     head = ["round", "train", "synthetic"] + [f"{mt} {s}" for mt in METRICS for s in ("mean [CI]", "median", "cov@50", "cov@70")] + ["value", "result"]
     rows = []
     for rv in view.rounds + view.references:
-        r = [_md(rv.label), _md(rv.train_examples if rv.train_examples is not None else "n/a"), _md(rv.synthetic_added if rv.synthetic_added is not None else "")]
+        r = [_md(rv.label), _md(rv.train_examples if rv.train_examples is not None else ("" if rv.round is None else "n/a")),
+             _md(rv.synthetic_added if rv.synthetic_added is not None else "")]
         for mt in METRICS:
             st = rv.stats.get(mt, {})
             r += [_md(f"{_stat_text(st, 'mean')} {_ci_text(st)}".strip())] + [_md(_stat_text(st, s)) for s in STATS[1:]]
-        r += [fmt(rv.value, 2 if view.relative else 1) if rv.round is not None else "", _passed_text(rv.passed) if rv.round is not None else ""]
+        r += [_md(_value_text(rv)) if rv.round is not None else "", _passed_text(rv.passed) if rv.round is not None else ""]
         rows.append(r)
     L += _md_table(head, rows) if rows else ["n/a: no round has run yet.", ""]
     L += ["## Service cost", ""]
@@ -981,12 +1027,9 @@ def render_markdown(view: ReportView) -> str:
          + [str(rv.rejected.get(k, 0)) for k in reasons] for rv in view.rounds],
     )
     L += ["## Judging health", ""]
-    L += _md_table(
-        ["round", "candidates", "judgments", "failed judgments", "unjudged", "most common failure"],
-        [[_md(rv.label)] + [_md(rv.counts.get(k) if rv.counts.get(k) is not None else "n/a") for k in ("candidates", "judgments", "failed", "unjudged")]
-         + [_md(f"{e[0][0]} (×{e[0][1]})") if (e := rv.judge_errors.most_common(1)) else "—"]
-         for rv in view.rounds + view.references],
-    )
+    L += _md_table(JUDGING_HEAD, [[_md(c) for c in r] for r in _judging_rows(view)])
+    if view.rounds and any(rv.agreement for rv in view.rounds + view.references):
+        L += _md_table(AGREEMENT_HEAD, [[_md(c) for c in r] for r in _agreement_rows(view)])
     if view.worst:
         L += [f"## Lowest-scoring answers of round r{view.worst_round:02d}", ""]
         for it in view.worst:
