@@ -11,9 +11,12 @@ import re
 from collections import Counter
 from importlib import resources
 
+import pytest
+
 from llamaduo import synth
 from llamaduo.config import Config
 from llamaduo.data import make_example
+from llamaduo.errors import UserError
 from llamaduo.service import ServiceClient
 from tests.conftest import service_config
 from tests.test_judge import check_golden
@@ -139,3 +142,11 @@ def test_seed_sampling_is_stratified_without_replacement_and_can_be_weighted():
     counts = Counter(e.category for e in weighted)
     assert counts["Classify"] > counts["Summarize"] and counts["Extract"] >= 1
     assert synth.pick_seeds(TRAIN, 10, random.Random(5)) == synth.pick_seeds(TRAIN, 10, random.Random(5))
+
+
+def test_without_seeds_synthesis_stops_with_a_clear_error(fake_service):
+    cfg = make_cfg(fake_service)
+    with pytest.raises(UserError, match="train split is empty"):
+        synth.synthesize(cfg, ServiceClient(cfg.service), [], 5, round=1, rng=random.Random(0))
+    assert synth.synthesize(cfg, ServiceClient(cfg.service), TRAIN, 0, round=1, rng=random.Random(0)).examples == []
+    assert fake_service.count == 0

@@ -357,23 +357,32 @@ def cost(
     electricity_usd_per_kwh: Annotated[Optional[float], typer.Option(help="Electricity price.")] = None,  # noqa: UP045
     horizon_months: Annotated[Optional[int], typer.Option(help="Months projected.")] = None,  # noqa: UP045
     local_tokens_per_s: Annotated[Optional[float], typer.Option(help="Tokens/s one GPU serves.")] = None,  # noqa: UP045
+    local_overhead_usd_per_month: Annotated[Optional[float], typer.Option(help="Hosting/operations per month.")] = None,  # noqa: UP045
+    save: Annotated[bool, typer.Option("--save", help="Keep these inputs in the run and add the projection to its report.")] = False,
 ) -> None:
     """Months to break even and savings: serving locally vs staying on the service LLM (paper Table 2)."""
     from llamaduo import cost as cost_mod
     from llamaduo.store import RunStore
 
-    given = {k: v for k, v in locals().items() if k not in ("run_dir", "cost_mod", "RunStore") and v is not None}
+    given = {k: v for k, v in locals().items() if k not in ("run_dir", "cost_mod", "RunStore", "save") and v is not None}
     if run_dir is not None:
-        inputs = _call(cost_mod.from_run, RunStore(run_dir), **given)
+        store = RunStore(run_dir)
+        if save:
+            _call(cost_mod.save_inputs, store, **given)
+        inputs = _call(cost_mod.from_run, store, **given)
     else:
+        if save:
+            fail("--save needs a run directory")
         missing = [k for k in ("input_tokens_per_month", "output_tokens_per_month") if k not in given]
         if missing:
             fail("give " + " and ".join("--" + m.replace("_", "-") for m in missing) + " (or a run directory)")
-        try:
-            inputs = cost_mod.CostInputs(**given)
-        except ValueError as e:
-            fail(str(e).splitlines()[0])
+        inputs = _call(cost_mod.make_inputs, **given)
     console.print(cost_mod.render_table(cost_mod.project(inputs)))
+    if run_dir is not None and save:
+        from llamaduo import report as report_mod
+
+        html, _ = _call(report_mod.write_report, store)
+        console.print(f"saved; report → {html}")
 
 
 @app.command()

@@ -256,13 +256,6 @@ class _Docs:
         sig, has = signatures(keys, owner, len(examples), dc.num_perm)
         return cls(examples, pairs, th, seg_len, sig, has)
 
-    def take(self, rows: list[int]) -> _Docs:
-        mask = np.zeros(len(self.examples), dtype=bool)
-        mask[rows] = True
-        th = self.th[np.repeat(mask, self.seg_len.sum(axis=1))]
-        return _Docs([self.examples[r] for r in rows], [self.pairs[r] for r in rows], th, self.seg_len[mask],
-                     self.sig[mask], self.has[mask])
-
 
 def _row(ex: Example, reason: str, duplicate_of: str | None, detail: str) -> dict[str, Any]:
     return {

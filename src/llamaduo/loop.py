@@ -259,7 +259,11 @@ class Run:
         t0 = self._timed(key)
         completions = infer_mod.run_inference(cfg, test, self.store.adapter_dir(r))
         write_jsonl(self.store.predictions_path(r), completions)
-        _done(self.store, key, h, components, predictions=len(completions))
+        new_tokens = sum(c.new_tokens for c in completions)
+        _done(
+            self.store, key, h, components, predictions=len(completions), seconds=round(time.monotonic() - t0, 3),
+            new_tokens=new_tokens,
+        )
         self._finish(key, t0, f"{len(completions)} candidates")
         return h
 
