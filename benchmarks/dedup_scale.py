@@ -28,10 +28,13 @@ from llamaduo.dedup import clean
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "no_robots" / "no_robots.jsonl"
 SENT = re.compile(r"(?<=[.!?])\s+|\n+")
+WORD = re.compile(r"\w+")
 
 
 def sentences(text: str) -> list[str]:
-    return [s.strip() for s in SENT.split(text) if 4 <= len(s.split()) <= 60]
+    # Bounded length: one giant "sentence" (a regex, a table) shared by two records would
+    # make them genuine near duplicates that nobody planted.
+    return [s.strip() for s in SENT.split(text) if 4 <= len(WORD.findall(s)) <= 60]
 
 
 def edit(text: str, rng: random.Random, vocab: list[str]) -> str:
