@@ -110,3 +110,34 @@ def test_changed_judge_setting_reruns_judging_only(tmp_path, fake_service, tiny_
     invalid = {e["stage"]: e["changed"] for e in events if e["event"] == "invalidated"}
     assert {"prepare", "r00/train", "r00/infer"} <= skipped
     assert invalid == {"r00/judge": ["judge"]}
+
+
+def test_no_improvement_stops_after_patience_rounds(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, loop={"max_rounds": 4, "patience": 1, "min_delta": 1000.0})
+    result = loop.run(cfg, display="quiet")
+    assert result.stop_reason == "no_improvement" and len(result.rounds) == 2
+
+
+def test_wall_clock_limit_stops_after_the_current_round(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, loop={"max_rounds": 3, "max_wall_s": 0.001})
+    result = loop.run(cfg, display="quiet")
+    assert result.stop_reason == "wall_clock" and len(result.rounds) == 1
+
+
+def test_best_round_is_the_highest_scoring_not_the_last(tmp_path):
+    store = RunStore(tmp_path)
+    store.init_manifest(seed=0)
+    values = [12.0, 40.0, 31.0]
+    best = None
+    for r, v in enumerate(values):
+        best = loop.better_round(best, v, r)
+    assert best == (40.0, 1)
+
+
+def test_growth_schedule_doubles_up_to_the_cap():
+    cfg = from_dict({"synth": {"per_round": 100, "growth": "double", "max_per_round": 350}})
+    assert [loop.synth_count(cfg, r) for r in (1, 2, 3, 4)] == [100, 200, 350, 350]
+    fixed = from_dict({"synth": {"per_round": 100}})
+    assert [loop.synth_count(fixed, r) for r in (1, 2, 3)] == [100, 100, 100]

@@ -381,8 +381,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
                 )
                 rounds.append(summary)
                 improved = best is None or value >= best[0] + cfg.loop.min_delta and value > best[0]
-                if best is None or value > best[0]:
-                    best = (value, r)
+                best = better_round(best, value, r)
                 since_best = 0 if improved else since_best + 1
                 ledger = store.load_manifest().get("ledger") or {}
                 spend = float((ledger.get("total") or {}).get("usd", 0.0)) if isinstance(ledger, dict) else 0.0
@@ -425,6 +424,11 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
         return LoopResult(run_dir=store.root, stop_reason=stop_reason, best_round=best[1], best_value=best[0], rounds=rounds)
     finally:
         run_.close()
+
+
+def better_round(best: tuple[float, int] | None, value: float, r: int) -> tuple[float, int]:
+    """The result is the best round by the pass statistic, not merely the last (ties keep the earlier)."""
+    return (value, r) if best is None or value > best[0] else best
 
 
 def _budget_spent(cfg: Config, ledger: dict[str, Any]) -> bool:
