@@ -8,6 +8,7 @@ because each stage's hash includes the hash of the stage before it.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import time
@@ -235,6 +236,8 @@ class Run:
         self.store.mark_stage(key, "running", inputs_hash=h)
         t0 = self._timed(key)
         res = train_mod.train(cfg, examples, self.store.adapter_dir(r), init_adapter=init_adapter)
+        if int(os.environ.get("RANK", "0")) != 0:
+            return h  # under `accelerate launch` only the main process records results
         write_json(self.store.train_result_path(r), res.model_dump(mode="json"))
         _done(self.store, key, h, components, examples=len(examples))
         self._finish(key, t0, f"{len(examples)} examples, loss {getattr(res, 'train_loss', float('nan')):.3f}")
