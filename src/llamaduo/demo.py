@@ -90,7 +90,11 @@ def demo_config(out: Path, base_url: str, student: dict[str, Any], quick: bool) 
         },
         "synth": {"per_round": 200 if quick else 48, "growth": "double", "pairs_per_call": 6, "topics": TOPICS},
         "model": student,
-        "infer": {"num_samples": 2, "temperature": 0.0 if quick else 0.2, "max_new_tokens": 48, "batch_size": 16},
+        # Answers are one line of JSON. A base model that never saw its turn-end token in
+        # pretraining learns it slowly, so a newline also ends an answer (here and when served).
+        "infer": {
+            "num_samples": 2, "temperature": 0.0 if quick else 0.2, "max_new_tokens": 48, "batch_size": 16, "stop": ["\n"],
+        },
         "loop": {"max_rounds": 3},
     }
     if quick:
