@@ -96,6 +96,12 @@ class ServiceConfig(Strict):
     )
     max_usd: float | None = Field(None, gt=0, description="Budget in USD for the whole run; the loop stops cleanly when reached.")
     max_tokens: int | None = Field(None, gt=0, description="Budget in service tokens for the whole run.")
+    use_batch: bool = Field(
+        False, description="Send bulk synthesis and judging through the provider's Batch API at its discount (slower, cheaper)."
+    )
+    batch_discount: float = Field(
+        0.5, gt=0, le=1, description="Price factor applied to Batch API calls (OpenAI bills batches at half price)."
+    )
 
 
 # ---------------------------------------------------------------------------- judge

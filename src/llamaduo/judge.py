@@ -138,7 +138,7 @@ def judge_predictions(
     m_calls = cfg.judge.judgments_per_candidate
     rows: list[Judgment | None] = []
     jobs: list[tuple[int, str, int, str, int]] = []  # (row slot, prompt_id, sample, model, judge_index)
-    coros = []
+    specs: list[tuple[list[dict[str, str]], str, int]] = []  # (messages, judge model, judge_index)
     for pred in predictions:
         pid, k = str(_field(pred, "prompt_id")), int(_field(pred, "sample_index", 0))
         if pid not in chosen:
@@ -156,20 +156,17 @@ def judge_predictions(
             for j in range(m_calls):
                 jobs.append((len(rows), pid, k, model, j))
                 rows.append(None)
-                coros.append(
-                    client.chat_json(
-                        messages,
-                        JudgeReply,
-                        model=model,
-                        temperature=cfg.judge.temperature,
-                        max_tokens=cfg.judge.max_tokens,
-                        sample_index=j,  # M judgments of one candidate must not share a cache entry
-                        stage=stage,
-                        round=round,
-                    )
-                )
+                specs.append((messages, model, j))
     label = f"{stage} r{round:02d}" if round is not None else stage
-    replies = client.run(coros, description=f"{label}: {len(coros)} judge calls") if coros else []
+    params = {"temperature": cfg.judge.temperature, "max_tokens": cfg.judge.max_tokens, "stage": stage, "round": round}
+    if not specs:
+        replies = []
+    elif cfg.service.use_batch:
+        replies = _run_batches(client, specs, params)
+    else:
+        # sample_index: the M judgments of one candidate must not share a cache entry
+        coros = [client.chat_json(msgs, JudgeReply, model=model, sample_index=j, **params) for msgs, model, j in specs]
+        replies = client.run(coros, description=f"{label}: {len(coros)} judge calls")
     for (slot, pid, k, model, j), reply in zip(jobs, replies, strict=True):
         base = {"prompt_id": pid, "sample_index": k, "judge_index": j, "judge_model": model, "raw": reply.raw}
         parsed = reply.parsed if reply.ok else None
@@ -185,6 +182,17 @@ def judge_predictions(
         else:
             rows[slot] = Judgment(ok=False, error=reply.error or "no valid judgment", **base)
     return [r for r in rows if r is not None]
+
+
+def _run_batches(client: Any, specs: list[tuple[list[dict[str, str]], str, int]], params: dict[str, Any]) -> list[Any]:
+    """One provider batch per judge model (a panel has several); replies in the order of `specs`."""
+    replies: list[Any] = [None] * len(specs)
+    for model in dict.fromkeys(m for _, m, _ in specs):
+        idx = [i for i, (_, m, _) in enumerate(specs) if m == model]
+        reqs = [(specs[i][0], JudgeReply, {"sample_index": specs[i][2]}) for i in idx]
+        for i, reply in zip(idx, client.run_batch(reqs, model=model, **params), strict=True):
+            replies[i] = reply
+    return replies
 
 
 def service_baseline(cfg: Config, client: Any, test: list[Example]) -> list[dict[str, Any]]:

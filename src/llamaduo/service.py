@@ -5,6 +5,8 @@
                                    max_tokens=512, sample_index=3, stage="judge", round=0)
     reply.ok, reply.parsed, reply.raw, reply.error, reply.cached
     results = client.run([coro, ...], description="judging")   # in order, with a progress bar
+    replies = client.run_batch([(messages, JudgeReply, {"sample_index": 3}), ...], model="gpt-4o",
+                               temperature=0.7, max_tokens=512, stage="judge", round=0)  # Batch API
 
 Every attempt is logged in SQLite (`service.sqlite`): request hash, model, tokens, cost,
 latency, status, raw reply. Successful replies are cached by content (provider, model,
@@ -17,6 +19,7 @@ at call time and never written anywhere.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -58,6 +61,10 @@ class BudgetExceeded(RuntimeError):
 
 class ServiceError(UserError):
     """A configuration problem with the service (missing key, unknown provider)."""
+
+
+BatchRequest = tuple[list[dict[str, str]], type[BaseModel] | None, dict[str, Any]]
+"""One `run_batch` request: (messages, schema or None for a text reply, meta with `sample_index`)."""
 
 
 _SCHEMA = """
@@ -539,6 +546,184 @@ class ServiceClient:
         return ServiceReply(
             ok=text is not None, parsed=None, raw=text, error=error, cached=cached, model=model,
             input_tokens=tin, output_tokens=tout, cost_usd=cost, attempts=attempts,
+        )
+
+    # ---- Batch API
+    def run_batch(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        model: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        stage: str = "",
+        round: int | None = None,
+        poll_s: float = 5.0,
+        timeout_s: float = 86400.0,
+    ) -> list[ServiceReply]:
+        """Blocking form of `chat_batch`, for stages that call `run` for their normal calls."""
+        return asyncio.run(self._closing(self.chat_batch(
+            requests, model=model, temperature=temperature, max_tokens=max_tokens,
+            stage=stage, round=round, poll_s=poll_s, timeout_s=timeout_s,
+        )))
+
+    async def _closing(self, coro: Awaitable[Any]) -> Any:
+        try:
+            return await coro
+        finally:
+            if self._sdk is not None and self._sdk_loop is asyncio.get_running_loop():
+                await self._sdk.close()
+                self._sdk = None
+
+    async def chat_batch(
+        self,
+        requests: Sequence[BatchRequest],
+        *,
+        model: str | None = None,
+        temperature: float = 0.0,
+        max_tokens: int = 1024,
+        stage: str = "",
+        round: int | None = None,
+        poll_s: float = 5.0,
+        timeout_s: float = 86400.0,
+    ) -> list[ServiceReply]:
+        """Many calls as one provider batch, billed at `service.batch_discount`; replies in input order.
+
+        Each request is `(messages, schema or None for text, meta)` with `meta["sample_index"]`.
+        Cache keys are those of `chat_json`/`chat_text`, so cached requests are not sent and
+        batch results replay for later normal calls. A reply that is not valid JSON for its
+        schema is a failed reply with `raw` kept (no repair calls in batch mode). The batch is
+        polled every `poll_s` seconds; after `timeout_s` it is cancelled and what is missing fails.
+        """
+        if self.cfg.provider == "anthropic":
+            raise ServiceError("batch mode is available for OpenAI-compatible providers; Anthropic Message Batches are not wired yet")
+        model = model or self.cfg.model
+        replies: list[ServiceReply | None] = [None] * len(requests)
+        pending: dict[str, list[int]] = {}  # request hash -> input positions (one batch line each hash)
+        lines: list[str] = []
+        keys: list[tuple[str, int, type[BaseModel] | None]] = []
+        for i, (messages, schema, meta) in enumerate(requests):
+            sample = int(meta.get("sample_index", 0))
+            msgs = [dict(m) for m in messages]
+            params = self._params(temperature, max_tokens, schema)
+            h = self.request_hash(model, msgs, params, sample)
+            keys.append((h, sample, schema))
+            hit = self.log.cached(h)
+            if hit is not None:
+                raw, tin, tout, cost = hit
+                self.log.record(ts=time.time(), attempt=0, status="cached", saved_usd=cost, input_tokens=tin,
+                                output_tokens=tout, **self._base(stage, round, model, h, sample))
+                parsed = parse_reply(raw, schema)[0] if schema is not None else None
+                replies[i] = ServiceReply(ok=True, parsed=parsed, raw=raw, cached=True, model=model,
+                                          input_tokens=tin, output_tokens=tout, extra={"request_hash": h})
+                continue
+            if h not in pending:
+                body = {"model": model, "messages": msgs, **params}
+                lines.append(json.dumps({"custom_id": h, "method": "POST", "url": "/v1/chat/completions", "body": body}))
+            pending.setdefault(h, []).append(i)
+        if pending:
+            self._check_budget()
+            results, batch_error, batch_id, latency_ms = await self._submit_batch(lines, poll_s, timeout_s)
+            done: dict[str, ServiceReply] = {}
+            for i in (idx[0] for idx in pending.values()):
+                h, sample, schema = keys[i]
+                done[h] = self._batch_result(results.get(h), batch_error, schema, model, h,
+                                             self._base(stage, round, model, h, sample), latency_ms, batch_id)
+            for h, idx in pending.items():
+                for n, i in enumerate(idx):  # a duplicate request shares the one answer, paid once
+                    r = done[h]
+                    replies[i] = r if n == 0 else dataclasses.replace(r, cost_usd=0.0)
+        return [r for r in replies if r is not None]
+
+    def _base(self, stage: str, round: int | None, model: str, h: str, sample: int) -> dict[str, Any]:
+        return {"stage": stage, "round": round, "provider": self.cfg.provider, "model": model, "request_hash": h, "sample_index": sample}
+
+    async def _retrying(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """One Batch API management call, retried on service faults like normal calls."""
+        for attempt in range(1, self.cfg.max_retries + 2):
+            try:
+                return await fn()
+            except Exception as e:
+                if not _is_service_fault(e):
+                    raise
+                status, _, retry_after, _ = _classify(e)
+                if status == "client_error" or attempt > self.cfg.max_retries:
+                    raise
+                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_base_s * 2 ** (attempt - 1))
+                await self.sleep(max(delay, retry_after or 0.0))
+
+    async def _submit_batch(
+        self, lines: list[str], poll_s: float, timeout_s: float
+    ) -> tuple[dict[str, dict[str, Any]], str | None, str | None, float]:
+        """Upload, create, poll, download. Returns (output line by custom_id, batch error, batch id, ms)."""
+        sdk = self._client()
+        t0 = self.clock()
+        results: dict[str, dict[str, Any]] = {}
+        batch_id = None
+        try:
+            data = ("\n".join(lines) + "\n").encode()
+            upload = await self._retrying(lambda: sdk.files.create(file=("batch.jsonl", data, "application/jsonl"), purpose="batch"))
+            batch = await self._retrying(lambda: sdk.batches.create(
+                input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"))
+            batch_id = batch.id
+            while True:
+                batch = await self._retrying(lambda: sdk.batches.retrieve(batch_id))
+                status = batch.status
+                if status in ("completed", "failed", "expired", "cancelled"):
+                    break
+                if self.clock() - t0 >= timeout_s:
+                    batch = await self._retrying(lambda: sdk.batches.cancel(batch_id))
+                    status = f"not finished after {timeout_s:g} s (cancelled)"
+                    break
+                await self.sleep(poll_s)
+            # An expired or cancelled batch still returns the lines it finished.
+            for file_id in (batch.output_file_id, batch.error_file_id):
+                if file_id:
+                    content = await self._retrying(lambda fid=file_id: sdk.files.content(fid))
+                    for line in content.text.splitlines():
+                        if line.strip():
+                            obj = json.loads(line)
+                            results[obj["custom_id"]] = obj
+            error = None if status == "completed" else f"batch {batch_id} {status}"
+        except Exception as e:
+            if not _is_service_fault(e):
+                raise
+            error = _classify(e)[3]
+        return results, error, batch_id, (self.clock() - t0) * 1000
+
+    def _batch_result(
+        self, line: dict[str, Any] | None, batch_error: str | None, schema: type[BaseModel] | None,
+        model: str, h: str, base: dict[str, Any], latency_ms: float, batch_id: str | None,
+    ) -> ServiceReply:
+        """Turn one output line into a logged (and, when good, cached) reply."""
+        extra = {"request_hash": h, "batch_id": batch_id}
+        response = (line or {}).get("response") or {}
+        status_code = response.get("status_code")
+        body = response.get("body") or {}
+        choices = body.get("choices") if isinstance(body, dict) else None
+        if line is None or line.get("error") or status_code != 200 or not choices:
+            err = (line or {}).get("error") or (body.get("error") if isinstance(body, dict) else None)
+            msg = json.dumps(err)[:300] if err else (batch_error or "no result line for this request")
+            if line is not None and status_code not in (None, 200):
+                msg = f"http {status_code}: {msg}"
+            self.log.record(ts=time.time(), attempt=1, status="failed", http_status=status_code, latency_ms=latency_ms, error=msg, **base)
+            return ServiceReply(ok=False, parsed=None, raw=None, error=msg, model=model, attempts=1, extra=extra)
+        text = choices[0].get("message", {}).get("content") or ""
+        usage = body.get("usage") or {}
+        tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        cost = self.cost(model, tin, tout) * self.cfg.batch_discount
+        self._budget_usd += cost
+        self._budget_tokens += tin + tout
+        parsed, perr = parse_reply(text, schema) if schema is not None else (None, None)
+        self.log.record(
+            ts=time.time(), attempt=1, status="ok" if perr is None else "invalid_json", http_status=200, latency_ms=latency_ms,
+            input_tokens=tin, output_tokens=tout, cost_usd=cost, raw_reply=text, error=perr, **base,
+        )
+        if perr is None:
+            self.log.put_cache(h, model, text, tin, tout, cost)
+        return ServiceReply(
+            ok=perr is None, parsed=parsed, raw=text, error=perr, model=model,
+            input_tokens=tin, output_tokens=tout, cost_usd=cost, attempts=1, extra=extra,
         )
 
     def run(self, coros: Sequence[Awaitable[Any]], description: str = "service calls", progress: bool = True) -> list[Any]:

@@ -1,13 +1,18 @@
 """A loopback OpenAI-compatible server whose answers come from a function of the request.
 
 `POST /v1/chat/completions` answers in the OpenAI shape; `POST /v1/messages` in the shape of
-Anthropic's native Messages API. It plays the service LLM in the test suite (with faults on demand: 429 with Retry-After,
+Anthropic's native Messages API. The Batch API flow is there too (`POST /v1/files`,
+`GET /v1/files/{id}/content`, `POST /v1/batches`, `GET /v1/batches/{id}`): a batch completes
+after `batch_polls_to_complete` polls, its output lines answered by the same responder.
+It plays the service LLM in the test suite (with faults on demand: 429 with Retry-After,
 5xx, slow replies, malformed or truncated JSON) and in `llamaduo demo`, where it is labelled
 as a simulator. It binds 127.0.0.1 only and records every request it receives.
 """
 
 from __future__ import annotations
 
+import email.parser
+import email.policy
 import json
 import threading
 import time
@@ -65,6 +70,34 @@ def estimate_tokens(text: str) -> int:
     return len(text) // 4 + 1
 
 
+def chat_completion(body: dict[str, Any], reply: str) -> dict[str, Any]:
+    """The OpenAI chat.completion object answering `body` with `reply`."""
+    prompt = json.dumps(body.get("messages", []))
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": body.get("model", "simulated"),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": estimate_tokens(prompt),
+            "completion_tokens": estimate_tokens(reply),
+            "total_tokens": estimate_tokens(prompt) + estimate_tokens(reply),
+        },
+    }
+
+
+def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """Form fields of a multipart/form-data body: name -> (filename, bytes)."""
+    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
+    )
+    return {
+        part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
+        for part in msg.iter_parts()
+    }
+
+
 class SimulatedService:
     """`with SimulatedService(responder) as svc: ... svc.base_url ... svc.requests`."""
 
@@ -80,6 +113,9 @@ class SimulatedService:
         self.latency_s = latency_s
         self.rpm_limit = rpm_limit
         self.requests: list[dict[str, Any]] = []
+        self.batch_polls_to_complete = 1
+        self.files: dict[str, bytes] = {}  # uploaded and produced JSONL, by file id
+        self.batches: dict[str, dict[str, Any]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
         self._faults: deque[Fault] = deque()
@@ -126,6 +162,58 @@ class SimulatedService:
         with self._lock:
             return self._faults.popleft() if self._faults else None
 
+    # ---- Batch API
+    def _add_file(self, data: bytes, filename: str, purpose: str) -> dict[str, Any]:
+        fid = f"file-{uuid.uuid4().hex[:12]}"
+        with self._lock:
+            self.files[fid] = data
+        return {
+            "id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()),
+            "filename": filename, "purpose": purpose, "status": "processed",
+        }
+
+    def _create_batch(self, body: dict[str, Any]) -> dict[str, Any]:
+        batch = {
+            "id": f"batch_{uuid.uuid4().hex[:12]}", "object": "batch", "endpoint": body.get("endpoint"),
+            "input_file_id": body.get("input_file_id"), "completion_window": body.get("completion_window", "24h"),
+            "status": "validating", "created_at": int(time.time()), "output_file_id": None, "error_file_id": None,
+            "errors": None, "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0},
+        }
+        with self._lock:
+            self.batches[batch["id"]] = {"object": batch, "polls": 0}
+        return batch
+
+    def _poll_batch(self, batch_id: str) -> dict[str, Any] | None:
+        """One retrieve: the batch moves on, and runs every line through the responder on completion."""
+        with self._lock:
+            entry = self.batches.get(batch_id)
+            if entry is None:
+                return None
+            entry["polls"] += 1
+            batch = entry["object"]
+            if batch["status"] in ("completed", "cancelled"):
+                return dict(batch)
+            if entry["polls"] < self.batch_polls_to_complete:
+                batch["status"] = "in_progress"
+                return dict(batch)
+            data = self.files[batch["input_file_id"]]
+        out = []
+        for line in data.decode().splitlines():
+            if not line.strip():
+                continue
+            req = json.loads(line)
+            reply = self.responder(req["body"])
+            body = reply if isinstance(reply, dict) else chat_completion(req["body"], reply)
+            out.append({
+                "id": f"batch_req_{uuid.uuid4().hex[:12]}", "custom_id": req["custom_id"],
+                "response": {"status_code": 200, "request_id": uuid.uuid4().hex[:12], "body": body}, "error": None,
+            })
+        output = self._add_file("".join(json.dumps(o) + "\n" for o in out).encode(), "batch_output.jsonl", "batch_output")
+        with self._lock:
+            batch.update(status="completed", output_file_id=output["id"], completed_at=int(time.time()),
+                         request_counts={"total": len(out), "completed": len(out), "failed": 0})
+            return batch
+
     def _over_rpm(self) -> float | None:
         """Seconds until a slot frees when the sliding 60 s window is full, else None."""
         if self.rpm_limit is None:
@@ -162,8 +250,27 @@ class SimulatedService:
                 err = {"error": {"message": message, "type": "simulated_error", "code": status}}
                 self._send(status, json.dumps(err).encode(), headers)
 
+            def _record(self, body: dict[str, Any]) -> None:
+                with svc._lock:
+                    svc.requests.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
+
             def do_GET(self) -> None:
-                if self.path.rstrip("/").endswith("/models"):
+                path = self.path.rstrip("/")
+                if "/batches/" in path:
+                    self._record({})
+                    batch = svc._poll_batch(path.rsplit("/", 1)[1])
+                    if batch is None:
+                        self._error(404, f"no batch {path}")
+                    else:
+                        self._send(200, json.dumps(batch).encode())
+                elif "/files/" in path and path.endswith("/content"):
+                    self._record({})
+                    data = svc.files.get(path.split("/")[-2])
+                    if data is None:
+                        self._error(404, f"no file {path}")
+                    else:
+                        self._send(200, data)
+                elif path.endswith("/models"):
                     body = {"object": "list", "data": [{"id": "simulated", "object": "model", "owned_by": "llamaduo"}]}
                     self._send(200, json.dumps(body).encode())
                 else:
@@ -172,6 +279,13 @@ class SimulatedService:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(length)
+                if self.path.rstrip("/").endswith("/files"):
+                    fields = _multipart(self.headers.get("Content-Type", ""), raw)
+                    filename, data = fields.get("file", (None, b""))
+                    purpose = fields.get("purpose", (None, b""))[1].decode()
+                    self._record({"purpose": purpose, "filename": filename, "bytes": len(data)})
+                    self._send(200, json.dumps(svc._add_file(data, filename or "upload.jsonl", purpose)).encode())
+                    return
                 try:
                     body = json.loads(raw or b"{}")
                 except json.JSONDecodeError:
@@ -190,6 +304,18 @@ class SimulatedService:
 
             def _answer(self, body: dict[str, Any]) -> None:
                 path = self.path.rstrip("/")
+                if path.endswith("/batches"):
+                    self._send(200, json.dumps(svc._create_batch(body)).encode())
+                    return
+                if "/batches/" in path and path.endswith("/cancel"):
+                    entry = svc.batches.get(path.split("/")[-2])
+                    if entry is None:
+                        self._error(404, f"no batch {path}")
+                        return
+                    with svc._lock:
+                        entry["object"]["status"] = "cancelled"
+                    self._send(200, json.dumps(entry["object"]).encode())
+                    return
                 anthropic = path.endswith("/messages") and not path.endswith("/chat/completions")
                 if not (anthropic or path.endswith("/chat/completions")):
                     self._error(404, f"no route {self.path}")
@@ -232,20 +358,6 @@ class SimulatedService:
                     }
                     self._send(200, json.dumps(out).encode())
                     return
-                out = {
-                    "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-                    "object": "chat.completion",
-                    "created": int(time.time()),
-                    "model": body.get("model", "simulated"),
-                    "choices": [
-                        {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}
-                    ],
-                    "usage": {
-                        "prompt_tokens": estimate_tokens(prompt),
-                        "completion_tokens": estimate_tokens(reply),
-                        "total_tokens": estimate_tokens(prompt) + estimate_tokens(reply),
-                    },
-                }
-                self._send(200, json.dumps(out).encode())
+                self._send(200, json.dumps(chat_completion(body, reply)).encode())
 
         return Handler

@@ -137,20 +137,17 @@ def synthesize(
     model = cfg.synth_model
     template = synth_template(cfg)
     chosen = pick_seeds(seeds, calls, rng, weights)
-    coros = [
-        client.chat_json(
-            render_synth_prompt(seed, cfg.synth.topics.get(seed.category, seed.category), per_call, template),
-            SynthPairs,
-            model=model,
-            temperature=cfg.synth.temperature,
-            max_tokens=cfg.synth.max_tokens,
-            sample_index=i,  # calls with the same seed must not share a cache entry
-            stage="synth",
-            round=round,
-        )
-        for i, seed in enumerate(chosen)
+    prompts = [
+        render_synth_prompt(seed, cfg.synth.topics.get(seed.category, seed.category), per_call, template)
+        for seed in chosen
     ]
-    replies = client.run(coros, description=f"synth r{round:02d}: {calls} calls")
+    params = {"model": model, "temperature": cfg.synth.temperature, "max_tokens": cfg.synth.max_tokens, "stage": "synth", "round": round}
+    if cfg.service.use_batch:  # the provider's Batch API: same cache keys, discounted, slower
+        replies = client.run_batch([(msgs, SynthPairs, {"sample_index": i}) for i, msgs in enumerate(prompts)], **params)
+    else:
+        # sample_index: calls with the same seed must not share a cache entry
+        coros = [client.chat_json(msgs, SynthPairs, sample_index=i, **params) for i, msgs in enumerate(prompts)]
+        replies = client.run(coros, description=f"synth r{round:02d}: {calls} calls")
 
     lineage = {"source": "synthetic", "round": round, "generator": model, "template_hash": template.hash}
     examples: list[Example] = []

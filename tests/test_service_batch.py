@@ -1,0 +1,181 @@
+import json
+import sqlite3
+
+import pytest
+from pydantic import BaseModel
+
+from llamaduo.errors import UserError
+from llamaduo.service import BudgetExceeded, ServiceClient
+from tests.conftest import overlap_judge, service_config
+
+
+class Score(BaseModel):
+    score: int
+    reason: str
+
+
+class JudgeReply(BaseModel):
+    similarity: Score
+    precision: Score
+
+
+def judge_request(i: int, candidate: str = "the cat sat") -> tuple:
+    msgs = [{"role": "user", "content": f"<reference>\nthe cat sat on the mat\n</reference>\n<candidate>\n{candidate} {i}\n</candidate>"}]
+    return (msgs, JudgeReply, {"sample_index": i})
+
+
+def client_for(svc, tmp_path, sleeps=None, **kw):
+    async def fake_sleep(s: float) -> None:
+        if sleeps is not None:
+            sleeps.append(s)
+
+    return ServiceClient(service_config(svc, **kw), db_path=tmp_path / "s.sqlite", sleep=fake_sleep)
+
+
+def batch(client, reqs, **kw):
+    return client.run_batch(reqs, model="fake-model", temperature=0.7, max_tokens=64, stage="judge", round=1, **kw)
+
+
+def uploaded_lines(svc) -> list[list[dict]]:
+    """The JSONL files uploaded for batches, one list of lines per batch."""
+    out = []
+    for b in svc.batches.values():
+        data = svc.files[b["object"]["input_file_id"]].decode()
+        out.append([json.loads(line) for line in data.splitlines() if line.strip()])
+    return out
+
+
+def calls(db, *cols):
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(f"SELECT {','.join(cols)} FROM calls ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def test_batch_of_judge_requests_returns_parsed_replies_in_input_order(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    client = client_for(fake_service, tmp_path)
+    reqs = [judge_request(i, cand) for i, cand in enumerate(["the cat sat on the mat", "a dog", "the cat", "mat"])]
+    replies = batch(client, reqs)
+    expected = [JudgeReply.model_validate_json(overlap_judge({"messages": r[0]})) for r in reqs]
+    assert [r.parsed for r in replies] == expected
+    assert all(r.ok and not r.cached for r in replies)
+    assert replies[0].parsed.similarity.score > replies[1].parsed.similarity.score
+    paths = [r["path"].rstrip("/") for r in fake_service.requests]
+    assert paths[0].endswith("/files") and paths[1].endswith("/batches")
+    assert not any(p.endswith("/chat/completions") for p in paths)  # nothing sent one by one
+    [lines] = uploaded_lines(fake_service)
+    assert len(lines) == 4 and all(line["url"] == "/v1/chat/completions" for line in lines)
+    assert [line["custom_id"] for line in lines] == [r.extra["request_hash"] for r in replies]
+    assert fake_service.requests[0]["body"]["purpose"] == "batch"
+    stages = calls(tmp_path / "s.sqlite", "stage", "round", "status", "sample_index")
+    assert stages == [("judge", 1, "ok", i) for i in range(4)]
+
+
+def test_cached_requests_are_left_out_of_the_uploaded_file(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    client = client_for(fake_service, tmp_path)
+    reqs = [judge_request(i) for i in range(4)]
+    # Two answered by normal calls first: their cache entries must serve the batch.
+    normal = client.run(
+        [client.chat_json(m, s, model="fake-model", temperature=0.7, max_tokens=64, sample_index=meta["sample_index"])
+         for m, s, meta in reqs[:2]],
+        progress=False,
+    )
+    assert all(r.ok for r in normal)
+    replies = batch(client, reqs)
+    assert [r.cached for r in replies] == [True, True, False, False]
+    assert [r.parsed for r in replies[:2]] == [r.parsed for r in normal]
+    [lines] = uploaded_lines(fake_service)
+    assert [line["body"]["messages"] for line in lines] == [reqs[2][0], reqs[3][0]]
+
+
+def test_rerun_sends_no_new_batch_and_normal_calls_replay_batch_results(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    client = client_for(fake_service, tmp_path)
+    reqs = [judge_request(i) for i in range(3)]
+    first = batch(client, reqs)
+    sent = fake_service.count
+    again = batch(client, reqs)
+    assert fake_service.count == sent and len(fake_service.batches) == 1
+    assert all(r.cached for r in again) and [r.parsed for r in again] == [r.parsed for r in first]
+    m, s, meta = reqs[1]
+    [normal] = client.run([client.chat_json(m, s, model="fake-model", temperature=0.7, max_tokens=64,
+                                            sample_index=meta["sample_index"])], progress=False)
+    assert normal.cached and normal.parsed == first[1].parsed and fake_service.count == sent
+
+
+def test_invalid_json_line_is_a_failed_reply_with_raw_text_and_is_not_cached(fake_service, tmp_path):
+    def responder(req):
+        text = req["messages"][0]["content"]
+        return "sorry, I cannot judge this" if "candidate 1" in text else overlap_judge(req)
+
+    fake_service.responder = responder
+    client = client_for(fake_service, tmp_path)
+    reqs = [judge_request(i, "candidate") for i in range(3)]
+    replies = batch(client, reqs)
+    assert [r.ok for r in replies] == [True, False, True]
+    bad = replies[1]
+    assert bad.parsed is None and bad.raw == "sorry, I cannot judge this" and "invalid JSON for JudgeReply" in bad.error
+    batch(client, reqs)  # only the failed one goes again, in a second batch, with no repair prompt
+    assert [len(lines) for lines in uploaded_lines(fake_service)] == [3, 1]
+    assert uploaded_lines(fake_service)[1][0]["body"]["messages"] == reqs[1][0]
+
+
+def test_cost_is_logged_at_the_batch_discount(fake_service, tmp_path):
+    fake_service.responder = lambda req: "plain text answer"
+    client = client_for(fake_service, tmp_path, batch_discount=0.5)
+    reqs = [([{"role": "user", "content": f"say something {i}"}], None, {"sample_index": 0}) for i in range(2)]
+    replies = batch(client, reqs)
+    assert [r.raw for r in replies] == ["plain text answer"] * 2 and all(r.parsed is None for r in replies)
+    rows = calls(tmp_path / "s.sqlite", "input_tokens", "output_tokens", "cost_usd")
+    for (tin, tout, cost), reply in zip(rows, replies, strict=True):
+        full = (tin * 1.0 + tout * 2.0) / 1e6  # the fake-model prices in service_config
+        assert tin > 0 and tout > 0
+        assert cost == pytest.approx(full * 0.5) and reply.cost_usd == pytest.approx(full * 0.5)
+    assert client.ledger()["by_stage"]["judge/r01"]["usd"] == pytest.approx(sum(r[2] for r in rows), abs=1e-6)
+
+
+def test_polling_waits_with_the_injected_sleep(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    fake_service.batch_polls_to_complete = 4
+    sleeps: list[float] = []
+    client = client_for(fake_service, tmp_path, sleeps=sleeps)
+    replies = batch(client, [judge_request(0)], poll_s=30.0)
+    assert replies[0].ok
+    assert sleeps == [30.0, 30.0, 30.0]  # three in_progress polls, then completed; no real waiting
+    polls = [r for r in fake_service.requests if "/batches/" in r["path"]]
+    assert len(polls) == 4
+
+
+def test_batch_not_done_by_the_timeout_is_cancelled_and_its_requests_fail(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    fake_service.batch_polls_to_complete = 100
+    now = [0.0]
+
+    async def sleep(s: float) -> None:
+        now[0] += s
+
+    client = ServiceClient(service_config(fake_service), db_path=tmp_path / "s.sqlite", sleep=sleep, clock=lambda: now[0])
+    replies = batch(client, [judge_request(0), judge_request(1)], poll_s=60.0, timeout_s=300.0)
+    assert not any(r.ok for r in replies) and "cancelled" in replies[0].error
+    assert [b["object"]["status"] for b in fake_service.batches.values()] == ["cancelled"]
+    assert [s for (s,) in calls(tmp_path / "s.sqlite", "status")] == ["failed", "failed"]
+
+
+def test_anthropic_provider_is_refused_with_a_clear_error(fake_service, tmp_path):
+    client = ServiceClient(service_config(fake_service, provider="anthropic"), db_path=tmp_path / "s.sqlite")
+    with pytest.raises(UserError, match="Anthropic Message Batches are not wired yet"):
+        batch(client, [judge_request(0)])
+    assert fake_service.count == 0
+
+
+def test_spent_budget_stops_a_batch_before_it_is_submitted(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    client = client_for(fake_service, tmp_path, max_usd=1e-9)
+    assert all(r.ok for r in batch(client, [judge_request(0)]))  # nothing spent yet: it goes
+    sent = fake_service.count
+    with pytest.raises(BudgetExceeded):
+        batch(client, [judge_request(1)])
+    assert fake_service.count == sent and len(fake_service.batches) == 1
