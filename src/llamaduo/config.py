@@ -186,7 +186,9 @@ class TrainConfig(Strict):
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     continue_from_previous: bool = Field(False, description="Start each round from the previous round's adapter.")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the train set held out for validation loss.")
-    save_steps: int | None = Field(None, ge=1, description="Checkpoint every N steps (for resume inside a round).")
+    save_steps: int | None = Field(
+        200, ge=1, description="Checkpoint every N optimizer steps, so a killed round resumes there; None = never."
+    )
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
 
 
