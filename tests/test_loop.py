@@ -154,3 +154,19 @@ def test_batch_mode_sends_judging_and_synthesis_through_the_batch_api(tmp_path, 
     # judge r00 and synth r01 at least; judge r01 may be all cache hits when the answers repeat
     assert sum(p.endswith("/batches") for p in paths) >= 2
     assert RunStore(cfg.run_dir).synthetic_path(1).exists()
+
+
+def test_canary_api_key_never_reaches_the_run_directory_logs_or_report(tmp_path, fake_service, tiny_model, monkeypatch):
+    canary = "sk-canary-loop-4f1d2e3c"
+    monkeypatch.setenv("LLAMADUO_TEST_KEY", canary)
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, loop={"max_rounds": 2}, service={"json_retries": 1})
+    events = []
+    loop.run(cfg, display=events.append)
+    assert any(r["headers"].get("authorization") == f"Bearer {canary}" for r in fake_service.requests)
+    store = RunStore(cfg.run_dir)
+    assert store.report_html.exists() and store.service_db.exists()
+    for path in store.root.rglob("*"):
+        if path.is_file():
+            assert canary.encode() not in path.read_bytes(), path
+    assert canary not in json.dumps(events, default=str)
