@@ -6,7 +6,10 @@ import yaml
 from llamaduo.config import Config, ConfigError, dump_config, example_yaml, from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
-SHIPPED_YAML = sorted(p for p in ROOT.rglob("*.yaml") if ".venv" not in p.parts and "runs" not in p.parts)
+ACCELERATE_YAML = sorted((ROOT / "examples" / "accelerate").glob("*.yaml"))
+SHIPPED_YAML = sorted(
+    p for p in ROOT.rglob("*.yaml") if ".venv" not in p.parts and "runs" not in p.parts and p not in ACCELERATE_YAML
+)
 
 
 def test_every_field_has_a_description():
@@ -23,6 +26,19 @@ def test_every_field_has_a_description():
 @pytest.mark.parametrize("path", SHIPPED_YAML, ids=[str(p.relative_to(ROOT)) for p in SHIPPED_YAML])
 def test_every_shipped_yaml_loads(path):
     assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", ACCELERATE_YAML, ids=[p.name for p in ACCELERATE_YAML])
+def test_every_shipped_accelerate_config_is_read_by_accelerate(path):
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+
+    cfg = load_config_from_file(str(path))
+    assert isinstance(cfg, ClusterConfig) and cfg.num_processes >= 2
+    assert str(cfg.distributed_type).split(".")[-1] in {"MULTI_GPU", "MULTI_CPU", "FSDP", "DEEPSPEED"}
+
+
+def test_accelerate_examples_cover_ddp_fsdp_and_deepspeed():
+    assert {p.stem for p in ACCELERATE_YAML} >= {"ddp", "fsdp", "deepspeed_zero3"}
 
 
 def test_shipped_yaml_exists():

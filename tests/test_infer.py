@@ -129,3 +129,32 @@ def test_vllm_backend_without_vllm_is_one_clear_error(tiny_model, tmp_path):  # 
     cfg = tiny_config(tiny_model, tmp_path).model_copy(update={"infer": InferConfig(backend="vllm")})
     with pytest.raises(UserError, match=r"^infer.backend=vllm needs the vllm package and a CUDA GPU"):
         run_inference(cfg, tiny_examples(1), None, progress=False)
+
+
+def test_samples_sharing_one_prefill_decode_exactly_like_a_full_generate_per_copy(random_model):
+    from llamaduo.infer import generate_shared_prefix
+    from llamaduo.models import encode_prompt
+
+    model, tok = random_model
+    encoded = [encode_prompt(tok, msgs) for _, msgs in prompts()[:3]]
+    longest = max(map(len, encoded))
+    ids = torch.full((3, longest), tok.pad_token_id)
+    attn = torch.zeros((3, longest), dtype=torch.long)
+    for row, e in enumerate(encoded):
+        ids[row, longest - len(e):], attn[row, longest - len(e):] = torch.tensor(e), 1
+    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tok.pad_token_id}
+    with torch.inference_mode():
+        shared = generate_shared_prefix(model, ids, attn, 2, **kw)
+        full = model.generate(input_ids=ids.repeat_interleave(2, 0), attention_mask=attn.repeat_interleave(2, 0), **kw)
+    assert shared.shape == full.shape and torch.equal(shared, full)
+
+
+def test_sampled_k_samples_differ_from_each_other_yet_reproduce(random_model):
+    model, tok = random_model
+    cfg = InferConfig(temperature=1.0, num_samples=3, max_new_tokens=10, batch_size=2)
+    a = generate(model, tok, prompts()[:4], cfg, seed=5, progress=False)
+    b = generate(model, tok, prompts()[:4], cfg, seed=5, progress=False)
+    assert [c.text for c in a] == [c.text for c in b]
+    for i in range(4):
+        texts = {c.text for c in a if c.prompt_id == f"p{i}"}
+        assert len(texts) > 1  # the copies of one prompt's cache are sampled independently

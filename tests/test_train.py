@@ -45,6 +45,7 @@ class RecordInitialLora(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.weights = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        self.base_dtypes = {p.dtype for n, p in model.named_parameters() if "lora_" not in n}
 
 
 def test_lora_trains_the_adapter_and_leaves_base_weights_bit_identical(tiny_model, tmp_path):  # noqa: F811
@@ -193,3 +194,88 @@ def test_packaged_gemma_student_trains_in_its_own_turn_format_without_new_tokens
     res = train(cfg, tiny_examples(4), tmp_path / "adapter", model=model, tokenizer=tok, progress=False)
     assert math.isfinite(res.train_loss) and res.steps == 2
     assert all("lora_" in k for k in lora_tensors(res.adapter_dir))
+
+
+def _reference_completion_loss(model, rows) -> torch.Tensor:
+    """Each example alone, unpadded: summed cross-entropy over its completion tokens ÷ their count."""
+    nll, count = torch.zeros(()), 0
+    for r in rows:
+        logits = model(input_ids=torch.tensor([r["input_ids"]])).logits[0, :-1]
+        target = torch.tensor(r["labels"][1:])
+        nll = nll + torch.nn.functional.cross_entropy(logits, target, ignore_index=-100, reduction="sum")
+        count += int((target != -100).sum())
+    return nll / count
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_padding_free_and_padded_batches_give_the_loss_and_gradients_of_unpacked_examples(
+    tiny_model, padding_free  # noqa: F811
+):
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    from llamaduo.train import completion_loss, tokenize_example
+
+    torch.manual_seed(0)
+    model, tok = load_model(ModelConfig(base=str(tiny_model)))
+    examples = tiny_examples(6, system="Reply briefly.")
+    examples[2].messages[-1].content *= 3  # lengths differ: padding, and segments of several sizes
+    rows = []
+    for e in examples:
+        r = tokenize_example(tok, e, 128)
+        rows.append({"input_ids": r["input_ids"], "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"], strict=True)]})
+    batch = DataCollatorForLanguageModeling(pad_token_id=tok.pad_token_id, padding_free=padding_free)(rows)
+    assert batch["input_ids"].shape[0] == (1 if padding_free else 6)
+
+    ref = _reference_completion_loss(model, rows)
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss, _ = completion_loss(model, batch)
+    loss.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(p.grad, ref_grads[n], atol=1e-5), n  # no example attends into another
+
+
+def test_padding_free_training_follows_the_same_loss_curve_as_padded_training(tiny_model, tmp_path):  # noqa: F811
+    losses = {}
+    for padding_free in (True, False):
+        cfg = tiny_config(tiny_model, tmp_path, padding_free=padding_free, group_by_length=False, lora_dropout=0.0)
+        res = train(cfg, tiny_examples(8), tmp_path / f"pf-{padding_free}", progress=False)
+        losses[padding_free] = res.train_loss
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_examples_whose_prompt_fills_max_length_are_dropped_and_counted(tiny_model, tmp_path):  # noqa: F811
+    examples = tiny_examples(8)
+    examples[0].messages[0].content = "a long prompt " * 200
+    cfg = tiny_config(tiny_model, tmp_path, max_length=64, max_steps=1)
+    res = train(cfg, examples, tmp_path / "adapter", progress=False)
+    assert res.dropped_too_long == 1 and res.examples == 7
+    only_long = [examples[0]]
+    with pytest.raises(TrainError, match="train.max_length=64"):
+        train(cfg, only_long, tmp_path / "adapter2", progress=False)
+
+
+def test_bf16_lora_keeps_a_bf16_base_and_an_fp32_adapter(tiny_model, tmp_path):  # noqa: F811
+    from llamaduo.train import use_bf16
+
+    cfg = tiny_config(tiny_model, tmp_path, precision="bf16", max_steps=2)
+    assert use_bf16(cfg) and not use_bf16(tiny_config(tiny_model, tmp_path, precision="fp32"))
+    seen = RecordInitialLora()
+    res = train(cfg, tiny_examples(8), tmp_path / "adapter", progress=False, callbacks=[seen])
+    assert math.isfinite(res.train_loss)
+    assert seen.base_dtypes == {torch.bfloat16} and {t.dtype for t in seen.weights.values()} == {torch.float32}
+    assert {t.dtype for t in lora_tensors(tmp_path / "adapter").values()} == {torch.float32}
+
+
+def test_length_grouped_order_is_a_seeded_permutation_with_batches_of_similar_length():
+    from llamaduo.train import length_grouped_order
+
+    lengths = [(i * 37) % 500 + 10 for i in range(400)]
+    order = length_grouped_order(lengths, 4, seed=1)
+    assert sorted(order) == list(range(400)) and order == length_grouped_order(lengths, 4, seed=1)
+    assert order != length_grouped_order(lengths, 4, seed=2)
+    padded = sum(4 * max(lengths[i] for i in order[j : j + 4]) for j in range(0, 400, 4))
+    random_padded = sum(4 * max(lengths[j : j + 4]) for j in range(0, 400, 4))
+    assert padded < 1.05 * sum(lengths) < 0.8 * random_padded  # near no padding at all

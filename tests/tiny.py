@@ -29,7 +29,8 @@ def tiny_examples(n: int = 8, system: str | None = None) -> list[Example]:
 
 def tiny_config(base: Path, tmp: Path, seed: int = 0, **train: Any) -> Config:
     """A config that trains the tiny model in a second or two on two CPU cores."""
-    t = {"batch_size": 4, "max_length": 128, "max_steps": 4, "learning_rate": 5e-3, "logging_steps": 1}
+    # fp32 everywhere: results must not depend on whether this CPU computes bf16 natively.
+    t = {"batch_size": 4, "max_length": 128, "max_steps": 4, "learning_rate": 5e-3, "logging_steps": 1, "precision": "fp32"}
     t.update(train)
     return from_dict({"seed": seed, "runs_dir": str(tmp / "runs"), "model": {"base": str(base)}, "train": t})
 

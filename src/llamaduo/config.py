@@ -182,7 +182,19 @@ class TrainConfig(Strict):
     batch_size: int = Field(4, ge=1, description="Per-device batch size.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_length: int = Field(1024, ge=16, description="Truncate chat-formatted examples to this many tokens.")
-    packing: bool = Field(False, description="Pack sequences (padding-free) to save compute.")
+    packing: bool = Field(False, description="Pack examples into max_length rows (best-fit), padding-free.")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto",
+        description="Concatenate each batch into one row without padding (position ids keep examples apart); "
+        "'auto' = on with CUDA's variable-length attention, off on CPU where a packed row's attention costs "
+        "its length squared.",
+    )
+    group_by_length: bool = Field(True, description="Batch examples of similar length together to cut padding.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Compute precision: 'auto' = bf16 mixed precision where the hardware computes bf16 natively "
+        "(CUDA with bf16, CPUs with AVX512-BF16 or AMX), else fp32.",
+    )
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
     continue_from_previous: bool = Field(False, description="Start each round from the previous round's adapter.")
     val_fraction: float = Field(0.0, ge=0, lt=1, description="Share of the train set held out for validation loss.")
@@ -203,6 +215,11 @@ class InferConfig(Strict):
     max_new_tokens: int = Field(1024, ge=1, description="Max generated tokens per candidate.")
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="Weights for generation: 'auto' = bf16 where the hardware computes bf16 natively and the "
+        "model has 50M+ parameters (when model.dtype is float32), else model.dtype.",
+    )
 
 
 # ----------------------------------------------------------------------------- loop

@@ -103,7 +103,11 @@ def generate(
             if sampling.stop:
                 kwargs["stop_strings"] = sampling.stop
                 kwargs["tokenizer"] = tokenizer
-            out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+            if greedy or k == 1 or longest < 2:
+                out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
+            else:
+                kwargs["num_return_sequences"] = 1
+                out = generate_shared_prefix(model, input_ids.to(device), attn.to(device), k, **kwargs)
             gen = out[:, longest:].cpu()
             per = 1 if greedy else k
             for row, i in enumerate(idx):
@@ -128,6 +132,32 @@ def generate(
                 results[i] = comps
             bar.advance(task, len(idx))
     return [c for i in range(len(encoded)) for c in results[i]]
+
+
+def generate_shared_prefix(model: Any, input_ids: Any, attention_mask: Any, copies: int, **kwargs: Any) -> Any:
+    """`copies` continuations of each left-padded prompt that share one prefill.
+
+    The prompts (all but their last token) run through the model once; the KV cache is then
+    repeated `copies` times and `generate` decodes from it, so K samples cost one prompt
+    prefill instead of K. Rows come out prompt-major: row i*copies + j is sample j of prompt i.
+    """
+    import torch
+
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions.masked_fill_(attention_mask == 0, 1)  # as `generate` numbers left-padded prompts
+    with torch.inference_mode():
+        prefill = model(
+            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
+            use_cache=True, logits_to_keep=1,
+        )
+    cache = prefill.cache
+    cache.batch_repeat_interleave(copies)
+    return model.generate(
+        input_ids=input_ids.repeat_interleave(copies, dim=0),
+        attention_mask=attention_mask.repeat_interleave(copies, dim=0),
+        cache=cache,
+        **kwargs,
+    )
 
 
 def vllm_available() -> bool:
@@ -181,7 +211,29 @@ def run_inference(cfg: Config, test: list[Example], adapter_dir: Path | None, pr
     if cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available()):
         return generate_vllm(cfg, prompts, adapter_dir, mh, ah)
     model, tok = load_round_model(cfg, adapter_dir)
+    model = for_generation(model, cfg.infer)
     return generate(model, tok, prompts, cfg.infer, seed=cfg.seed, model_hash=mh, adapter_hash=ah, progress=progress)
+
+
+# Below this size a decoding step is bound by per-step overhead and the KV cache, not by reading
+# weights, and bf16's conversions cost more than they save (measured on the tiny test model).
+BF16_MIN_PARAMS = 50_000_000
+
+
+def for_generation(model: Any, infer_cfg: InferConfig) -> Any:
+    """The model in the precision generation runs in (see `InferConfig.precision`): 'auto' casts
+    fp32 weights to bf16 where the hardware computes bf16 natively and the model is large enough."""
+    import torch
+
+    from llamaduo.models import bf16_native
+
+    dtype = next(model.parameters()).dtype
+    if infer_cfg.precision == "bf16":
+        return model.to(torch.bfloat16)
+    if infer_cfg.precision == "fp32":
+        return model.to(torch.float32)
+    big = sum(p.numel() for p in model.parameters()) >= BF16_MIN_PARAMS
+    return model.to(torch.bfloat16) if dtype == torch.float32 and big and bf16_native() else model
 
 
 def load_round_model(cfg: Config, adapter_dir: Path | None) -> tuple[Any, Any]:

@@ -240,7 +240,8 @@ class Run:
             return h  # under `accelerate launch` only the main process records results
         write_json(self.store.train_result_path(r), res.model_dump(mode="json"))
         _done(self.store, key, h, components, examples=len(examples))
-        self._finish(key, t0, f"{len(examples)} examples, loss {getattr(res, 'train_loss', float('nan')):.3f}")
+        dropped = f", {res.dropped_too_long} dropped (prompt fills train.max_length)" if res.dropped_too_long else ""
+        self._finish(key, t0, f"{len(examples)} examples{dropped}, loss {res.train_loss:.3f}, {res.tokens_per_s:.0f} tok/s")
         return h
 
     # ---- infer

@@ -195,6 +195,18 @@ def resolve_dtype(name: str) -> Any:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def bf16_native() -> bool:
+    """Whether this machine computes bf16 natively (else bf16 is emulated and slow)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # AVX512-BF16 or AMX
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _gguf_cache(cfg: ModelConfig, gguf_path: Path) -> Path:
     h = hashlib.sha256(f"{gguf_path.resolve()}:{gguf_path.stat().st_size}:{gguf_path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
     root = Path(cfg.cache_dir) if cfg.cache_dir else Path.home() / ".cache" / "llamaduo" / "gguf"

@@ -517,7 +517,10 @@ def build_app(model_or_run_dir: Path, cfg: Config):
     from llamaduo import models
 
     model_dir, name = resolve_model_dir(model_or_run_dir)
+    from llamaduo.infer import for_generation
+
     model, tokenizer = models.load_model(ModelConfig(base=str(model_dir), dtype=cfg.model.dtype))
+    model = for_generation(model, cfg.infer)  # served in the precision the rounds were judged in
     fallback = None
     if cfg.serve.fallback:
         from llamaduo.service import ServiceClient

@@ -42,6 +42,9 @@ class TrainResult(BaseModel):
     lora_r: int | None = None
     lora_alpha: int | None = None
     resumed_from_step: int | None = None
+    dropped_too_long: int = 0  # examples whose prompt alone filled max_length
+    bf16: bool = False  # bf16 mixed precision (and a bf16 base under LoRA)
+    padding_free: bool = False
 
 
 def lora_schedule(n_examples: int) -> tuple[int, int]:
@@ -51,6 +54,37 @@ def lora_schedule(n_examples: int) -> tuple[int, int]:
     if n_examples >= 10_000:
         return 16, 32
     return 8, 16
+
+
+def length_grouped_order(lengths: list[int], batch: int, seed: int, megabatch: int = 50) -> list[int]:
+    """A seeded shuffle, then each run of `megabatch` batches sorted by length and cut into
+    batches, whose order is shuffled again: batches hold examples of similar length (little
+    padding) while the order of examples stays random."""
+    rng = random.Random(seed)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    out: list[int] = []
+    for start in range(0, len(order), batch * megabatch):
+        chunk = sorted(order[start : start + batch * megabatch], key=lambda i: -lengths[i])
+        batches = [chunk[j : j + batch] for j in range(0, len(chunk), batch)]
+        rng.shuffle(batches)
+        out += [i for b in batches for i in b]
+    return out
+
+
+def _varlen_attention(model: Any) -> bool:
+    """Whether the model attends with flash-attention's variable-length kernels (padding-free is then free)."""
+    return "flash" in str(getattr(model.config, "_attn_implementation", "") or "")
+
+
+def use_bf16(cfg: Config) -> bool:
+    """bf16 mixed precision for this run: asked for, needed (QLoRA, bf16 weights) or native under 'auto'."""
+    tc = cfg.train
+    if tc.method == "qlora" or cfg.model.dtype == "bfloat16" or tc.precision == "bf16":
+        return True
+    from llamaduo.models import bf16_native
+
+    return tc.precision == "auto" and bf16_native()
 
 
 def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
@@ -124,7 +158,9 @@ def _train(
     set_seed(cfg.seed)
     if model is None or tokenizer is None:
         model_cfg = cfg.model
-        if tc.method == "qlora":
+        if tc.method == "qlora" or (tc.method == "lora" and use_bf16(cfg)):
+            # LoRA's base is frozen: bf16 weights halve its memory and skip autocast's per-step casts;
+            # the adapter itself stays fp32 (PEFT's default). Full fine-tuning keeps fp32 master weights.
             model_cfg = model_cfg.model_copy(update={"dtype": "bfloat16"})
         model, tokenizer = models.load_model(model_cfg, for_training=True, quantize_4bit=tc.method == "qlora")
     if tc.method == "qlora":
@@ -144,11 +180,21 @@ def _train(
         model = AutoModelForCausalLM.from_pretrained(str(init_adapter), dtype=model.dtype)
 
     rows = [tokenize_example(tokenizer, e, tc.max_length) for e in examples]
+    # An example whose prompt fills max_length has nothing left to learn from: drop it, say how many.
+    rows = [r for r in rows if any(r["completion_mask"])]
+    too_long = len(examples) - len(rows)
+    if not rows:
+        raise TrainError(f"every example's prompt fills train.max_length={tc.max_length}; raise it")
     order = list(range(len(rows)))
     random.Random(cfg.seed).shuffle(order)
     n_val = int(len(rows) * tc.val_fraction)
     val_rows = [rows[i] for i in order[:n_val]]
     train_rows = [rows[i] for i in order[n_val:]]
+    padding_free = tc.packing or (_varlen_attention(model) if tc.padding_free == "auto" else tc.padding_free)
+    grouped = tc.group_by_length and not padding_free
+    if grouped:
+        step_batch = tc.batch_size * tc.grad_accum
+        train_rows = [train_rows[i] for i in length_grouped_order([len(r["input_ids"]) for r in train_rows], step_batch, cfg.seed)]
     train_ds = Dataset.from_list(train_rows)
     val_ds = Dataset.from_list(val_rows) if val_rows else None
 
@@ -170,18 +216,22 @@ def _train(
         data_seed=cfg.seed,
         report_to=[],
         push_to_hub=False,
-        bf16=cfg.model.dtype == "bfloat16" or tc.method == "qlora",
+        bf16=use_bf16(cfg),
         fp16=False,
         activation_checkpointing=tc.gradient_checkpointing,
-        max_length=tc.max_length,
+        # Examples are truncated when tokenized; padding-free rows must not be cut again.
+        max_length=tc.max_length if tc.packing or not padding_free else None,
         packing=tc.packing,
+        padding_free=padding_free,
+        # A grouped order is fixed here (seeded), so a resumed round skips exactly the batches it ran.
+        train_sampling_strategy="sequential" if grouped else "random",
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
         disable_tqdm=True,  # our own bar below; the Trainer's prints every log dict
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = SFTTrainer(
+    trainer = _completion_loss_trainer(SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
         callbacks=callbacks,
     )
@@ -195,8 +245,18 @@ def _train(
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
     val_loss = float(trainer.evaluate()["eval_loss"]) if val_ds is not None else None
-    if trainer.is_world_process_zero():
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        # Sharded weights are gathered collectively: every rank takes part, the main one writes.
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if trainer.is_world_process_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.accelerator.wait_for_everyone()
+        trainer.save_model(str(tmp))
+        if trainer.is_world_process_zero():
+            _finish_saved(tmp, tokenizer, out_dir)
+    elif trainer.is_world_process_zero():
         _save_atomically(trainer.model, tokenizer, out_dir)
+    if trainer.is_world_process_zero():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the round is done; its checkpoints are not needed
     trainer.accelerator.wait_for_everyone()  # every rank returns only once the adapter exists
     return TrainResult(
@@ -212,7 +272,66 @@ def _train(
         lora_r=r if tc.method != "full" else None,
         lora_alpha=alpha if tc.method != "full" else None,
         resumed_from_step=int(resume.name.split("-")[-1]) if resume else None,
+        dropped_too_long=too_long,
+        bf16=bool(args.bf16),
+        padding_free=padding_free,
     )
+
+
+def completion_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
+    """Mean cross-entropy over the completion tokens of a padded or padding-free batch.
+
+    The LM head is most of the compute of a small model with a large vocabulary (Gemma 3 270M:
+    262k words × 640 dims, more than its 18 layers per token), so it runs only at positions
+    whose next token is in the loss: `logits_to_keep` trims the columns no row needs, and a
+    pre-hook on the head keeps exactly the rows' completion positions. The model's own forward
+    runs throughout (DDP/FSDP wrappers, soft-capping and scaling included), and the loss is
+    the same as over all positions. `inputs` is a collator's batch with `labels` (-100 = not in the loss).
+    """
+    import torch
+    from torch.nn import functional as F
+
+    inputs = dict(inputs)
+    labels = inputs.pop("labels")
+    targets = labels[:, 1:]
+    # Columns where some row predicts a completion token, then the exact (row, column) pairs.
+    keep = (targets != -100).any(dim=0).nonzero().flatten()
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # no completion token: a zero loss
+    targets = targets[:, keep]
+    picked = targets != -100
+    if not picked.any():
+        picked[0, 0] = True  # one position, masked by its -100 target, keeps the graph connected
+    head = getattr(model, "module", model).get_output_embeddings()
+
+    def only_completion_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (args[0][picked.to(args[0].device)].unsqueeze(0), *args[1:])
+
+    hook = head.register_forward_pre_hook(only_completion_positions)
+    try:
+        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
+    finally:
+        hook.remove()
+    logits = outputs.logits[0]
+    outputs.logits = None  # [positions, vocab] is large; the loss below holds what backward needs
+    total = F.cross_entropy(logits.float(), targets[picked].to(logits.device), ignore_index=-100, reduction="sum")
+    count = picked.sum() if num_items_in_batch is None else num_items_in_batch
+    return total / torch.as_tensor(count, device=total.device).clamp(min=1), outputs
+
+
+def _completion_loss_trainer(base: type) -> type:
+    """`SFTTrainer` with `completion_loss`: TRL scores every position off CUDA and adds entropy
+    and accuracy metrics over the full vocabulary each step, which dominates a small model's time."""
+
+    class CompletionLossTrainer(base):  # type: ignore[misc, valid-type]
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
+            loss, outputs = completion_loss(model, inputs, num_items_in_batch)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                # `num_items_in_batch` counts every rank's tokens and DDP averages the gradients.
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
+
+    return CompletionLossTrainer
 
 
 def _attach_lora(model: Any, cfg: Config, r: int, alpha: int, init_adapter: Path | None) -> Any:
@@ -238,7 +357,13 @@ def _save_atomically(model: Any, tokenizer: Any, out_dir: Path) -> None:
         model.save_pretrained(str(tmp), save_embedding_layers=False)
     else:
         model.save_pretrained(str(tmp))
+    _finish_saved(tmp, tokenizer, out_dir)
+
+
+def _finish_saved(tmp: Path, tokenizer: Any, out_dir: Path) -> None:
+    """Tokenizer and a portable config beside the weights in `tmp`, then `tmp` becomes `out_dir`."""
     tokenizer.save_pretrained(str(tmp))
+    (tmp / "training_args.bin").unlink(missing_ok=True)  # `Trainer.save_model`'s pickle: not part of a model
     _portable_adapter_config(tmp)
     (tmp / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card names local paths
     shutil.rmtree(out_dir, ignore_errors=True)
