@@ -87,7 +87,6 @@ def main() -> None:
     if not Path(args.data).exists():
         sys.exit(f"{args.data}: not found (No Robots JSONL from the shared data directory; pass --data)")
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
@@ -122,16 +121,18 @@ def main() -> None:
         rows.append((f"llamaduo ({ours_dtype})", "sampled", ours_tokens, ours_s))
 
         greedy = cfg.model_copy(update={"temperature": 0.0, "num_samples": 1})
-        console.print("greedy: llamaduo batched vs one at a time, same weights ...")
+        del ours_model
+        greedy_model = for_generation(fp32_model, greedy)
+        greedy_dtype = str(next(greedy_model.parameters()).dtype).replace("torch.", "")
+        console.print(f"greedy: llamaduo batched vs one at a time, same weights ({greedy_dtype}) ...")
         t0 = time.monotonic()
-        ours_greedy = generate(ours_model, tok, prompts, greedy, seed=0, progress=False)
+        ours_greedy = generate(greedy_model, tok, prompts, greedy, seed=0, progress=False)
         greedy_s = time.monotonic() - t0
-        single_greedy, single_s = one_at_a_time(ours_model, tok, prompts, greedy, seed=0)
-        rows.append((f"one at a time ({ours_dtype})", "greedy", sum(map(len, single_greedy)), single_s))
-        rows.append((f"llamaduo ({ours_dtype})", "greedy", sum(c.new_tokens for c in ours_greedy), greedy_s))
+        single_greedy, single_s = one_at_a_time(greedy_model, tok, prompts, greedy, seed=0)
+        rows.append((f"one at a time ({greedy_dtype})", "greedy", sum(map(len, single_greedy)), single_s))
+        rows.append((f"llamaduo ({greedy_dtype})", "greedy", sum(c.new_tokens for c in ours_greedy), greedy_s))
         texts = [tok.decode(s, skip_special_tokens=True).strip() for s in single_greedy]
         identical = texts == [c.text for c in ours_greedy]
-        del torch  # only needed for the models above
 
     table = Table(title=f"inference throughput: {args.model}, {len(prompts)} prompts, batch {cfg.batch_size}")
     for col in ("run", "decoding", "new tokens", "seconds", "tokens/s"):

@@ -158,3 +158,25 @@ def test_sampled_k_samples_differ_from_each_other_yet_reproduce(random_model):
     for i in range(4):
         texts = {c.text for c in a if c.prompt_id == f"p{i}"}
         assert len(texts) > 1  # the copies of one prompt's cache are sampled independently
+
+
+@pytest.mark.parametrize(
+    ("top_p", "top_k", "temperature", "expected"),
+    [
+        (1.0, None, 1.0, [0.5, 0.3, 0.2, 0.0]),
+        (1.0, 50, 1.0, [0.5, 0.3, 0.2, 0.0]),
+        (0.6, None, 1.0, [0.625, 0.375, 0.0, 0.0]),  # the smallest head whose mass reaches 0.6
+        (0.6, 2, 1.0, [1.0, 0.0, 0.0, 0.0]),  # top-k first, then top-p over what is left (as `generate`)
+        (1.0, 1, 1.0, [1.0, 0.0, 0.0, 0.0]),
+        (1.0, None, 0.5, [25 / 38, 9 / 38, 4 / 38, 0.0]),  # p ** (1 / T), renormalised
+    ],
+)
+def test_sampler_draws_from_the_tempered_truncated_distribution(top_p, top_k, temperature, expected):
+    from llamaduo.infer import sampler
+
+    torch.manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).repeat(20_000, 1)
+    scores = sampler(temperature, top_p, top_k)(None, logits)
+    assert torch.isfinite(scores).sum(dim=-1).eq(1).all() and scores.max(dim=-1).values.eq(0).all()
+    freq = torch.bincount(scores.argmax(dim=-1), minlength=4).float() / 20_000
+    assert torch.allclose(freq, torch.tensor(expected), atol=0.012)

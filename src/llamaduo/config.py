@@ -217,8 +217,9 @@ class InferConfig(Strict):
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
-        description="Weights for generation: 'auto' = bf16 where the hardware computes bf16 natively and the "
-        "model has 50M+ parameters (when model.dtype is float32), else model.dtype.",
+        description="Weights for generation: 'auto' = bf16 when sampling where the hardware computes bf16 "
+        "natively and the model has 50M+ parameters (model.dtype float32); greedy stays fp32 so its answers "
+        "do not depend on the batch.",
     )
 
 
