@@ -180,3 +180,16 @@ def test_sampler_draws_from_the_tempered_truncated_distribution(top_p, top_k, te
     assert torch.isfinite(scores).sum(dim=-1).eq(1).all() and scores.max(dim=-1).values.eq(0).all()
     freq = torch.bincount(scores.argmax(dim=-1), minlength=4).float() / 20_000
     assert torch.allclose(freq, torch.tensor(expected), atol=0.012)
+
+
+def test_generation_precision_keeps_greedy_and_small_models_in_fp32_and_casts_when_asked(tiny_model):  # noqa: F811
+    from llamaduo.infer import for_generation
+
+    def dtype(m):
+        return next(m.parameters()).dtype
+
+    model, _ = load_model(ModelConfig(base=str(tiny_model)))
+    assert dtype(for_generation(model, InferConfig(temperature=0.0, precision="auto"))) == torch.float32
+    assert dtype(for_generation(model, InferConfig(precision="auto"))) == torch.float32  # under 50M parameters
+    assert dtype(for_generation(model, InferConfig(precision="bf16"))) == torch.bfloat16
+    assert dtype(for_generation(model, InferConfig(precision="fp32"))) == torch.float32
