@@ -8,8 +8,10 @@ chat-formatted) with the pipeline's settings: K samples per prompt at the config
 `--new-tokens` new tokens at most, stopping at the end of the turn. The baseline is what a user
 writes with transformers: per prompt, `model.generate(..., num_return_sequences=K)` on the model
 loaded as saved (fp32). llamaduo's side is `infer.generate` as a round runs it: length-sorted
-left-padded batches, the K samples of a prompt decoded from one shared prefill, bf16 weights where
-the CPU computes bf16 natively. Throughput is generated tokens (up to each sample's end) per second.
+batches, each prompt prefilled once and its K samples decoded together with attention that reads
+the prompt's cache once for all K (`decode.py`), bf16 weights for sampling where the CPU computes
+bf16 natively (models of 50M parameters and more). Throughput is generated tokens (up to each
+sample's end) per second.
 
 Then greedy decoding checks that batching changes nothing: llamaduo's batched greedy answers
 against `generate` one prompt at a time on the same weights. Last line:

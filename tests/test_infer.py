@@ -131,24 +131,6 @@ def test_vllm_backend_without_vllm_is_one_clear_error(tiny_model, tmp_path):  # 
         run_inference(cfg, tiny_examples(1), None, progress=False)
 
 
-def test_samples_sharing_one_prefill_decode_exactly_like_a_full_generate_per_copy(random_model):
-    from llamaduo.infer import generate_shared_prefix
-    from llamaduo.models import encode_prompt
-
-    model, tok = random_model
-    encoded = [encode_prompt(tok, msgs) for _, msgs in prompts()[:3]]
-    longest = max(map(len, encoded))
-    ids = torch.full((3, longest), tok.pad_token_id)
-    attn = torch.zeros((3, longest), dtype=torch.long)
-    for row, e in enumerate(encoded):
-        ids[row, longest - len(e):], attn[row, longest - len(e):] = torch.tensor(e), 1
-    kw = {"max_new_tokens": 12, "do_sample": False, "pad_token_id": tok.pad_token_id}
-    with torch.inference_mode():
-        shared = generate_shared_prefix(model, ids, attn, 2, **kw)
-        full = model.generate(input_ids=ids.repeat_interleave(2, 0), attention_mask=attn.repeat_interleave(2, 0), **kw)
-    assert shared.shape == full.shape and torch.equal(shared, full)
-
-
 def test_sampled_k_samples_differ_from_each_other_yet_reproduce(random_model):
     model, tok = random_model
     cfg = InferConfig(temperature=1.0, num_samples=3, max_new_tokens=10, batch_size=2)
@@ -171,14 +153,14 @@ def test_sampled_k_samples_differ_from_each_other_yet_reproduce(random_model):
         (1.0, None, 0.5, [25 / 38, 9 / 38, 4 / 38, 0.0]),  # p ** (1 / T), renormalised
     ],
 )
-def test_sampler_draws_from_the_tempered_truncated_distribution(top_p, top_k, temperature, expected):
-    from llamaduo.infer import sampler
+def test_draw_samples_from_the_tempered_truncated_distribution(top_p, top_k, temperature, expected):
+    from llamaduo.infer import draw
 
     torch.manual_seed(0)
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2, 0.0]])).repeat(20_000, 1)
-    scores = sampler(temperature, top_p, top_k)(None, logits)
-    assert torch.isfinite(scores).sum(dim=-1).eq(1).all() and scores.max(dim=-1).values.eq(0).all()
-    freq = torch.bincount(scores.argmax(dim=-1), minlength=4).float() / 20_000
+    tokens = draw(logits, temperature, top_p, top_k)
+    assert tokens.shape == (20_000,)
+    freq = torch.bincount(tokens, minlength=4).float() / 20_000
     assert torch.allclose(freq, torch.tensor(expected), atol=0.012)
 
 

@@ -224,14 +224,18 @@ def create_capture_app(
             sse = _SSEText()
 
             async def relay() -> AsyncIterator[bytes]:
+                recorded = False
                 try:
                     async for chunk in resp.aiter_bytes():
                         sse.feed(chunk)
+                        if sse.done and not recorded and resp.status_code == 200:
+                            # Before the last chunk goes out: a client that disconnects on `[DONE]`
+                            # cancels this generator at its next `yield`.
+                            record(body, sse.text, sse.model, category)
+                            recorded = True
                         yield chunk
                 finally:
                     await resp.aclose()
-                if resp.status_code == 200 and sse.done:
-                    record(body, sse.text, sse.model, category)
 
             return StreamingResponse(relay(), status_code=resp.status_code, headers=out_headers)
 

@@ -1,8 +1,10 @@
 """Batch inference on the test split: K samples per prompt, length-sorted left-padded batches.
 
-The transformers backend runs anywhere; the vLLM backend (LoRA included) is used when vLLM is
-installed and CUDA is present. Prompts are encoded by `models.encode_prompt`, the function
-training uses, so the model sees at inference exactly the prefix it was trained on.
+The transformers backend runs anywhere, decoding with `decode.decode` (the K samples of a prompt
+share one prefill and read its cache once; architectures that loop does not fit use `generate`);
+the vLLM backend (LoRA included) is used when vLLM is installed and CUDA is present. Prompts are
+encoded by `models.encode_prompt`, the function training uses, so the model sees at inference
+exactly the prefix it was trained on.
 """
 
 from __future__ import annotations
@@ -90,25 +92,7 @@ def generate(
                 attn[row, longest - len(ids):] = 1
             # Seeded per batch position so a rerun (or a resumed run) samples the same text.
             torch.manual_seed(seed * 1_000_003 + start)
-            kwargs: dict[str, Any] = {
-                "max_new_tokens": sampling.max_new_tokens,
-                "pad_token_id": pad_id,
-                "eos_token_id": eos_ids,
-                "num_return_sequences": 1 if greedy else k,
-            }
-            kwargs["do_sample"] = False
-            if not greedy:
-                # Sampled here, picked by `generate`'s argmax: see `sampler`.
-                kwargs["logits_processor"] = [sampler(sampling.temperature, sampling.top_p, model.generation_config.top_k)]
-            if sampling.stop:
-                kwargs["stop_strings"] = sampling.stop
-                kwargs["tokenizer"] = tokenizer
-            if greedy or k == 1 or longest < 2:
-                out = model.generate(input_ids=input_ids.to(device), attention_mask=attn.to(device), **kwargs)
-            else:
-                kwargs["num_return_sequences"] = 1
-                out = generate_shared_prefix(model, input_ids.to(device), attn.to(device), k, **kwargs)
-            gen = out[:, longest:].cpu()
+            gen = _generate_batch(model, tokenizer, input_ids.to(device), attn.to(device), sampling, eos_ids, pad_id)
             per = 1 if greedy else k
             for row, i in enumerate(idx):
                 comps = []
@@ -134,9 +118,49 @@ def generate(
     return [c for i in range(len(encoded)) for c in results[i]]
 
 
-def sampler(temperature: float, top_p: float, top_k: int | None) -> Any:
-    """A logits processor that draws the next token (temperature, top-k, then top-p) and leaves
-    only it standing, so `generate`'s greedy step emits it.
+def _generate_batch(
+    model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, sampling: InferConfig, eos_ids: list[int], pad_id: int
+) -> Any:
+    """New tokens of one left-padded batch: [prompts * K, max_new_tokens] (one row per prompt if greedy)."""
+    from transformers import StoppingCriteriaList, StopStringCriteria
+
+    from llamaduo.decode import SharedPrefixUnsupported, decode
+
+    greedy = sampling.temperature == 0
+    copies = 1 if greedy else sampling.num_samples
+    top_k = getattr(model.generation_config, "top_k", None)
+    stops = StoppingCriteriaList([StopStringCriteria(tokenizer, sampling.stop)] if sampling.stop else [])
+    if not getattr(model, "_llamaduo_plain_generate", False):
+        try:
+            return decode(
+                model, input_ids, attention_mask, copies, sampling.max_new_tokens,
+                pick=(lambda logits: logits.argmax(-1)) if greedy else (
+                    lambda logits: draw(logits, sampling.temperature, sampling.top_p, top_k)
+                ),
+                eos_ids=eos_ids, pad_id=pad_id, stop=(lambda gen: stops(gen, None)) if stops else None,
+            ).cpu()
+        except SharedPrefixUnsupported:
+            model._llamaduo_plain_generate = True  # this architecture decodes with plain `generate` from now on
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids,
+        "num_return_sequences": copies, "do_sample": False, "stopping_criteria": stops,
+    }
+    if not greedy:
+        # Sampled here, picked by `generate`'s argmax: see `draw`.
+        kwargs["logits_processor"] = [lambda ids, scores: _only(scores, draw(scores, sampling.temperature, sampling.top_p, top_k))]
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return out[:, input_ids.shape[1]:].cpu()
+
+
+def _only(scores: Any, tokens: Any) -> Any:
+    """Scores that leave only `tokens` standing, for `generate`'s greedy step to emit."""
+    import torch
+
+    return torch.full_like(scores, float("-inf")).scatter_(-1, tokens[:, None], 0.0)
+
+
+def draw(logits: Any, temperature: float, top_p: float, top_k: int | None) -> Any:
+    """Next token ids [rows] drawn from logits [rows, vocab] at `temperature`, top-k, then top-p.
 
     `generate`'s own sampling ends in `torch.multinomial` over the whole vocabulary, which on a
     CPU costs ~0.2 s a step for 32 rows of Gemma's 262k words, more than the model itself. Here
@@ -145,56 +169,22 @@ def sampler(temperature: float, top_p: float, top_k: int | None) -> Any:
     """
     import torch
 
-    def draw(input_ids: Any, scores: Any) -> Any:
-        logits = scores.float() / temperature
-        if top_k:
-            values, index = logits.topk(min(int(top_k), logits.shape[-1]), dim=-1)
-        elif top_p < 1:
-            values, index = logits.sort(dim=-1, descending=True)
-        else:
-            values, index = logits, None
-        probs = values.softmax(dim=-1)
-        if top_p < 1:
-            if index is None:
-                values, index = logits.sort(dim=-1, descending=True)
-                probs = values.softmax(dim=-1)
-            # Keep the smallest head of the (sorted) distribution whose mass reaches top_p.
-            probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
-            probs = probs / probs.sum(dim=-1, keepdim=True)
-        cdf = probs.cumsum(dim=-1)
-        u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]  # scaled: rounding never picks a zero
-        pick = (cdf < u).sum(dim=-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
-        token = pick if index is None else index.gather(-1, pick)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, token, 0.0)
-
-    return draw
-
-
-def generate_shared_prefix(model: Any, input_ids: Any, attention_mask: Any, copies: int, **kwargs: Any) -> Any:
-    """`copies` continuations of each left-padded prompt that share one prefill.
-
-    The prompts (all but their last token) run through the model once; the KV cache is then
-    repeated `copies` times and `generate` decodes from it, so K samples cost one prompt
-    prefill instead of K. Rows come out prompt-major: row i*copies + j is sample j of prompt i.
-    """
-    import torch
-
-    positions = attention_mask.long().cumsum(-1) - 1
-    positions.masked_fill_(attention_mask == 0, 1)  # as `generate` numbers left-padded prompts
-    with torch.inference_mode():
-        prefill = model(
-            input_ids=input_ids[:, :-1], attention_mask=attention_mask[:, :-1], position_ids=positions[:, :-1],
-            use_cache=True, logits_to_keep=1,
-        )
-    cache = prefill.cache
-    cache.batch_repeat_interleave(copies)
-    return model.generate(
-        input_ids=input_ids.repeat_interleave(copies, dim=0),
-        attention_mask=attention_mask.repeat_interleave(copies, dim=0),
-        cache=cache,
-        **kwargs,
-    )
+    logits = logits.float() / temperature
+    if top_k:
+        values, index = logits.topk(min(int(top_k), logits.shape[-1]), dim=-1)
+    elif top_p < 1:
+        values, index = logits.sort(dim=-1, descending=True)
+    else:
+        values, index = logits, None
+    probs = values.softmax(dim=-1)
+    if top_p < 1:
+        # Keep the smallest head of the (sorted) distribution whose mass reaches top_p.
+        probs = probs * ((probs.cumsum(dim=-1) - probs) < top_p)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, device=probs.device) * cdf[:, -1:]  # scaled: rounding never picks a zero
+    pick = (cdf < u).sum(dim=-1, keepdim=True).clamp(max=probs.shape[-1] - 1)
+    return (pick if index is None else index.gather(-1, pick)).squeeze(-1)
 
 
 def vllm_available() -> bool:
