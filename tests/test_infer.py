@@ -60,11 +60,23 @@ def test_a_trained_answer_comes_back_verbatim_and_ends_at_the_end_of_turn(memori
 def test_greedy_outputs_do_not_depend_on_batch_size(which, request):
     model, tok = request.getfixturevalue(which)[-2:]
     ps = prompts(QUESTIONS + [q for q, _ in PAIRS[:3]])
-    runs = [generate(model, tok, ps, greedy(batch_size=b), progress=False) for b in (1, 4, 9)]
+    sizes = [greedy(batch_size=1), greedy(batch_size=4), greedy(batch_size=9), greedy(batch_size=9, batch_tokens=120)]
+    runs = [generate(model, tok, ps, cfg, progress=False) for cfg in sizes]
     texts = [[(c.prompt_id, c.text, c.new_tokens, c.finish_reason) for c in r] for r in runs]
-    assert texts[0] == texts[1] == texts[2]
+    assert texts[0] == texts[1] == texts[2] == texts[3]
     assert [c.prompt_id for c in runs[0]] == [p for p, _ in ps]
     assert sum(bool(c.text) for c in runs[0]) >= len(ps) - 1
+
+
+def test_batches_hold_batch_size_prompts_and_close_before_the_token_cap():
+    from llamaduo.infer import batches
+
+    lengths = [5, 6, 10, 10, 30, 200]
+    assert batches(lengths, InferConfig(batch_size=4)) == [[0, 1, 2, 3], [4, 5]]
+    # K=2 samples of 10 new tokens: a prompt costs its padded length + 20; the 200-token one runs alone.
+    capped = InferConfig(batch_size=4, num_samples=2, max_new_tokens=10, batch_tokens=100)
+    assert batches(lengths, capped) == [[0, 1, 2], [3, 4], [5]]
+    assert batches(lengths, capped.model_copy(update={"temperature": 0.0})) == [[0, 1, 2, 3], [4], [5]]
 
 
 def test_k_samples_per_prompt_come_back_in_input_order_and_reproduce_under_a_seed(random_model):

@@ -213,7 +213,12 @@ class InferConfig(Strict):
     temperature: float = Field(0.8, ge=0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_new_tokens: int = Field(1024, ge=1, description="Max generated tokens per candidate.")
-    batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
+    batch_size: int = Field(8, ge=1, description="Prompts per generation batch (at most).")
+    batch_tokens: int | None = Field(
+        None, ge=1,
+        description="Cap on a batch's cache: prompts × longest prompt + prompts × K × max_new_tokens tokens; "
+        "length-sorted batches close early rather than exceed it (a longer prompt runs alone). None = batch_size only.",
+    )
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

@@ -81,8 +81,9 @@ def generate(
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     with bar, torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
         task = bar.add_task("gen", total=len(order))
-        for start in range(0, len(order), sampling.batch_size):
-            idx = order[start : start + sampling.batch_size]
+        start = 0
+        for idx in batches([len(encoded[i][1]) for i in order], sampling):
+            idx = [order[j] for j in idx]
             longest = max(len(encoded[i][1]) for i in idx)
             input_ids = torch.full((len(idx), longest), pad_id, dtype=torch.long)
             attn = torch.zeros((len(idx), longest), dtype=torch.long)
@@ -115,7 +116,25 @@ def generate(
                     )
                 results[i] = comps
             bar.advance(task, len(idx))
+            start += len(idx)
     return [c for i in range(len(encoded)) for c in results[i]]
+
+
+def batches(sorted_lengths: list[int], sampling: InferConfig) -> list[list[int]]:
+    """Consecutive index groups of length-sorted prompts: at most `batch_size` prompts each, and
+    within `batch_tokens` (counting the padded prompts and every sample's new tokens) if set."""
+    k = 1 if sampling.temperature == 0 else sampling.num_samples
+    out: list[list[int]] = []
+    cur: list[int] = []
+    for i, length in enumerate(sorted_lengths):
+        n = len(cur) + 1
+        cost = n * length + n * k * sampling.max_new_tokens
+        full = len(cur) >= sampling.batch_size or (sampling.batch_tokens is not None and cost > sampling.batch_tokens)
+        if cur and full:
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
 
 
 def _generate_batch(
