@@ -1,0 +1,423 @@
+"""The run report as HTML (self-contained: inline CSS and SVG, no scripts) and as Markdown."""
+
+from __future__ import annotations
+
+import re
+from html import escape
+from typing import Any
+
+from llamaduo import cost as cost_mod
+from llamaduo.report import METRICS, STAGE_COLORS, STATS, TEXT_LIMIT, ReportView, RoundView, fmt, number
+from llamaduo.report_charts import data_stacks, svg_histogram, svg_rounds, svg_stacked
+
+
+# ------------------------------------------------------------------ formatting
+def fmt_usd(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"${v:,.4f}" if abs(v) < 1 else f"${v:,.2f}"
+
+
+def _stat_text(stats: dict[str, float | None], stat: str) -> str:
+    return fmt(stats.get(stat), 1, "%" if stat.startswith("coverage") else "")
+
+
+def _ci_text(stats: dict[str, float | None]) -> str:
+    lo, hi = stats.get("ci_low"), stats.get("ci_high")
+    return "" if lo is None or hi is None else f"[{lo:.1f}, {hi:.1f}]"
+
+
+def _rule_text(view: ReportView) -> str:
+    what = f"{view.metric} {view.statistic}"
+    if view.relative_to_service is not None:  # the target is then ratio × the service's own statistic
+        return f"{what} ≥ {view.relative_to_service:.0%} of the service LLM's ({fmt(view.target)})"
+    return f"{what} ≥ {fmt(view.target)}"
+
+
+def _value_text(rv: RoundView) -> str:
+    rel = f" ({rv.relative:.0%} of service)" if rv.relative is not None else ""
+    return fmt(rv.value) + rel
+
+
+def _simulated_text(view: ReportView) -> str:
+    label = view.simulator_label or "The service LLM in this run was the offline simulator."
+    return f"{label} Scores and costs illustrate the pipeline; they are not a real service model's."
+
+
+def _passed_text(p: bool | None) -> str:
+    return "n/a" if p is None else ("pass" if p else "fail")
+
+
+# ------------------------------------------------------------------ HTML
+CSS = """
+:root { --ink:#212529; --muted:#6c757d; --line:#dee2e6; --bg:#f8f9fa; --pass:#2b8a3e; --fail:#c92a2a; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--ink);
+  font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif; }
+main { max-width:1180px; margin:0 auto; padding:28px 32px 48px; }
+h1 { font-size:26px; margin:0 0 4px; } h2 { font-size:19px; margin:0 0 12px; }
+h3 { font-size:15px; margin:16px 0 8px; }
+.sub { color:var(--muted); margin:0 0 16px; }
+section { background:#fff; border:1px solid var(--line); border-radius:10px; padding:20px 24px; margin:18px 0; }
+.banner { background:#fff3bf; border:1px solid #fcc419; border-radius:10px; padding:12px 16px; margin:14px 0; }
+.cards { display:grid; grid-template-columns:repeat(auto-fit,minmax(170px,1fr)); gap:12px; margin:16px 0 0; }
+.card { background:#fff; border:1px solid var(--line); border-radius:10px; padding:12px 16px; }
+.card .k { color:var(--muted); font-size:12px; text-transform:uppercase; letter-spacing:.04em; }
+.card .v { font-size:22px; font-weight:650; margin-top:2px; }
+.card .d { color:var(--muted); font-size:13px; }
+table { border-collapse:collapse; width:100%; font-size:13.5px; font-variant-numeric:tabular-nums; }
+th, td { padding:6px 9px; border-bottom:1px solid var(--line); text-align:right; vertical-align:top; }
+th { background:#f1f3f5; font-weight:600; } th.group { text-align:center; border-left:2px solid #fff; }
+td.l, th.l { text-align:left; } .ci { display:block; color:var(--muted); font-size:12px; white-space:nowrap; }
+.pill { display:inline-block; padding:1px 9px; border-radius:999px; font-size:12px; font-weight:600; color:#fff; }
+.pass { background:var(--pass); } .fail { background:var(--fail); } .na { background:#adb5bd; }
+.grid { display:grid; grid-template-columns:repeat(auto-fill,minmax(340px,1fr)); gap:14px; }
+.item { border:1px solid var(--line); border-radius:8px; padding:12px 14px; margin:12px 0; }
+.item .meta { color:var(--muted); font-size:13px; margin-bottom:6px; }
+.texts { display:grid; grid-template-columns:1fr 1fr 1fr; gap:10px; }
+.texts div > b { display:block; font-size:12px; color:var(--muted); text-transform:uppercase; margin-bottom:2px; }
+pre { white-space:pre-wrap; word-break:break-word; background:var(--bg); border:1px solid var(--line);
+  border-radius:6px; padding:8px; margin:0; font:12.5px/1.45 ui-monospace,"DejaVu Sans Mono",monospace; max-height:260px; overflow:auto; }
+ul.reasons { margin:8px 0 0; padding-left:18px; font-size:13px; }
+.note { color:var(--muted); font-size:13px; } code { font-size:12.5px; }
+footer { color:var(--muted); font-size:12.5px; margin-top:22px; }
+"""
+
+
+def _e(v: Any) -> str:
+    return escape(str(v), quote=True)
+
+
+def _pill(p: bool | None) -> str:
+    cls = "na" if p is None else ("pass" if p else "fail")
+    return f'<span class="pill {cls}">{_passed_text(p)}</span>'
+
+
+def _table(head: list[str], rows: list[list[str]], text_cols: tuple[int, ...] = (0,)) -> str:
+    """A table whose cells are already HTML; text columns align left, numbers right."""
+    h = "".join(f'<th class="{"l" if i in text_cols else ""}">{c}</th>' for i, c in enumerate(head))
+    thead = f"<thead><tr>{h}</tr></thead>" if any(head) else ""
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"l" if i in text_cols else ""}">{c}</td>' for i, c in enumerate(r)) + "</tr>"
+        for r in rows
+    )
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
+
+
+def _html_header(view: ReportView) -> str:
+    best = view.best_round
+    spend = view.cost.total_usd
+    final = next((rv.train_examples for rv in reversed(view.rounds) if rv.train_examples is not None), None)
+    cards = [
+        ("state", _e(view.state), f"stop reason: {_e(view.stop_reason or 'n/a')}"),
+        (
+            "best round",
+            _e(f"r{best:02d}" if best is not None else "n/a"),
+            f"{_e(view.metric)} {_e(view.statistic)} {_e(fmt(view.best_value, 1))}",
+        ),
+        ("target", _e(fmt(view.target, 1)), _e(_rule_text(view))),
+        ("service spend", _e(fmt_usd(spend)), f"{_e(view.cost.calls if view.cost.calls is not None else 'n/a')} requests sent"),
+        ("train examples", _e(final if final is not None else "n/a"), f"after {len(view.rounds)} round(s)"),
+    ]
+    cards_html = "".join(f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div><div class="d">{d}</div></div>' for k, v, d in cards)
+    models = f"service model {_e(view.service_model or 'n/a')} · judge {_e(view.judge_model or 'n/a')}"
+    banner = ""
+    if view.simulated:
+        banner = f'<div class="banner"><b>Simulated service LLM.</b> {_e(_simulated_text(view))}</div>'
+    return f"<header><h1>Migration report: {_e(view.name)}</h1><p class='sub'>{models}</p>{banner}<div class='cards'>{cards_html}</div></header>"
+
+
+def _html_rounds(view: ReportView) -> str:
+    if not view.rounds and not view.references:
+        return "<section id='rounds'><h2>Rounds against the target</h2><p class='note'>n/a: no round has run yet.</p></section>"
+    groups = "".join(f'<th class="group" colspan="4">{mt}</th>' for mt in METRICS)
+    head1 = f'<tr><th class="l" colspan="3"></th>{groups}<th class="group" colspan="2">pass rule</th></tr>'
+    cols = ["round", "train examples", "synthetic added"] + ["mean", "median", "cov@50", "cov@70"] * 2 + ["value", "result"]
+    head2 = "<tr>" + "".join(f'<th class="{"l" if i == 0 else ""}">{c}</th>' for i, c in enumerate(cols)) + "</tr>"
+    rows = []
+    for rv in view.rounds + view.references:
+        cells = [_e(rv.label) + (" ★" if rv.round is not None and rv.round == view.best_round else "")]
+        cells += [_e(fmt(rv.train_examples, 0)) if rv.train_examples is not None else ("" if rv.round is None else "n/a")]
+        cells += [_e(rv.synthetic_added) if rv.synthetic_added is not None else ("" if rv.round is None else "n/a")]
+        for mt in METRICS:
+            st = rv.stats.get(mt, {})
+            ci = _ci_text(st)
+            cells.append(_e(_stat_text(st, "mean")) + (f' <span class="ci">{_e(ci)}</span>' if ci else ""))
+            cells += [_e(_stat_text(st, s)) for s in STATS[1:]]
+        rel = f'<span class="ci">{rv.relative:.0%} of service</span>' if rv.relative is not None else ""
+        cells += [_e(fmt(rv.value)) + rel if rv.round is not None else "", _pill(rv.passed) if rv.round is not None else ""]
+        rows.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(cells)) + "</tr>")
+    table = f"<table><thead>{head1}{head2}</thead><tbody>{''.join(rows)}</tbody></table>"
+    chart = svg_rounds(view)
+    warn = sorted({w for rv in view.rounds for w in rv.warnings})
+    warn_html = "".join(f"<p class='note'>⚠ {_e(w)}</p>" for w in warn)
+    return (
+        "<section id='rounds'><h2>Rounds against the target</h2>"
+        f"<p class='note'>Pass rule: {_e(_rule_text(view))}. Scores are 1–100 per candidate (the mean of its judgments), "
+        "with the 95% bootstrap interval of the mean below it; coverage@k is the share of candidates scoring at least k. "
+        "★ marks the best round.</p>"
+        f"{chart}{table}{warn_html}{_html_categories(view)}</section>"
+    )
+
+
+def _html_categories(view: ReportView) -> str:
+    rv = next((r for r in view.rounds if r.round == view.best_round), None)
+    if rv is None or not rv.per_category:
+        return ""
+    keys = sorted({k for v in rv.per_category.values() for k in v})
+    rows = [[_e(cat)] + [_e(fmt(vals.get(k))) for k in keys] for cat, vals in sorted(rv.per_category.items())]
+    return f"<h3>Per category, {_e(rv.label)} (mean)</h3>" + _table(["category"] + [_e(k) for k in keys], rows)
+
+
+def _html_distributions(view: ReportView) -> str:
+    panels = [svg_histogram(rv) for rv in view.rounds + view.references]
+    panels = [p for p in panels if p]
+    body = f"<div class='grid'>{''.join(f'<div>{p}</div>' for p in panels)}</div>" if panels else "<p class='note'>n/a: no judgments yet.</p>"
+    return f"<section id='distributions'><h2>Score distributions</h2>{body}</section>"
+
+
+def _html_cost(view: ReportView) -> str:
+    c = view.cost
+    if c.source == "none":
+        return "<section id='cost'><h2>Service cost</h2><p class='note'>n/a: no service calls recorded.</p></section>"
+    chart = svg_stacked(
+        [lbl for lbl, _ in c.by_round], [s for _, s in c.by_round], STAGE_COLORS, fmt_usd, cumulative=True, money=True,
+        title="service cost per round by stage, and cumulative",
+    )
+    rows = [
+        [_e(s["stage"]), _e(f"{int(s['calls']):,}"), _e(f"{int(s['cached']):,}"), _e(f"{int(s['failed']):,}"),
+         _e(f"{int(s['input_tokens']):,}"), _e(f"{int(s['output_tokens']):,}"), _e(fmt_usd(s["usd"])), _e(fmt_usd(s["saved_usd"]))]
+        for s in c.by_stage
+    ]
+    if rows:
+        rows.append(["<b>total</b>", "", "", "", "", "", f"<b>{_e(fmt_usd(c.total_usd))}</b>", _e(fmt_usd(c.saved_usd))])
+    table = _table(["stage", "requests", "cache hits", "failed calls", "input tokens", "output tokens", "cost", "saved by cache"], rows) if rows else ""
+    sim = " Prices of the simulated service are illustrative." if view.simulated else ""
+    return (
+        "<section id='cost'><h2>Service cost</h2>"
+        f"<p class='note'>Bars: spend in each round by stage; line: cumulative spend. Source: {_e(c.source)}.{sim}</p>"
+        f"{chart}{table}</section>"
+    )
+
+
+def _html_data(view: ReportView) -> str:
+    labels, stacks = data_stacks(view)
+    chart = svg_stacked(
+        labels, stacks, {"coverage": "#1971c2", "synthetic": "#f08c00"}, lambda v: f"{v:,.0f}", title="training examples per round"
+    )
+    reasons = sorted({k for rv in view.rounds for k in rv.rejected})
+    rows = [
+        [_e(rv.label), _e(rv.synthetic_added if rv.synthetic_added is not None else "n/a"), _e(sum(rv.rejected.values()))]
+        + [_e(rv.rejected.get(k, 0)) for k in reasons]
+        for rv in view.rounds
+        if rv.round
+    ]
+    table = _table(["round", "synthetic kept", "rejected"] + [_e(k) for k in reasons], rows) if rows else ""
+    ds = view.data_stats
+    split = ""
+    if isinstance(ds, dict) and (ds.get("train") or ds.get("test")):
+        tr, te = ds.get("train"), ds.get("test")
+        tr_n = tr.get("count", tr.get("examples")) if isinstance(tr, dict) else tr
+        te_n = te.get("count", te.get("examples")) if isinstance(te, dict) else te
+        split = f"<p class='note'>Coverage split: {_e(tr_n if tr_n is not None else 'n/a')} train, {_e(te_n if te_n is not None else 'n/a')} test.</p>"
+    body = (chart + split + table) or "<p class='note'>n/a: no training data recorded yet.</p>"
+    return f"<section id='data'><h2>Training data</h2>{body}</section>"
+
+
+JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "judgments", "failed judgments", "most common failure"]
+AGREEMENT_HEAD = ["round", "judges", "metric", "candidates", "Pearson r", "mean abs. difference"]
+
+
+def _judging_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows (escape before use): counts of judged and failed per round."""
+    rows = []
+    for rv in view.rounds + view.references:
+        err = rv.judge_errors.most_common(1)
+        counts = [str(rv.counts[k]) if rv.counts.get(k) is not None else "n/a"
+                  for k in ("candidates", "judged", "unjudged", "missing", "judgments", "failed")]
+        rows.append([rv.label, *counts, f"{err[0][0]} (×{err[0][1]})" if err else "—"])
+    return rows
+
+
+def _agreement_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows: how far the judges of a panel agree, per round and metric."""
+    return [
+        [rv.label, " vs ".join(str(j) for j in a.get("judges") or []), str(a.get("metric", "n/a")),
+         str(a.get("n", "n/a")), fmt(number(a.get("pearson")), 2), fmt(number(a.get("mean_abs_diff")))]
+        for rv in view.rounds + view.references
+        for a in rv.agreement
+    ]
+
+
+def _html_judging(view: ReportView) -> str:
+    rows = [[_e(c) for c in r] for r in _judging_rows(view)]
+    table = _table(JUDGING_HEAD, rows, (0, 7)) if rows else "<p class='note'>n/a</p>"
+    agree = [[_e(c) for c in r] for r in _agreement_rows(view)]
+    panel = "<h3>Judge agreement</h3>" + _table(AGREEMENT_HEAD, agree, (0, 1, 2)) if agree else ""
+    return (
+        "<section id='judging'><h2>Judging health</h2><p class='note'>A failed judgment is a reply that never parsed as the "
+        "required JSON (after retries) or a service error; it counts toward no score. An unjudged candidate had no valid "
+        "judgment and is left out of the statistics; “not sent” candidates were never judged.</p>"
+        f"{table}{panel}</section>"
+    )
+
+
+def _clip(s: str) -> str:
+    return s if len(s) <= TEXT_LIMIT else s[:TEXT_LIMIT] + f" … [{len(s) - TEXT_LIMIT:,} more characters]"
+
+
+def _html_worst(view: ReportView) -> str:
+    title = f"Lowest-scoring answers of round r{view.worst_round:02d}" if view.worst_round is not None else "Lowest-scoring answers"
+    if not view.worst:
+        return f"<section id='worst'><h2>{_e(title)}</h2><p class='note'>n/a: no judged candidates.</p></section>"
+    items = []
+    for it in view.worst:
+        scores = " · ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
+        reasons = "".join(f"<li>{_e(r)}</li>" for r in it.reasons) or "<li>n/a</li>"
+        items.append(
+            f"<div class='item'><div class='meta'><b>{_e(it.prompt_id)}</b> · sample {it.sample_index} · "
+            f"{_e(it.category)} · {_e(scores)}</div><div class='texts'>"
+            f"<div><b>prompt</b><pre>{_e(_clip(it.prompt))}</pre></div>"
+            f"<div><b>reference</b><pre>{_e(_clip(it.reference))}</pre></div>"
+            f"<div><b>candidate</b><pre>{_e(_clip(it.candidate))}</pre></div></div>"
+            f"<ul class='reasons'>{reasons}</ul></div>"
+        )
+    return f"<section id='worst'><h2>{_e(title)}</h2><p class='note'>Sorted by {_e(view.metric)}, lowest first, with the judge's reasons.</p>{''.join(items)}</section>"
+
+
+def _html_projection(view: ReportView) -> str:
+    p = view.projection
+    if p is None:
+        note = re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(view.projection_note or "n/a"))
+        return f"<section id='projection'><h2>Cost projection</h2><p class='note'>{note}</p></section>"
+    rows = [[_e(k), _e(v)] for k, v in cost_mod.summary_rows(p)]
+    return (
+        "<section id='projection'><h2>Cost projection: service LLM vs local model</h2>"
+        f"{cost_mod.chart_svg(p)}{_table(['', ''], rows, text_cols=(0, 1))}"
+        "<p class='note'>Cumulative cost; the local line starts at the up-front cost (GPUs + this migration).</p></section>"
+    )
+
+
+def render_html(view: ReportView) -> str:
+    """The whole report as one self-contained HTML page: no scripts, no external resources."""
+    problems = "".join(f"<li>{_e(p)}</li>" for p in view.problems)
+    foot = f"<p>Unreadable pieces (shown as n/a):</p><ul>{problems}</ul>" if problems else ""
+    csp = "default-src 'none'; style-src 'unsafe-inline'; img-src data:"
+    return (
+        "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>llamaduo report: {_e(view.name)}</title><style>{CSS}</style></head><body><main>"
+        + _html_header(view)
+        + _html_rounds(view)
+        + _html_distributions(view)
+        + _html_cost(view)
+        + _html_data(view)
+        + _html_judging(view)
+        + _html_worst(view)
+        + _html_projection(view)
+        + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"
+        + "</main></body></html>\n"
+    )
+
+
+# ------------------------------------------------------------------ Markdown
+def _md(v: Any) -> str:
+    """A Markdown table cell: no pipes, no newlines, no raw HTML."""
+    return escape(str(v), quote=False).replace("|", "\\|").replace("\n", " ")
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out + [""]
+
+
+def _fence(text: str) -> list[str]:
+    """A code fence longer than any backtick run inside, so untrusted text stays inert."""
+    run = max((len(m) for m in text.replace("\r", "").split("\n") for m in _backtick_runs(m)), default=0)
+    f = "`" * max(3, run + 1)
+    return [f + "text", text, f]
+
+
+def _backtick_runs(line: str) -> list[str]:
+    runs, cur = [], ""
+    for ch in line:
+        if ch == "`":
+            cur += ch
+        elif cur:
+            runs.append(cur)
+            cur = ""
+    return runs + ([cur] if cur else [])
+
+
+def render_markdown(view: ReportView) -> str:
+    """The report as Markdown: the same numbers and texts, without charts."""
+    L = [f"# Migration report: {_md(view.name)}", ""]
+    if view.simulated:
+        L += [f"> **Simulated service LLM.** {_md(_simulated_text(view))}", ""]
+    best = f"r{view.best_round:02d}" if view.best_round is not None else "n/a"
+    L += [
+        f"- state: {_md(view.state)}; stop reason: {_md(view.stop_reason or 'n/a')}",
+        f"- best round: {best} ({_md(view.metric)} {_md(view.statistic)} {fmt(view.best_value, 1)})",
+        f"- pass rule: {_md(_rule_text(view))}",
+        f"- service model: {_md(view.service_model or 'n/a')}; judge: {_md(view.judge_model or 'n/a')}",
+        f"- service spend: {fmt_usd(view.cost.total_usd)} ({view.cost.calls if view.cost.calls is not None else 'n/a'} requests sent)",
+        "",
+        "## Rounds against the target",
+        "",
+    ]
+    head = ["round", "train", "synthetic"] + [f"{mt} {s}" for mt in METRICS for s in ("mean [CI]", "median", "cov@50", "cov@70")] + ["value", "result"]
+    rows = []
+    for rv in view.rounds + view.references:
+        r = [_md(rv.label), _md(rv.train_examples if rv.train_examples is not None else ("" if rv.round is None else "n/a")),
+             _md(rv.synthetic_added if rv.synthetic_added is not None else "")]
+        for mt in METRICS:
+            st = rv.stats.get(mt, {})
+            r += [_md(f"{_stat_text(st, 'mean')} {_ci_text(st)}".strip())] + [_md(_stat_text(st, s)) for s in STATS[1:]]
+        r += [_md(_value_text(rv)) if rv.round is not None else "", _passed_text(rv.passed) if rv.round is not None else ""]
+        rows.append(r)
+    L += _md_table(head, rows) if rows else ["n/a: no round has run yet.", ""]
+    L += ["## Service cost", ""]
+    if view.cost.by_stage:
+        L += _md_table(
+            ["stage", "requests", "cache hits", "failed calls", "input tokens", "output tokens", "cost"],
+            [[_md(s["stage"]), str(int(s["calls"])), str(int(s["cached"])), str(int(s["failed"])), str(int(s["input_tokens"])),
+              str(int(s["output_tokens"])), fmt_usd(s["usd"])] for s in view.cost.by_stage],
+        )
+        running = 0.0
+        cum = []
+        for label, stages in view.cost.by_round:
+            running += sum(stages.values())
+            cum.append([_md(label), fmt_usd(sum(stages.values())), fmt_usd(running)])
+        L += _md_table(["round", "spend", "cumulative"], cum)
+    else:
+        L += [f"total: {fmt_usd(view.cost.total_usd)}", ""]
+    L += ["## Training data", ""]
+    reasons = sorted({k for rv in view.rounds for k in rv.rejected})
+    L += _md_table(
+        ["round", "train examples", "synthetic kept", "rejected"] + [_md(k) for k in reasons],
+        [[_md(rv.label), _md(rv.train_examples if rv.train_examples is not None else "n/a"),
+          _md(rv.synthetic_added if rv.synthetic_added is not None else "n/a"), str(sum(rv.rejected.values()))]
+         + [str(rv.rejected.get(k, 0)) for k in reasons] for rv in view.rounds],
+    )
+    L += ["## Judging health", ""]
+    L += _md_table(JUDGING_HEAD, [[_md(c) for c in r] for r in _judging_rows(view)])
+    if view.rounds and any(rv.agreement for rv in view.rounds + view.references):
+        L += _md_table(AGREEMENT_HEAD, [[_md(c) for c in r] for r in _agreement_rows(view)])
+    if view.worst:
+        L += [f"## Lowest-scoring answers of round r{view.worst_round:02d}", ""]
+        for it in view.worst:
+            scores = ", ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
+            L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}", ""]
+            for name, text in (("prompt", it.prompt), ("reference", it.reference), ("candidate", it.candidate)):
+                L += [f"**{name}**", "", *_fence(_clip(text)), ""]
+            L += [f"- {_md(r)}" for r in it.reasons] + [""]
+    L += ["## Cost projection", ""]
+    if view.projection is not None:
+        L += _md_table(["", ""], [[_md(k), _md(v)] for k, v in cost_mod.summary_rows(view.projection)])
+    else:
+        L += [_md(view.projection_note or "n/a"), ""]
+    if view.problems:
+        L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]
+    return "\n".join(L)
