@@ -20,7 +20,6 @@ from llamaduo.data import (
     load_examples,
     make_example,
     prepare,
-    read_records,
     render_stats_table,
     split,
 )
@@ -96,19 +95,6 @@ def test_every_format_yields_the_same_examples_with_its_own_kind_of_location(tmp
     }
 
 
-def test_jsonl_line_numbers_count_blank_lines(tmp_path):
-    path = tmp_path / "gaps.jsonl"
-    path.write_text("\n" + json.dumps(RECORDS[0]) + "\n\n  \n" + json.dumps(RECORDS[1]) + "\n")
-    assert [r.line for r in read_records(path)] == [2, 5]
-
-
-def test_csv_row_number_is_the_data_row_even_after_a_multiline_cell():
-    recs = list(read_records(FIXTURES / "custom_fields.csv"))
-    assert [r.line for r in recs] == [1, 2, 3, 4]
-    assert recs[3].data["instruction"] == "Multiply 4 by 6,\nthen add 1."
-    assert all(r.unit == "row" for r in recs)
-
-
 def test_hf_dataset_dict_reads_its_train_split(tmp_path):
     import datasets
 
@@ -117,16 +103,6 @@ def test_hf_dataset_dict_reads_its_train_split(tmp_path):
     )
     dd.save_to_disk(str(tmp_path / "dd"))
     assert len(load_coverage(tmp_path / "dd", DataConfig()).examples) == 3
-
-
-def test_unknown_extension_and_missing_file_are_one_clear_problem(tmp_path):
-    (tmp_path / "c.txt").write_text("hello")
-    with pytest.raises(DataError) as e:
-        list(read_records(tmp_path / "c.txt"))
-    assert "unknown format '.txt'" in str(e.value.problems[0])
-    with pytest.raises(DataError) as e:
-        list(read_records(tmp_path / "absent.jsonl"))
-    assert "no such file" in str(e.value.problems[0])
 
 
 def test_explicit_format_overrides_the_extension(tmp_path):

@@ -1,5 +1,4 @@
 import asyncio
-import bisect
 import json
 import os
 import sqlite3
@@ -8,7 +7,8 @@ import time
 import pytest
 from pydantic import BaseModel
 
-from llamaduo.service import BudgetExceeded, Pacer, ServiceClient, cache_stats, extract_json, strict_schema
+from llamaduo.calllog import cache_stats
+from llamaduo.service import BudgetExceeded, ServiceClient, extract_json, strict_schema
 from llamaduo.simulator import Fault
 from tests.conftest import service_config
 
@@ -180,36 +180,6 @@ def test_rpm_limit_spaces_requests(fake_service, tmp_path):
     ask(client, n=24)
     # A burst of 1 % of the limit (12), then 12 more at 98 % of 20/s.
     assert time.monotonic() - t0 >= 12 / 19.6 - 0.02
-
-
-@pytest.mark.parametrize("rpm", [60, 1200, 10_000])
-def test_paced_requests_never_exceed_the_limit_in_any_sliding_minute(rpm):
-    now = [0.0]
-    pacer = Pacer(rpm=rpm, tpm=None, clock=lambda: now[0])
-    sends = []
-    for _ in range(3 * rpm):
-        now[0] += pacer.reserve(est_tokens=10)
-        sends.append(now[0])
-    worst = max(bisect.bisect_left(sends, t + 60.0) - i for i, t in enumerate(sends))
-    assert worst <= rpm
-    assert (len(sends) - 1) / (sends[-1] - sends[0]) >= 0.95 * rpm / 60  # and runs close to it
-
-
-def test_tokens_per_minute_pacing_settles_with_actual_usage():
-    now = [0.0]
-    pacer = Pacer(rpm=None, tpm=6000, clock=lambda: now[0])  # ~98 tokens/s
-    assert pacer.reserve(est_tokens=60) == 0.0  # within the burst allowance
-    first = pacer.reserve(est_tokens=1000)
-    assert first > 5  # an estimate this large has to wait for its share
-    pacer.correct(estimated=1000, actual=100)  # the reply was short: the rest is given back
-    assert pacer.reserve(est_tokens=60) < first
-
-
-def test_429_holds_every_worker_until_retry_after():
-    now = [0.0]
-    pacer = Pacer(rpm=600, tpm=None, clock=lambda: now[0])
-    pacer.back_off(2.0)
-    assert pacer.reserve(est_tokens=1) >= 2.0 and pacer.wait_left() == 2.0
 
 
 def test_ledger_totals_per_stage_and_round(fake_service, tmp_path):

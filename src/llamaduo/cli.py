@@ -245,13 +245,13 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run direc
 @cache_app.command("stats")
 def cache_stats(run_dir: Path) -> None:
     """Cache hits, misses and money saved by the service-call cache."""
-    from llamaduo import service
+    from llamaduo.calllog import cache_stats as read_cache_stats
     from llamaduo.store import RunStore
 
     store = RunStore(run_dir)
     if not store.service_db.exists():
         fail(f"{run_dir}: no service.sqlite (no service calls yet)")
-    stats = service.cache_stats(store.service_db)
+    stats = read_cache_stats(store.service_db)
     console.print_json(data=stats)
 
 

@@ -8,7 +8,7 @@
     replies = client.run_batch([(messages, JudgeReply, {"sample_index": 3}), ...], model="gpt-4o",
                                temperature=0.7, max_tokens=512, stage="judge", round=0)  # Batch API
 
-Every attempt is logged in SQLite (`service.sqlite`): request hash, model, tokens, cost,
+Every attempt is logged in SQLite (`service.sqlite`, see `calllog`): request hash, model, tokens, cost,
 latency, status, raw reply. Successful replies are cached by content (provider, model,
 messages, parameters, sample index), so a rerun with unchanged inputs sends nothing. Service
 faults (429, 5xx, timeouts, malformed JSON) are retried within limits and never raise; only
@@ -25,8 +25,6 @@ import json
 import os
 import random
 import re
-import sqlite3
-import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,8 +34,10 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ValidationError
 
+from llamaduo.calllog import CallLog, ledger_from_db
 from llamaduo.config import ServiceConfig
 from llamaduo.errors import UserError
+from llamaduo.pacing import Pacer
 
 
 @dataclass
@@ -65,123 +65,6 @@ class ServiceError(UserError):
 
 BatchRequest = tuple[list[dict[str, str]], type[BaseModel] | None, dict[str, Any]]
 """One `run_batch` request: (messages, schema or None for a text reply, meta with `sample_index`)."""
-
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  ts REAL NOT NULL,
-  stage TEXT, round INTEGER,
-  provider TEXT, model TEXT,
-  request_hash TEXT, sample_index INTEGER, attempt INTEGER,
-  status TEXT, http_status INTEGER, latency_ms REAL,
-  input_tokens INTEGER DEFAULT 0, output_tokens INTEGER DEFAULT 0,
-  cost_usd REAL DEFAULT 0, saved_usd REAL DEFAULT 0,
-  raw_reply TEXT, error TEXT
-);
-CREATE INDEX IF NOT EXISTS calls_hash ON calls(request_hash);
-CREATE TABLE IF NOT EXISTS cache (
-  request_hash TEXT PRIMARY KEY,
-  model TEXT, raw_reply TEXT NOT NULL,
-  input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, ts REAL
-);
-"""
-
-
-class _Log:
-    """SQLite call log + cache. One connection, guarded by a lock (calls come from one loop)."""
-
-    def __init__(self, path: Path | None):
-        self.path = path
-        if path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.conn = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False, timeout=30)
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
-        self.lock = threading.Lock()
-
-    def cached(self, request_hash: str) -> tuple[str, int, int, float] | None:
-        with self.lock:
-            row = self.conn.execute(
-                "SELECT raw_reply, input_tokens, output_tokens, cost_usd FROM cache WHERE request_hash=?", (request_hash,)
-            ).fetchone()
-        return tuple(row) if row else None  # type: ignore[return-value]
-
-    def put_cache(self, request_hash: str, model: str, raw: str, tin: int, tout: int, cost: float) -> None:
-        with self.lock, self.conn:
-            self.conn.execute(
-                "INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?)", (request_hash, model, raw, tin, tout, cost, time.time())
-            )
-
-    def record(self, **row: Any) -> None:
-        cols = ",".join(row)
-        with self.lock, self.conn:
-            self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({','.join('?' * len(row))})", tuple(row.values()))
-
-    def totals(self) -> tuple[float, int]:
-        with self.lock:
-            usd, tok = self.conn.execute(
-                "SELECT COALESCE(SUM(cost_usd),0), COALESCE(SUM(input_tokens+output_tokens),0) FROM calls WHERE status!='cached'"
-            ).fetchone()
-        return float(usd), int(tok)
-
-    def close(self) -> None:
-        with self.lock:
-            self.conn.close()
-
-
-def ledger_from_db(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Totals overall and per (stage, round), counting only what was paid for."""
-
-    def agg(where: str = "", group: str = "") -> list[tuple]:
-        sel = f"{group + ',' if group else ''}"
-        q = (
-            f"SELECT {sel} COUNT(*) FILTER (WHERE status!='cached'), COUNT(*) FILTER (WHERE status='cached'),"
-            " COUNT(*) FILTER (WHERE status='failed'),"
-            " COALESCE(SUM(CASE WHEN status!='cached' THEN input_tokens END),0),"
-            " COALESCE(SUM(CASE WHEN status!='cached' THEN output_tokens END),0),"
-            " COALESCE(SUM(cost_usd),0), COALESCE(SUM(saved_usd),0) FROM calls"
-            f" {where} {'GROUP BY ' + group if group else ''}"
-        )
-        return conn.execute(q).fetchall()
-
-    def row_dict(r: Sequence[Any]) -> dict[str, Any]:
-        calls, cached, failed, tin, tout, usd, saved = r
-        return {
-            "calls": calls,
-            "cached": cached,
-            "failed": failed,
-            "input_tokens": tin,
-            "output_tokens": tout,
-            "usd": round(usd, 6),
-            "saved_usd": round(saved, 6),
-        }
-
-    by_stage = {}
-    for r in agg(group="stage, round"):
-        key = f"{r[0]}" + (f"/r{r[1]:02d}" if r[1] is not None else "")
-        by_stage[key] = row_dict(r[2:])
-    return {"total": row_dict(agg()[0]), "by_stage": by_stage}
-
-
-def cache_stats(db_path: Path) -> dict[str, Any]:
-    """Hits, misses and money saved, from a run's service.sqlite."""
-    conn = sqlite3.connect(str(db_path))
-    try:
-        ledger = ledger_from_db(conn)
-        entries = conn.execute("SELECT COUNT(*) FROM cache").fetchone()[0]
-    finally:
-        conn.close()
-    t = ledger["total"]
-    return {
-        "hits": t["cached"],
-        "misses": t["calls"],
-        "entries": entries,
-        "saved_usd": t["saved_usd"],
-        "spent_usd": t["usd"],
-        "by_stage": {k: {"hits": v["cached"], "misses": v["calls"], "saved_usd": v["saved_usd"]} for k, v in ledger["by_stage"].items()},
-    }
 
 
 # ---------------------------------------------------------------------- parsing
@@ -230,70 +113,6 @@ def strict_schema(schema: type[BaseModel]) -> dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------- pacing
-# Limits are usually enforced over a sliding minute. A bucket that refills at 98 % of the
-# limit and holds 1 % of it as burst can never put more than 99 % of the limit in any 60 s
-# window, so it runs close to the limit without ever drawing a 429.
-PACE_RATE = 0.98
-PACE_BURST = 0.01
-
-
-class _Bucket:
-    """Generic cell rate algorithm: when may a request of weight `n` go, given those booked?"""
-
-    def __init__(self, per_minute: int):
-        self.rate = PACE_RATE * per_minute / 60.0
-        self.capacity = max(1.0, PACE_BURST * per_minute)
-        self.tat = float("-inf")  # time at which the bucket would be full again
-
-    def book(self, now: float, n: float) -> float:
-        tat = max(self.tat, now)
-        self.tat = tat + n / self.rate
-        return max(now, self.tat - self.capacity / self.rate)
-
-    def refund(self, n: float) -> None:
-        self.tat -= n / self.rate
-
-
-class Pacer:
-    """Requests- and tokens-per-minute pacing plus a shared back-off after a 429.
-
-    `reserve` books a send time for one request (so requests already waiting keep their
-    order and spacing) and returns how long to wait for it.
-    """
-
-    def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic):
-        self.clock = clock
-        self.requests = _Bucket(rpm) if rpm else None
-        self.tokens = _Bucket(tpm) if tpm else None
-        self.not_before = float("-inf")
-
-    def reserve(self, est_tokens: int) -> float:
-        now = self.clock()
-        at = max(now, self.not_before)
-        if self.requests:
-            at = max(at, self.requests.book(at, 1))
-        if self.tokens:
-            at = max(at, self.tokens.book(at, est_tokens))
-        return at - now
-
-    def wait_left(self) -> float:
-        """Time still to wait because of a back-off announced after the slot was booked."""
-        return self.not_before - self.clock()
-
-    def correct(self, estimated: int, actual: int) -> None:
-        """Settle the tokens booked for a request once its usage is known."""
-        if self.tokens:
-            self.tokens.refund(estimated - actual)
-
-    def back_off(self, seconds: float) -> None:
-        """After a 429 nobody sends before `seconds`, then sending resumes at the paced rate."""
-        self.not_before = max(self.not_before, self.clock() + seconds)
-        for bucket in (self.requests, self.tokens):
-            if bucket:  # no burst right after the server said stop
-                bucket.tat = max(bucket.tat, self.not_before + bucket.capacity / bucket.rate)
-
-
 # ---------------------------------------------------------------------- client
 class ServiceClient:
     def __init__(
@@ -308,7 +127,7 @@ class ServiceClient:
         self.clock = clock
         self.sleep = sleep
         self._api_key = api_key
-        self.log = _Log(db_path)
+        self.log = CallLog(db_path)
         self.pacer = Pacer(cfg.rpm, cfg.tpm, clock)
         self._sdk: Any = None
         self._sdk_loop: Any = None

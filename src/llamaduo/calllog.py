@@ -1,0 +1,131 @@
+"""The service's SQLite call log and response cache (`service.sqlite` in a run directory).
+
+Every attempt is a row of `calls` (request hash, model, tokens, cost, latency, status, raw
+reply); successful replies are kept in `cache` by request hash. The ledger (what was paid for,
+per stage and round) and the cache statistics are read from it.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  ts REAL NOT NULL,
+  stage TEXT, round INTEGER,
+  provider TEXT, model TEXT,
+  request_hash TEXT, sample_index INTEGER, attempt INTEGER,
+  status TEXT, http_status INTEGER, latency_ms REAL,
+  input_tokens INTEGER DEFAULT 0, output_tokens INTEGER DEFAULT 0,
+  cost_usd REAL DEFAULT 0, saved_usd REAL DEFAULT 0,
+  raw_reply TEXT, error TEXT
+);
+CREATE INDEX IF NOT EXISTS calls_hash ON calls(request_hash);
+CREATE TABLE IF NOT EXISTS cache (
+  request_hash TEXT PRIMARY KEY,
+  model TEXT, raw_reply TEXT NOT NULL,
+  input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, ts REAL
+);
+"""
+
+
+class CallLog:
+    """SQLite call log + cache. One connection, guarded by a lock (calls come from one loop)."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False, timeout=30)
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA synchronous=NORMAL")
+        self.conn.executescript(_SCHEMA)
+        self.lock = threading.Lock()
+
+    def cached(self, request_hash: str) -> tuple[str, int, int, float] | None:
+        with self.lock:
+            row = self.conn.execute(
+                "SELECT raw_reply, input_tokens, output_tokens, cost_usd FROM cache WHERE request_hash=?", (request_hash,)
+            ).fetchone()
+        return tuple(row) if row else None  # type: ignore[return-value]
+
+    def put_cache(self, request_hash: str, model: str, raw: str, tin: int, tout: int, cost: float) -> None:
+        with self.lock, self.conn:
+            self.conn.execute(
+                "INSERT OR REPLACE INTO cache VALUES (?,?,?,?,?,?,?)", (request_hash, model, raw, tin, tout, cost, time.time())
+            )
+
+    def record(self, **row: Any) -> None:
+        cols = ",".join(row)
+        with self.lock, self.conn:
+            self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({','.join('?' * len(row))})", tuple(row.values()))
+
+    def totals(self) -> tuple[float, int]:
+        with self.lock:
+            usd, tok = self.conn.execute(
+                "SELECT COALESCE(SUM(cost_usd),0), COALESCE(SUM(input_tokens+output_tokens),0) FROM calls WHERE status!='cached'"
+            ).fetchone()
+        return float(usd), int(tok)
+
+    def close(self) -> None:
+        with self.lock:
+            self.conn.close()
+
+
+def ledger_from_db(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Totals overall and per (stage, round), counting only what was paid for."""
+
+    def agg(where: str = "", group: str = "") -> list[tuple]:
+        sel = f"{group + ',' if group else ''}"
+        q = (
+            f"SELECT {sel} COUNT(*) FILTER (WHERE status!='cached'), COUNT(*) FILTER (WHERE status='cached'),"
+            " COUNT(*) FILTER (WHERE status='failed'),"
+            " COALESCE(SUM(CASE WHEN status!='cached' THEN input_tokens END),0),"
+            " COALESCE(SUM(CASE WHEN status!='cached' THEN output_tokens END),0),"
+            " COALESCE(SUM(cost_usd),0), COALESCE(SUM(saved_usd),0) FROM calls"
+            f" {where} {'GROUP BY ' + group if group else ''}"
+        )
+        return conn.execute(q).fetchall()
+
+    def row_dict(r: Sequence[Any]) -> dict[str, Any]:
+        calls, cached, failed, tin, tout, usd, saved = r
+        return {
+            "calls": calls,
+            "cached": cached,
+            "failed": failed,
+            "input_tokens": tin,
+            "output_tokens": tout,
+            "usd": round(usd, 6),
+            "saved_usd": round(saved, 6),
+        }
+
+    by_stage = {}
+    for r in agg(group="stage, round"):
+        key = f"{r[0]}" + (f"/r{r[1]:02d}" if r[1] is not None else "")
+        by_stage[key] = row_dict(r[2:])
+    return {"total": row_dict(agg()[0]), "by_stage": by_stage}
+
+
+def cache_stats(db_path: Path) -> dict[str, Any]:
+    """Hits, misses and money saved, from a run's service.sqlite."""
+    conn = sqlite3.connect(str(db_path))
+    try:
+        ledger = ledger_from_db(conn)
+        entries = conn.execute("SELECT COUNT(*) FROM cache").fetchone()[0]
+    finally:
+        conn.close()
+    t = ledger["total"]
+    return {
+        "hits": t["cached"],
+        "misses": t["calls"],
+        "entries": entries,
+        "saved_usd": t["saved_usd"],
+        "spent_usd": t["usd"],
+        "by_stage": {k: {"hits": v["cached"], "misses": v["calls"], "saved_usd": v["saved_usd"]} for k, v in ledger["by_stage"].items()},
+    }
