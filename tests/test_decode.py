@@ -107,7 +107,7 @@ def test_attention_with_sinks_is_refused_so_the_caller_can_fall_back():
         shared_prefix_attention(None, q, q, q, None, s_aux=torch.zeros(4), shared_prefix=object())
 
 
-def test_an_architecture_the_loop_refuses_still_generates_through_plain_generate(tiny_model):  # noqa: F811
+def test_an_architecture_the_loop_refuses_still_generates_through_plain_generate(tiny_model, caplog):  # noqa: F811
     """GPT-OSS's attention sinks do not fit the shared prefix: `infer.generate` falls back, same answers."""
     from transformers import AutoTokenizer, GptOssConfig, GptOssForCausalLM
 
@@ -120,7 +120,9 @@ def test_an_architecture_the_loop_refuses_still_generates_through_plain_generate
     )).eval()
     prompts = [("a", [Message(role="user", content="Order two mugs")]), ("b", [Message(role="user", content="Hi")])]
     cfg = InferConfig(temperature=0.0, num_samples=1, max_new_tokens=8, batch_size=2)
-    got = generate(model, tok, prompts, cfg, progress=False)
+    with caplog.at_level("WARNING", logger="llamaduo.infer"):
+        got = generate(model, tok, prompts, cfg, progress=False)
     assert getattr(model, "_llamaduo_plain_generate", False)
+    assert "GptOssForCausalLM: decoding with plain `generate` (attention with s_aux is not supported)" in caplog.text
     alone = generate(model, tok, prompts[:1], cfg, progress=False)
     assert got[0].text == alone[0].text and got[0].new_tokens == 8

@@ -9,6 +9,7 @@ exactly the prefix it was trained on.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,8 @@ from pydantic import BaseModel
 from llamaduo.config import Config, InferConfig
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
+
+log = logging.getLogger("llamaduo.infer")
 
 
 class Completion(BaseModel):
@@ -158,7 +161,8 @@ def _generate_batch(
                 ),
                 eos_ids=eos_ids, pad_id=pad_id, stop=(lambda gen: stops(gen, None)) if stops else None,
             ).cpu()
-        except SharedPrefixUnsupported:
+        except SharedPrefixUnsupported as e:
+            log.warning("%s: decoding with plain `generate` (%s)", type(model).__name__, e)
             model._llamaduo_plain_generate = True  # this architecture decodes with plain `generate` from now on
     kwargs: dict[str, Any] = {
         "max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids,
