@@ -24,3 +24,86 @@ def test_quick_demo_improves_reports_deploys_and_serves(tmp_path):
     assert "SIMULATOR" in proc.stderr + proc.stdout
     assert "it answered:" in proc.stdout
     assert (out / "deploy" / "merged" / "config.json").exists()
+    log = proc.stderr + proc.stdout
+    assert "\r" not in log  # no progress-bar debris in a log written without a terminal
+    for noise in THIRD_PARTY_PROGRESS:
+        assert noise not in log, noise
+
+
+THIRD_PARTY_PROGRESS = (
+    "Loading weights", "Writing model shards", "de-quantizing", "Pre-processing sequences", "Compute merges", "it/s]",
+)
+
+
+def _read_until(fd: int, buf: bytearray, needle: bytes, deadline: float) -> bool:
+    import select
+    import time
+
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+        if ready:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # the child closed the terminal
+                return needle in buf
+            if not chunk:
+                return needle in buf
+            buf.extend(chunk)
+    return True
+
+
+def test_demo_in_a_terminal_serves_until_ctrl_c_and_exits_cleanly(tmp_path):
+    """The default for a person: stdin is a TTY, so the demo keeps serving; Ctrl-C ends it with exit 0."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+    import time
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 160, 0, 0))
+
+    def controlling_tty() -> None:  # runs in the child after setsid: the pty becomes its terminal
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    out = tmp_path / "demo-quick"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "HF_DATASETS_DISABLE"))}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llamaduo.cli", "demo", "--quick", "--out", str(out)],
+        stdin=slave, stdout=slave, stderr=slave, env={**env, "HOME": str(tmp_path), "TERM": "xterm"},
+        start_new_session=True, preexec_fn=controlling_tty, close_fds=True,
+    )
+    os.close(slave)
+    buf = bytearray()
+    try:
+        served = _read_until(master, buf, b"press Ctrl-C to stop", time.monotonic() + 600)
+        text = buf.decode("utf-8", "replace")
+        assert served, text[-3000:]
+        # The printed curl command, exactly as a person would paste it.
+        curl = next(line for line in text.splitlines() if line.startswith("curl http://"))
+        endpoint = re.search(r"http://127\.0\.0\.1:(\d+)/v1", curl)
+        assert endpoint and int(endpoint.group(1)) >= 8000, curl
+        if int(endpoint.group(1)) != 8000:
+            assert "port 8000 is in use" in text
+        reply = subprocess.run(["bash", "-c", curl.strip()], capture_output=True, text=True, timeout=120)
+        assert reply.returncode == 0, reply.stderr
+        body = json.loads(reply.stdout)
+        assert body["object"] == "chat.completion"
+        assert body["choices"][0]["message"]["content"]
+        os.write(master, b"\x03")  # Ctrl-C, through the terminal's line discipline
+        rc = proc.wait(timeout=60)
+        _read_until(master, buf, b"\x00never", time.monotonic() + 2)  # drain what is left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    text = buf.decode("utf-8", "replace")
+    assert rc == 0, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert "stopped serving" in text
+    for noise in THIRD_PARTY_PROGRESS:
+        assert noise not in text, noise

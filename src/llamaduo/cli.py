@@ -395,12 +395,15 @@ def demo(
         typer.Option("--serve/--no-serve", help="Keep serving the deployed model until Ctrl-C (default: when interactive)."),
     ] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Progress as JSON lines.")] = False,
+    port: Annotated[int, typer.Option("--port", help="Port for the served model (the next free one if taken).")] = 8000,
 ) -> None:
     """A complete offline migration: simulated service LLM, real training, judging, deploy and serve."""
     from llamaduo import demo as demo_mod
 
     keep = sys.stdin.isatty() if serve_ is None else serve_
-    result = _call(demo_mod.run_demo, quick=quick, out=out, display=_display(False, json_lines), fresh=fresh, keep_serving=keep)
+    result = _call(
+        demo_mod.run_demo, quick=quick, out=out, display=_display(False, json_lines), fresh=fresh, keep_serving=keep, port=port,
+    )
     scores = "  ".join(f"r{i:02d}={v:.1f}" for i, v in enumerate(result.round_values))
     console.print(f"\n[bold]per-round score[/] (precision mean): {scores}")
     console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}; {result.seconds:.0f}s")
@@ -408,8 +411,12 @@ def demo(
     if result.deployed:
         console.print(f"deployed → {result.deployed}")
     if result.endpoint:
-        console.print(f"served at {result.endpoint}; it answered: {result.served_reply!r}")
-        console.print(demo_mod.snippets(result), highlight=False, markup=False)
+        if result.port_note:
+            console.print(f"[yellow]note:[/] {result.port_note}")
+        console.print(f"served at {result.endpoint}; it answered: ", end="")
+        console.print(repr(result.served_reply), highlight=False, markup=False, soft_wrap=True)
+        # soft_wrap: a hard line break inside the curl command would break it when pasted.
+        console.print(demo_mod.snippets(result), highlight=False, markup=False, soft_wrap=True)
     if keep and result.handle is not None:
         console.print("serving — press Ctrl-C to stop")
         try:
@@ -418,9 +425,13 @@ def demo(
             pass
         finally:
             result.handle.stop()
+        console.print("stopped serving")
 
 
 def main() -> None:
+    from llamaduo.progress import silence_third_party_progress
+
+    silence_third_party_progress()
     try:
         app()
     except BrokenPipeError:  # `llamaduo ... | head`

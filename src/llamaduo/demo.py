@@ -38,6 +38,7 @@ class DemoResult(BaseModel):
     endpoint: str | None = None
     model_name: str | None = None
     seconds: float = 0.0
+    port_note: str | None = None  # said when the preferred port was taken
     handle: Any = None  # the running server when the caller keeps serving
 
 
@@ -121,6 +122,7 @@ def run_demo(
     serve_after: bool = True,
     fresh: bool = False,
     keep_serving: bool = False,
+    port: int = 8000,
 ) -> DemoResult:
     """Run the offline migration; returns the per-round scores and where everything is."""
     from llamaduo import loop
@@ -148,13 +150,15 @@ def run_demo(
         report=store.report_html,
     )
     if serve_after:
-        _deploy_and_ask(cfg, store, demo, keep_serving)
+        _deploy_and_ask(cfg, store, demo, keep_serving, port)
     demo.seconds = time.monotonic() - t0
     return demo
 
 
-def _deploy_and_ask(cfg: Config, store: RunStore, demo: DemoResult, keep_serving: bool) -> None:
-    """Deploy the best round, serve it on loopback, and send one real request to it."""
+def _deploy_and_ask(cfg: Config, store: RunStore, demo: DemoResult, keep_serving: bool, port: int) -> None:
+    """Deploy the best round, serve it on loopback, and send one real request to it.
+
+    The server takes `port` or the next free one, so the printed snippets stay the same run to run."""
     import openai
 
     from llamaduo import deploy, serve
@@ -162,7 +166,14 @@ def _deploy_and_ask(cfg: Config, store: RunStore, demo: DemoResult, keep_serving
 
     dep = deploy.deploy(cfg, store)
     demo.deployed = dep.merged_dir
-    server = serve.start_background(dep.merged_dir, cfg)
+    sock, bound = serve.bind_port(cfg.serve.host, port)
+    if bound != port:
+        demo.port_note = f"port {port} is in use; serving on {bound} instead"
+    try:
+        server = serve.start_background(dep.merged_dir, cfg, sock=sock)
+    except BaseException:
+        sock.close()
+        raise
     try:
         client = openai.OpenAI(base_url=server.base_url, api_key="not-needed")
         example = load_examples(store.test_path)[0]

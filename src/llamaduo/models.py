@@ -82,7 +82,8 @@ def build_tiny_model(
     tok.decoder = decoders.ByteLevel()
     specials = ["<|pad|>", *CHATML_SPECIAL] if chat else ["<|endoftext|>"]
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
     if chat:

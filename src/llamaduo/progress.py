@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +17,17 @@ Event = dict[str, Any]
 Display = Callable[[Event], None]
 
 _QUIET_KINDS = {"warning", "stop", "invalidated"}
+
+
+def silence_third_party_progress() -> None:
+    """Keep other libraries' progress bars out of llamaduo's output.
+
+    transformers, huggingface_hub, datasets and the GGUF reader draw tqdm bars of their own between
+    our lines (and leave carriage-return debris in logs); our own bars already cover that work.
+    Set before they are imported; a user's explicit setting of the same variable wins."""
+    for var in ("TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def make_display(mode: str = "rich", console: Console | None = None) -> Display:

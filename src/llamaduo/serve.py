@@ -536,13 +536,15 @@ def build_app(model_or_run_dir: Path, cfg: Config):
 class BackgroundServer:
     """uvicorn in a daemon thread; `start()` returns once the socket is bound."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, model_name: str = ""):
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, model_name: str = "", sock: Any = None):
         import uvicorn
 
         self.model_name = model_name
         self.host = host
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, name="llamaduo-serve", daemon=True)
+        # A socket bound by the caller (see `bind_port`) leaves no gap for another process to take the port.
+        sockets = [sock] if sock is not None else None
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, name="llamaduo-serve", daemon=True)
 
     def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
         self.thread.start()
@@ -561,6 +563,12 @@ class BackgroundServer:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
+    def wait(self) -> None:
+        """Block until the server stops. Joining in short slices keeps Ctrl-C (SIGINT, delivered to the
+        main thread) arriving here as KeyboardInterrupt; uvicorn installs no handlers off the main thread."""
+        while self.thread.is_alive():
+            self.thread.join(timeout=0.25)
+
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
@@ -572,10 +580,31 @@ class BackgroundServer:
         self.stop()
 
 
-def start_background(model_or_run_dir: Path, cfg: Config, host: str | None = None, port: int = 0) -> "BackgroundServer":
+def bind_port(host: str, preferred: int, span: int = 50) -> tuple[Any, int]:
+    """Bind the first free port from `preferred` on (a stable address for copy-paste snippets).
+
+    Returns the bound socket (hand it to `BackgroundServer`) and its port."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for port in range(preferred, preferred + span):
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            continue
+        return sock, port
+    raise UserError(f"no free port on {host} in {preferred}-{preferred + span - 1}; pass --port")
+
+
+def start_background(
+    model_or_run_dir: Path, cfg: Config, host: str | None = None, port: int = 0, sock: Any = None
+) -> "BackgroundServer":
     """Serve a deployed model from a background thread (for the demo and tests)."""
     app, name = build_app(model_or_run_dir, cfg)
-    return BackgroundServer(app, host or cfg.serve.host, port, model_name=name).start()
+    return BackgroundServer(app, host or cfg.serve.host, port, model_name=name, sock=sock).start()
 
 
 def serve(model_or_run_dir: Path, cfg: Config, host: str | None = None, port: int | None = None) -> None:
