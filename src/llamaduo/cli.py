@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 
-from llamaduo.config import Config, ConfigError, dump_config, example_yaml, load_config
+from llamaduo.config import Config, dump_config, example_yaml, load_config
+from llamaduo.errors import UserError
 
 app = typer.Typer(
     help="llamaduo: move a task from a service LLM to a small local model you own.",
@@ -33,17 +34,20 @@ err = Console(stderr=True)
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: a.b=value (repeatable).")]  # noqa: UP045
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def fail_with(e: UserError) -> NoReturn:
+    """Detail lines (e.g. every file:line:field problem of a data file), then the one-line summary."""
+    for line in e.details():
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    fail(str(e))
+
+
 def _load(path: Path, overrides: list[str] | None) -> Config:
-    try:
-        return load_config(path, overrides or [])
-    except ConfigError as e:
-        fail(str(e))
-        raise  # unreachable
+    return _call(load_config, path, overrides or [])
 
 
 def _run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
@@ -112,23 +116,10 @@ def prepare(
     if out is not None:
         out = out.absolute()
         overrides += [f"runs_dir={json.dumps(str(out.parent))}", f"name={json.dumps(out.name)}"]
-    if config is not None:
-        cfg = _load(config, overrides)
-    else:
-        try:
-            cfg = from_dict({}, overrides, source="command line")
-        except ConfigError as e:
-            fail(str(e))
+    cfg = _load(config, overrides) if config is not None else _call(from_dict, {}, overrides, source="command line")
     if cfg.data.input is None:
         fail("no input: pass --input FILE or set data.input in the config")
-    try:
-        result = data.prepare(cfg, RunStore(cfg.run_dir))
-    except data.DataError as e:
-        for problem in e.problems[:200]:
-            err.print(str(problem), highlight=False, markup=False, soft_wrap=True)
-        if len(e.problems) > 200:
-            err.print(f"... and {len(e.problems) - 200} more", highlight=False)
-        fail(f"{e}; nothing was written")
+    result = _call(data.prepare, cfg, RunStore(cfg.run_dir))
     console.print(data.render_stats_table(result.stats))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -160,12 +151,10 @@ def _display(quiet: bool, json_lines: bool) -> str:
 
 def _call(fn, *args, **kwargs):
     """Call a library function; turn expected user-facing errors into one line + exit 2."""
-    from llamaduo.errors import UserError
-
     try:
         return fn(*args, **kwargs)
-    except (UserError, ConfigError) as e:
-        fail(str(e))
+    except UserError as e:
+        fail_with(e)
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume", code=130)
 
@@ -279,7 +268,6 @@ def serve(
 ) -> None:
     """Serve a deployed model (or a run directory's) behind an OpenAI-compatible API."""
     from llamaduo import serve as serve_mod
-    from llamaduo.config import Config
 
     overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
     if config is not None:
@@ -289,11 +277,7 @@ def serve(
     else:
         from llamaduo.config import from_dict
 
-        try:
-            cfg = from_dict({}, overrides, source="command line")
-        except ConfigError as e:
-            fail(str(e))
-            cfg = Config()
+        cfg = _call(from_dict, {}, overrides, source="command line")
     if not model_or_run_dir.exists():
         fail(f"{model_or_run_dir}: no such model or run directory")
     console.print(f"serving {model_or_run_dir} on http://{host or cfg.serve.host}:{cfg.serve.port if port is None else port}/v1")

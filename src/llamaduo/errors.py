@@ -1,5 +1,11 @@
-"""The one exception type the CLI turns into a one-line message and exit code 2."""
+"""The one exception root the CLI turns into a one-line message and exit code 2."""
 
 
 class UserError(Exception):
-    """A problem the user can fix (bad input, missing file, unsupported setting)."""
+    """A problem the user can fix (bad input, missing file, unsupported setting).
+
+    Subclasses (config, data, service settings, run directory) add detail lines, printed before the
+    one-line summary; nothing that derives from this is ever retried or shown as a traceback."""
+
+    def details(self) -> list[str]:
+        return []

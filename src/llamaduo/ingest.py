@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from llamaduo.errors import UserError
+
 Unit = Literal["line", "row", "index"]
 
 
@@ -45,8 +47,10 @@ class Problem(BaseModel):
         return f"{location(self.source, self.line, self.unit)}:{field} {self.message}"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Every problem found in an input, each naming its file, line (or row) and field."""
+
+    shown = 200  # the first problems are printed; the rest are counted
 
     def __init__(self, problems: list[Problem], source: str = "", records: int = 0):
         self.problems = problems
@@ -54,6 +58,10 @@ class DataError(Exception):
         self.records = records
         n = len(problems)
         super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''} in {records} records")
+
+    def details(self) -> list[str]:
+        more = [f"... and {len(self.problems) - self.shown} more"] if len(self.problems) > self.shown else []
+        return [str(p) for p in self.problems[: self.shown]] + more
 
 
 @dataclass(frozen=True, slots=True)
