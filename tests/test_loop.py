@@ -7,7 +7,7 @@ import sqlite3
 
 import pytest
 
-from llamaduo import loop
+from llamaduo import loop, stages
 from llamaduo.config import from_dict
 from llamaduo.demo_task import coverage_records, simulator_responder
 from llamaduo.store import RunStore, read_json
@@ -138,9 +138,9 @@ def test_best_round_is_the_highest_scoring_not_the_last(tmp_path):
 
 def test_growth_schedule_doubles_up_to_the_cap():
     cfg = from_dict({"synth": {"per_round": 100, "growth": "double", "max_per_round": 350}})
-    assert [loop.synth_count(cfg, r) for r in (1, 2, 3, 4)] == [100, 200, 350, 350]
+    assert [stages.synth_count(cfg, r) for r in (1, 2, 3, 4)] == [100, 200, 350, 350]
     fixed = from_dict({"synth": {"per_round": 100}})
-    assert [loop.synth_count(fixed, r) for r in (1, 2, 3)] == [100, 100, 100]
+    assert [stages.synth_count(fixed, r) for r in (1, 2, 3)] == [100, 100, 100]
 
 
 def test_batch_mode_sends_judging_and_synthesis_through_the_batch_api(tmp_path, fake_service, tiny_model):

@@ -100,9 +100,8 @@ def prepare(
     set_: SetOpt = None,
 ) -> None:
     """Read, validate and split a coverage dataset into RUN_DIR/data/{train,test}.jsonl."""
-    from llamaduo import data
+    from llamaduo import data, loop
     from llamaduo.config import from_dict
-    from llamaduo.store import RunStore
 
     overrides = list(set_ or [])
     if input is not None:
@@ -119,7 +118,7 @@ def prepare(
     cfg = _load(config, overrides) if config is not None else _call(from_dict, {}, overrides, source="command line")
     if cfg.data.input is None:
         fail("no input: pass --input FILE or set data.input in the config")
-    result = _call(data.prepare, cfg, RunStore(cfg.run_dir))
+    result = _call(loop.prepare, cfg)
     console.print(data.render_stats_table(result.stats))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -168,7 +167,7 @@ def train(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     from llamaduo import loop
 
     cfg = _run_config(run_dir, set_)
-    out = _call(loop.stage_train, cfg, round)
+    out = _call(loop.run_stage, cfg, "train", round)
     console.print(f"adapter → {out}")
 
 
@@ -178,7 +177,7 @@ def infer(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     from llamaduo import loop
 
     cfg = _run_config(run_dir, set_)
-    out = _call(loop.stage_infer, cfg, round)
+    out = _call(loop.run_stage, cfg, "infer", round)
     console.print(f"predictions → {out}")
 
 
@@ -188,7 +187,7 @@ def judge(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     from llamaduo import loop
 
     cfg = _run_config(run_dir, set_)
-    out = _call(loop.stage_judge, cfg, round)
+    out = _call(loop.run_stage, cfg, "judge", round)
     console.print(f"scores → {out}")
 
 
@@ -198,7 +197,7 @@ def synth(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     from llamaduo import loop
 
     cfg = _run_config(run_dir, set_)
-    out = _call(loop.stage_synth, cfg, round)
+    out = _call(loop.run_stage, cfg, "synth", round)
     console.print(f"synthetic data → {out}")
 
 
@@ -218,17 +217,17 @@ def report(run_dir: Path) -> None:
 @app.command()
 def status(run_dir: Path) -> None:
     """Where a run stands: rounds, statistics, spend, stop reason."""
-    from llamaduo import loop
+    from llamaduo import views
 
-    console.print(_call(loop.status_table, run_dir))
+    console.print(_call(views.status_table, run_dir))
 
 
 @app.command()
 def runs(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run directories.")) -> None:
     """List runs with round, best statistic, spend and state."""
-    from llamaduo import loop
+    from llamaduo import views
 
-    console.print(_call(loop.runs_table, runs_dir))
+    console.print(_call(views.runs_table, runs_dir))
 
 
 @cache_app.command("stats")

@@ -19,15 +19,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from llamaduo.artifacts import Manifest, StageKey
 from llamaduo.errors import UserError
-from llamaduo.store import RunStore, read_json, read_jsonl
+from llamaduo.store import RunStore
 
 if TYPE_CHECKING:
     from rich.table import Table
 
 HOURS_PER_MONTH = 365 * 24 / 12  # 730: an average month
 SECONDS_PER_MONTH = HOURS_PER_MONTH * 3600
-MANIFEST_KEY = "cost_inputs"  # saved inputs live in the manifest, so the report can project too
 
 
 class CostInputs(BaseModel):
@@ -117,8 +117,8 @@ def project(inputs: CostInputs) -> CostProjection:
 # ------------------------------------------------------------------ from a run
 def saved_inputs(store: RunStore) -> dict[str, Any] | None:
     """Values saved with `save_inputs` (the report projects only when there are some)."""
-    saved = store.load_manifest().get(MANIFEST_KEY) if store.exists() else None
-    return dict(saved) if isinstance(saved, dict) else None
+    saved = store.read_manifest().cost_inputs if store.exists() else None
+    return dict(saved) if saved else None
 
 
 def save_inputs(store: RunStore, **given: Any) -> CostInputs:
@@ -132,7 +132,7 @@ def save_inputs(store: RunStore, **given: Any) -> CostInputs:
     if unknown:
         raise UserError(f"cost: unknown input(s): {', '.join(unknown)}")
     inputs = from_run(store, **given)
-    store.update_manifest(**{MANIFEST_KEY: {**(saved_inputs(store) or {}), **given}})
+    store.update_manifest(cost_inputs={**(saved_inputs(store) or {}), **given})
     return inputs
 
 
@@ -144,11 +144,10 @@ def from_run(store: RunStore, **overrides: Any) -> CostInputs:
     """
     if not store.exists():
         raise UserError(f"{store.root}: not a run directory (no manifest.json)")
-    manifest = store.load_manifest()
+    manifest = store.read_manifest()
     derived: dict[str, Any] = {}
-    total = (manifest.get("ledger") or {}).get("total") if isinstance(manifest.get("ledger"), dict) else None
-    if isinstance(total, dict) and isinstance(total.get("usd"), (int, float)):
-        derived["migration_usd"] = float(total["usd"])
+    if manifest.ledger is not None:
+        derived["migration_usd"] = manifest.ledger.total.usd
     derived.update(_service_prices(store))
     tps, source = run_throughput(store, manifest)
     if tps is not None:
@@ -177,55 +176,40 @@ def make_inputs(**values: Any) -> CostInputs:
 
 def _service_prices(store: RunStore) -> dict[str, Any]:
     """List prices of the run's service model, from its resolved config.yaml."""
-    import yaml
-
-    from llamaduo.config import DEFAULT_PRICES
+    from llamaduo.config import load_config
 
     try:
-        cfg = yaml.safe_load(store.config_path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError):
+        service = load_config(store.config_path).service
+    except UserError:
         return {}
-    service = cfg.get("service") if isinstance(cfg, dict) else None
-    if not isinstance(service, dict) or not isinstance(service.get("model"), str):
-        return {}
-    model = service["model"]
-    prices = {**DEFAULT_PRICES, **(service.get("prices") or {})}
+    prices = service.prices
+    model = service.model
     match = model if model in prices else max((k for k in prices if model.startswith(k)), key=len, default=None)
     out: dict[str, Any] = {"service_model": model}
-    p = prices.get(match) if match else None
-    if isinstance(p, dict) and {"input_per_mtok", "output_per_mtok"} <= p.keys():
-        out["service_input_usd_per_mtok"] = float(p["input_per_mtok"])
-        out["service_output_usd_per_mtok"] = float(p["output_per_mtok"])
+    if match:
+        out["service_input_usd_per_mtok"] = prices[match].input_per_mtok
+        out["service_output_usd_per_mtok"] = prices[match].output_per_mtok
     return out
 
 
-def run_throughput(store: RunStore, manifest: dict[str, Any] | None = None) -> tuple[float | None, str | None]:
+def run_throughput(store: RunStore, manifest: Manifest | None = None) -> tuple[float | None, str | None]:
     """Tokens/s of the best round: measured inference when recorded, else training (a proxy)."""
-    manifest = manifest if manifest is not None else store.load_manifest()
-    best = manifest.get("best_round")
-    if not isinstance(best, int):
+    manifest = manifest if manifest is not None else store.read_manifest()
+    best = manifest.best_round
+    if best is None:
         rounds = store.rounds()
         if not rounds:
             return None, None
         best = rounds[-1]
-    rec = (manifest.get("stages") or {}).get(f"r{best:02d}/infer") or {}
-    if _positive(rec.get("tokens_per_s")):
-        return float(rec["tokens_per_s"]), f"inference of round {best}"
-    if _positive(rec.get("seconds")) and store.predictions_path(best).exists():
-        try:
-            new = sum(int(p.get("new_tokens") or 0) for p in read_jsonl(store.predictions_path(best)))
-        except (OSError, ValueError, TypeError):
-            new = 0
+    rec = manifest.stage(StageKey.step("infer", best))
+    if rec is not None and _positive(rec.seconds) and store.predictions_path(best).exists():
+        new = sum(p.new_tokens for p in store.read_predictions(best))
         if new > 0:
-            return new / float(rec["seconds"]), f"inference of round {best}, generated tokens only"
-    path = store.train_result_path(best)
-    if path.exists():
-        try:
-            tr = read_json(path)
-        except (OSError, ValueError):
-            tr = {}
-        if isinstance(tr, dict) and _positive(tr.get("tokens_per_s")):
-            return float(tr["tokens_per_s"]), f"training of round {best}, a proxy for serving"
+            return new / float(rec.seconds), f"inference of round {best}, generated tokens only"
+    if store.train_result_path(best).exists():
+        tr = store.read_train_result(best)
+        if _positive(tr.tokens_per_s):
+            return float(tr.tokens_per_s), f"training of round {best}, a proxy for serving"
     return None, None
 
 

@@ -415,28 +415,6 @@ class PrepareResult(BaseModel):
     warnings: list[str] = []
 
 
-def _input_hash(path: Path | None) -> str:
-    from llamaduo.store import hash_dir, hash_file
-
-    if path is None:
-        return ""
-    return hash_dir(path) if Path(path).is_dir() else hash_file(path)
-
-
-def prepare_inputs_hash(cfg: Config) -> str:
-    """What `prepare` depends on: the input file(s) by content, the data config and the seed."""
-    from llamaduo.store import hash_obj
-
-    return hash_obj(
-        {
-            "input": _input_hash(cfg.data.input),
-            "test_file": _input_hash(cfg.data.test_file),
-            "data": cfg.data.model_dump(mode="json", exclude={"input", "test_file"}),
-            "seed": cfg.seed,
-        }
-    )
-
-
 def _load_tokenizer(name: str) -> Any:
     try:
         from transformers import AutoTokenizer
@@ -489,7 +467,6 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
         "filtered_out": cov.filtered_out,
         "removed_as_in_test_file": removed,
     }
-    inputs_hash = prepare_inputs_hash(cfg)
     # Only now, with everything valid, does anything touch the disk.
     existed = store.root.exists()
     try:
@@ -497,8 +474,7 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
         write_jsonl(store.test_path, test)
         write_json(store.stats_path, stats)
         atomic_write_text(store.config_path, dump_config(cfg))
-        store.init_manifest(cfg.seed)
-        store.mark_stage("prepare", "done", inputs_hash=inputs_hash, train=len(train), test=len(test))
+        store.init_manifest(cfg.seed)  # the stage engine records the prepare stage itself
     except BaseException:
         if not existed:  # a half-made run dir would later look like a prepared run
             shutil.rmtree(store.root, ignore_errors=True)

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from llamaduo.artifacts import METRICS, LedgerRow
 from llamaduo.config import Config, ModelConfig
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
@@ -34,7 +35,6 @@ from llamaduo.store import (
     atomic_write_text,
     hash_dir,
     hash_obj,
-    read_json,
     read_jsonl,
     write_json,
     write_jsonl,
@@ -68,8 +68,8 @@ class DeployResult(BaseModel):
 def pick_round(store: RunStore, round: int | None) -> int:
     if round is not None:
         return round
-    best = store.load_manifest().get("best_round")
-    if isinstance(best, int):
+    best = store.read_manifest().best_round
+    if best is not None:
         return best
     rounds = [r for r in store.rounds() if store.adapter_dir(r).exists()]
     if not rounds:
@@ -265,7 +265,7 @@ def _fmt(v: Any) -> str:
 
 
 def model_card(cfg: Config, store: RunStore, r: int) -> str:
-    m = store.load_manifest()
+    m = store.read_manifest()
     base = _base_name(cfg.model.base) or "unknown"
     lines = [
         "---",
@@ -283,24 +283,24 @@ def model_card(cfg: Config, store: RunStore, r: int) -> str:
         "| source | examples |",
         "|---|---|",
     ]
+    train = load_examples(store.train_path) if store.train_path.exists() else None
     counts = {
-        "coverage train": len(read_jsonl(store.train_path)) if store.train_path.exists() else None,
-        "coverage test (held out)": len(read_jsonl(store.test_path)) if store.test_path.exists() else None,
+        "coverage train": len(train) if train is not None else None,
+        "coverage test (held out)": len(load_examples(store.test_path)) if store.test_path.exists() else None,
     }
     for k in range(1, r + 1):
         p = store.synthetic_path(k)
         if p.exists():
-            counts[f"synthetic, round {k} (after dedup + decontamination)"] = len(read_jsonl(p))
+            counts[f"synthetic, round {k} (after dedup + decontamination)"] = len(load_examples(p))
     lines += [f"| {k} | {v if v is not None else 'n/a'} |" for k, v in counts.items()]
-    if store.train_path.exists():
+    if train is not None:
         cats: dict[str, int] = {}
-        for row in read_jsonl(store.train_path):
-            cats[row.get("category", "default")] = cats.get(row.get("category", "default"), 0) + 1
+        for ex in train:
+            cats[ex.category] = cats.get(ex.category, 0) + 1
         lines += ["", "Categories in the coverage train split: " + ", ".join(f"{c} {n}" for c, n in sorted(cats.items()))]
     lines += ["", "## Evaluation (LLM-as-judge on the held-out test split)", ""]
-    scores_path = store.scores_path(r)
-    if scores_path.exists():
-        scores = read_json(scores_path)
+    if store.scores_path(r).exists():
+        scores = store.read_scores(r)
         lines += [
             f"Judge `{cfg.judge_model}`; {cfg.infer.num_samples} candidates per prompt, each judged "
             f"{cfg.judge.judgments_per_candidate}×; scores 1-100, coverage = % of candidates at or above.",
@@ -308,25 +308,23 @@ def model_card(cfg: Config, store: RunStore, r: int) -> str:
             "| metric | mean | median | coverage@50 | coverage@70 | 95% CI of mean |",
             "|---|---|---|---|---|---|",
         ]
-        for metric in ("similarity", "precision"):
-            s = scores.get(metric)
-            if isinstance(s, dict):
-                ci = s.get("ci") or s.get("mean_ci") or [None, None]
-                ci_txt = f"{_fmt(ci[0])}–{_fmt(ci[1])}" if isinstance(ci, (list, tuple)) and len(ci) == 2 else "n/a"
-                lines.append(
-                    f"| {metric} | {_fmt(s.get('mean'))} | {_fmt(s.get('median'))} | {_fmt(s.get('coverage@50'))} "
-                    f"| {_fmt(s.get('coverage@70'))} | {ci_txt} |"
-                )
+        for metric in METRICS:
+            st = scores.metric(metric)
+            ci_txt = f"{_fmt(st.ci[0])}–{_fmt(st.ci[1])}" if st.ci else "n/a"
+            lines.append(
+                f"| {metric} | {_fmt(st.mean)} | {_fmt(st.median)} | {_fmt(st.coverage_50)} "
+                f"| {_fmt(st.coverage_70)} | {ci_txt} |"
+            )
     else:
         lines.append("No judged scores for this round.")
-    total = ((m.get("ledger") or {}).get("total") or {}) if isinstance(m.get("ledger"), dict) else {}
+    total = m.ledger.total if m.ledger else LedgerRow()
     lines += [
         "",
         "## Migration cost (service LLM calls for judging and synthesis)",
         "",
-        f"{int(total.get('calls', 0) or 0)} calls ({int(total.get('cached', 0) or 0)} cached), "
-        f"{int(total.get('input_tokens', 0) or 0)} input + {int(total.get('output_tokens', 0) or 0)} output tokens, "
-        f"${float(total.get('usd', 0.0) or 0.0):.4f}. Stop reason: {m.get('stop_reason') or 'n/a'}.",
+        f"{total.calls} calls ({total.cached} cached), "
+        f"{total.input_tokens} input + {total.output_tokens} output tokens, "
+        f"${total.usd:.4f}. Stop reason: {m.stop_reason or 'n/a'}.",
         "",
         "## Use",
         "",
@@ -494,7 +492,7 @@ def accept(cfg: Config, store: RunStore, endpoint: str, client: Any, *, model: s
     baseline_path = store.baseline_dir / "scores.json"
     passed = None
     if hasattr(judge_mod, "evaluate_pass"):
-        baseline = judge_mod.Scores.model_validate(read_json(baseline_path)) if baseline_path.exists() else None
+        baseline = store.read_scores("baseline") if baseline_path.exists() else None
         passed = bool(judge_mod.evaluate_pass(scores, rule, baseline).passed)
     result = AcceptResult(
         endpoint=endpoint,

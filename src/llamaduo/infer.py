@@ -13,23 +13,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
+from llamaduo.artifacts import Completion
 from llamaduo.config import Config, InferConfig
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
 
 log = logging.getLogger("llamaduo.infer")
-
-
-class Completion(BaseModel):
-    prompt_id: str
-    sample_index: int
-    text: str
-    model_hash: str = ""
-    adapter_hash: str = ""
-    finish_reason: str = "stop"
-    new_tokens: int = 0
 
 
 def _cut_at_stop(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -23,17 +23,17 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import combinations
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, model_serializer
+from pydantic import BaseModel, Field
 
 from llamaduo import prompts
+from llamaduo.artifacts import METRICS, Agreement, Counts, Judgment, MetricStats, PassDecision, Scores
 from llamaduo.config import Config, PassRule
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
 
-METRICS = ("similarity", "precision")
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 
@@ -49,22 +49,6 @@ class JudgeReply(BaseModel):
 
     similarity: Criterion
     precision: Criterion
-
-
-class Judgment(BaseModel):
-    """One judge call's outcome for one candidate (a row of judgments.jsonl)."""
-
-    prompt_id: str
-    sample_index: int  # which of the K candidates
-    judge_index: int  # which of the M judgments (per judge model)
-    ok: bool
-    similarity: int | None = None
-    precision: int | None = None
-    similarity_reason: str | None = None
-    precision_reason: str | None = None
-    raw: str | None = None
-    error: str | None = None
-    judge_model: str = ""
 
 
 # ---------------------------------------------------------------------- prompts
@@ -227,60 +211,6 @@ def service_baseline(cfg: Config, client: Any, test: list[Example]) -> list[dict
 
 
 # --------------------------------------------------------------------- statistics
-class MetricStats(BaseModel):
-    """Statistics of the per-candidate mean scores of one metric (judged candidates only)."""
-
-    model_config = ConfigDict(populate_by_name=True)
-    n: int = 0
-    mean: float | None = None
-    median: float | None = None
-    coverage_50: float | None = Field(None, validation_alias=AliasChoices("coverage@50", "coverage_50"))
-    coverage_70: float | None = Field(None, validation_alias=AliasChoices("coverage@70", "coverage_70"))
-    ci: list[float] | None = None  # bootstrap 95 % CI of the mean: [low, high]
-
-    @model_serializer(mode="wrap")
-    def _coverage_keys(self, handler: Any) -> dict[str, Any]:
-        # scores.json spells the statistics as the pass rule names them: "coverage@50".
-        return {("coverage@" + k[-2:] if k.startswith("coverage_") else k): v for k, v in handler(self).items()}
-
-    def get(self, statistic: str) -> float | None:
-        return {"mean": self.mean, "median": self.median, "coverage@50": self.coverage_50, "coverage@70": self.coverage_70}[
-            statistic
-        ]
-
-
-class Counts(BaseModel):
-    candidates: int = 0  # expected: every prediction row
-    judged: int = 0  # with at least one valid judgment: the statistics' population
-    unjudged: int = 0  # judged but no valid judgment
-    missing: int = 0  # expected but never sent to the judge (max_test_prompts, absent rows)
-    judgments: int = 0
-    failed: int = 0
-
-
-class Agreement(BaseModel):
-    judges: list[str]
-    metric: Literal["similarity", "precision"]
-    n: int  # candidates both judges scored
-    pearson: float | None = None
-    mean_abs_diff: float | None = None
-
-
-class Scores(BaseModel):
-    """scores.json of a round."""
-
-    similarity: MetricStats = Field(default_factory=MetricStats)
-    precision: MetricStats = Field(default_factory=MetricStats)
-    counts: Counts = Field(default_factory=Counts)
-    per_category: dict[str, dict[str, float | int | None]] = Field(default_factory=dict)
-    judge_models: list[str] = Field(default_factory=list)
-    agreement: list[Agreement] = Field(default_factory=list)
-    warnings: list[str] = Field(default_factory=list)
-
-    def stat(self, metric: str, statistic: str) -> float | None:
-        return getattr(self, metric).get(statistic)
-
-
 def bootstrap_ci(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[float]:
     """Percentile bootstrap 95 % CI of the mean (seeded, so a rerun writes the same file)."""
     a = np.asarray(values, dtype=float)
@@ -404,16 +334,6 @@ def _warnings(counts: Counts, models: list[str], cfg: Config | None) -> list[str
 
 
 # ---------------------------------------------------------------------- pass rule
-class PassDecision(BaseModel):
-    passed: bool
-    value: float  # the local statistic (its units: score 1-100 or percent for coverage)
-    target: float  # the value the statistic had to reach
-    statistic: str
-    metric: str
-    relative: float | None = None  # local ÷ service baseline (performance matching)
-    reason: str
-
-
 def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None) -> PassDecision:
     """Absolute: statistic ≥ threshold. Relative (`rule.relative_to_service`): statistic ≥
     ratio × the service baseline's statistic, i.e. local ÷ service ≥ ratio."""

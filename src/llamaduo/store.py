@@ -3,6 +3,10 @@
 Every write is atomic (temp file + fsync + rename) so a killed process never leaves a
 half-written file that a later run would trust. `manifest.json` records, per stage, its
 status and the hash of its inputs; a stage is done only when both match.
+
+What is written as a type is read back as the same type (`artifacts`): `read_scores(r) -> Scores`,
+`read_manifest() -> Manifest`. A file that does not parse as its type is a one-line `UserError`
+naming the file, the field and what to rerun — never a traceback, never a guess.
 """
 
 from __future__ import annotations
@@ -12,14 +16,30 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-MANIFEST_VERSION = 1
+from pydantic import BaseModel, ValidationError
+
+from llamaduo.artifacts import (
+    MANIFEST_VERSION,
+    Completion,
+    Judgment,
+    Ledger,
+    Manifest,
+    RoundRecord,
+    Scores,
+    StageKey,
+    StageRecord,
+    TrainResult,
+)
+from llamaduo.errors import UserError
+
 _TRACKED_PACKAGES = ("llamaduo", "torch", "transformers", "trl", "peft", "accelerate", "openai", "datasets", "vllm")
 
 
@@ -107,9 +127,55 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+# ------------------------------------------------------------------- typed reads
+M = TypeVar("M", bound=BaseModel)
+EvalTarget = int | Literal["baseline", "accept"]
+"""A judged set of candidates: round r, the service baseline, or the served artifact (`accept`)."""
+
+
+def _problem(e: ValidationError) -> str:
+    first = e.errors()[0]
+    loc = ".".join(str(x) for x in first.get("loc", ()))
+    return (f"field '{loc}': " if loc else "") + first.get("msg", "invalid")
+
+
+def read_model(path: Path, model: type[M], rerun: str) -> M:
+    """One JSON file as `model`; a missing, corrupt or foreign file is a one-line UserError."""
+    try:
+        return model.model_validate_json(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {rerun}") from None
+    except ValidationError as e:
+        raise UserError(f"{path}: {_problem(e)}; {rerun}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror}); {rerun}") from None
+
+
+def read_rows(path: Path, model: type[M], rerun: str) -> list[M]:
+    """A JSONL file as rows of `model`, each problem named by its line."""
+    out: list[M] = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        out.append(model.model_validate_json(line))
+                    except ValidationError as e:
+                        raise UserError(f"{path}:{n}: {_problem(e)}; {rerun}") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {rerun}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8; {rerun}") from None
+    return out
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 # --------------------------------------------------------------------- run directory
 class RunStore:
-    """Paths and manifest of one run directory (`runs/<name>/`)."""
+    """Paths, typed files and manifest of one run directory (`runs/<name>/`)."""
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
@@ -157,6 +223,23 @@ class RunStore:
         """The best round's adapter merged into the base: a plain HF model dir (+ model card)."""
         return self.deploy_dir / "merged"
 
+    def staging_dir(self, final: Path) -> Path:
+        """A fresh hidden sibling of `final` to build it in, swapped in whole when complete."""
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+
+    def replace_dir(self, staged: Path, final: Path) -> None:
+        """Swap a completed staging directory in for `final` (the old one is removed after)."""
+        previous = final.parent / f".{final.name}-old-{os.getpid()}"
+        if final.exists():
+            os.replace(final, previous)
+        os.replace(staged, final)
+        shutil.rmtree(previous, ignore_errors=True)
+
+    @property
+    def model_card_path(self) -> Path:
+        return self.merged_dir / "README.md"
+
     @property
     def gguf_path(self) -> Path:
         return self.deploy_dir / "model.gguf"
@@ -169,6 +252,10 @@ class RunStore:
     def accept_dir(self) -> Path:
         """The served artifact judged on the test split: predictions/judgments/scores like a round."""
         return self.root / "accept"
+
+    @property
+    def accept_comparison_path(self) -> Path:
+        return self.accept_dir / "comparison.json"
 
     @property
     def report_html(self) -> Path:
@@ -191,14 +278,21 @@ class RunStore:
     def checkpoints_dir(self, r: int) -> Path:
         return self.round_dir(r) / "checkpoints"
 
-    def predictions_path(self, r: int) -> Path:
-        return self.round_dir(r) / "predictions.jsonl"
+    def eval_dir(self, target: EvalTarget) -> Path:
+        if target == "baseline":
+            return self.baseline_dir
+        if target == "accept":
+            return self.accept_dir
+        return self.round_dir(int(target))
 
-    def judgments_path(self, r: int) -> Path:
-        return self.round_dir(r) / "judgments.jsonl"
+    def predictions_path(self, target: EvalTarget) -> Path:
+        return self.eval_dir(target) / "predictions.jsonl"
 
-    def scores_path(self, r: int) -> Path:
-        return self.round_dir(r) / "scores.json"
+    def judgments_path(self, target: EvalTarget) -> Path:
+        return self.eval_dir(target) / "judgments.jsonl"
+
+    def scores_path(self, target: EvalTarget) -> Path:
+        return self.eval_dir(target) / "scores.json"
 
     def synthetic_path(self, r: int) -> Path:
         return self.round_dir(r) / "synthetic.jsonl"
@@ -218,50 +312,100 @@ class RunStore:
     def exists(self) -> bool:
         return self.manifest_path.exists()
 
-    # ---- manifest
-    def load_manifest(self) -> dict[str, Any]:
-        if not self.manifest_path.exists():
-            return {"version": MANIFEST_VERSION, "stages": {}, "rounds": {}}
-        return read_json(self.manifest_path)
-
-    def save_manifest(self, manifest: dict[str, Any]) -> None:
-        manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        write_json(self.manifest_path, manifest)
-
-    def init_manifest(self, seed: int) -> dict[str, Any]:
-        m = self.load_manifest()
-        m.setdefault("created_at", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        m["versions"] = package_versions()
-        m["seed"] = seed
-        self.save_manifest(m)
-        return m
-
-    def update_manifest(self, **fields: Any) -> dict[str, Any]:
-        m = self.load_manifest()
-        m.update(fields)
-        self.save_manifest(m)
-        return m
-
-    def stage_done(self, stage: str, inputs_hash: str) -> bool:
-        rec = self.load_manifest().get("stages", {}).get(stage)
-        return bool(rec and rec.get("status") == "done" and rec.get("inputs_hash") == inputs_hash)
-
-    def stage_record(self, stage: str) -> dict[str, Any] | None:
-        return self.load_manifest().get("stages", {}).get(stage)
-
-    def mark_stage(self, stage: str, status: str, inputs_hash: str | None = None, **extra: Any) -> None:
-        m = self.load_manifest()
-        rec = {"status": status, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        if inputs_hash is not None:
-            rec["inputs_hash"] = inputs_hash
-        rec.update(extra)
-        m.setdefault("stages", {})[stage] = rec
-        self.save_manifest(m)
-
-    def set_round(self, r: int, **fields: Any) -> None:
-        m = self.load_manifest()
-        m.setdefault("rounds", {}).setdefault(f"r{r:02d}", {}).update(fields)
-        self.save_manifest(m)
-
     def iter_round_files(self) -> Iterator[Path]:
         yield from sorted((self.root / "rounds").rglob("*"))
+
+    # ---- typed artifacts
+    def _rerun(self, target: EvalTarget, what: str) -> str:
+        if target == "baseline":
+            return "rerun `llamaduo run` to judge the service baseline again"
+        if target == "accept":
+            return "rerun `llamaduo accept`"
+        return f"rerun `llamaduo {what} {self.root} --round {target}`"
+
+    def write_predictions(self, target: EvalTarget, rows: Iterable[Completion]) -> int:
+        return write_jsonl(self.predictions_path(target), rows)
+
+    def read_predictions(self, target: EvalTarget) -> list[Completion]:
+        return read_rows(self.predictions_path(target), Completion, self._rerun(target, "infer"))
+
+    def write_judgments(self, target: EvalTarget, rows: Iterable[Judgment]) -> int:
+        return write_jsonl(self.judgments_path(target), rows)
+
+    def read_judgments(self, target: EvalTarget) -> list[Judgment]:
+        return read_rows(self.judgments_path(target), Judgment, self._rerun(target, "judge"))
+
+    def write_scores(self, target: EvalTarget, scores: Scores) -> None:
+        write_json(self.scores_path(target), scores.model_dump(mode="json"))
+
+    def read_scores(self, target: EvalTarget) -> Scores:
+        return read_model(self.scores_path(target), Scores, self._rerun(target, "judge"))
+
+    def write_synthetic(self, r: int, examples: Iterable[BaseModel]) -> int:
+        return write_jsonl(self.synthetic_path(r), examples)
+
+    def write_rejected(self, r: int, rows: Iterable[dict[str, Any]]) -> int:
+        return write_jsonl(self.rejected_path(r), rows)
+
+    def write_train_result(self, r: int, result: TrainResult) -> None:
+        write_json(self.train_result_path(r), result.model_dump(mode="json"))
+
+    def read_train_result(self, r: int) -> TrainResult:
+        return read_model(self.train_result_path(r), TrainResult, self._rerun(r, "train"))
+
+    # ---- manifest
+    def read_manifest(self) -> Manifest:
+        """The manifest as written; a run directory without one reads as a fresh manifest."""
+        if not self.manifest_path.exists():
+            return Manifest()
+        m = read_model(
+            self.manifest_path, Manifest,
+            "the run directory is damaged: restore manifest.json or start over with `llamaduo run CONFIG --fresh`",
+        )
+        if m.version != MANIFEST_VERSION:
+            raise UserError(
+                f"{self.manifest_path}: manifest version {m.version}, this llamaduo reads {MANIFEST_VERSION}; "
+                "start over with `llamaduo run CONFIG --fresh`"
+            )
+        return m
+
+    def save_manifest(self, manifest: Manifest) -> None:
+        manifest.updated_at = _now()
+        write_json(self.manifest_path, manifest.model_dump(mode="json", exclude_none=True))
+
+    def init_manifest(self, seed: int) -> Manifest:
+        m = self.read_manifest()
+        m.created_at = m.created_at or _now()
+        m.versions = package_versions()
+        m.seed = seed
+        self.save_manifest(m)
+        return m
+
+    def update_manifest(self, **fields: Any) -> Manifest:
+        """Set top-level manifest fields, validated as the manifest's types."""
+        m = self.read_manifest()
+        m = Manifest.model_validate({**m.model_dump(mode="json", exclude_none=True), **_jsonable(fields)})
+        self.save_manifest(m)
+        return m
+
+    def set_ledger(self, ledger: Ledger | dict[str, Any]) -> None:
+        self.update_manifest(ledger=Ledger.model_validate(ledger))
+
+    def stage_record(self, key: StageKey | str) -> StageRecord | None:
+        return self.read_manifest().stage(key)
+
+    def mark_stage(self, key: StageKey | str, status: str, inputs_hash: str | None = None, **fields: Any) -> StageRecord:
+        m = self.read_manifest()
+        rec = StageRecord.model_validate({"status": status, "at": _now(), "inputs_hash": inputs_hash, **_jsonable(fields)})
+        m.stages[str(key)] = rec
+        self.save_manifest(m)
+        return rec
+
+    def set_round(self, record: RoundRecord) -> None:
+        m = self.read_manifest()
+        m.rounds[f"r{record.round:02d}"] = record
+        self.save_manifest(m)
+
+
+def _jsonable(fields: dict[str, Any]) -> dict[str, Any]:
+    return {k: v.model_dump(mode="json") if isinstance(v, BaseModel) else v for k, v in fields.items()}

@@ -1,0 +1,249 @@
+"""The stages of a run over one run directory: prepare, baseline, and each round's synth, train,
+infer and judge. Each states its inputs and its work; the `Engine` decides whether it runs and
+records it. `loop.run` and the CLI's single-stage commands call the same methods.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from llamaduo.artifacts import Scores, StageKey
+from llamaduo.config import Config, dump_config
+from llamaduo.data import Example, PrepareResult, load_examples
+from llamaduo.engine import Decision, Engine, Outcome
+from llamaduo.errors import UserError
+from llamaduo.progress import Display, make_display
+from llamaduo.store import RunStore, atomic_write_text, hash_dir, hash_file
+
+if TYPE_CHECKING:
+    from llamaduo.service import Client
+
+
+def synth_count(cfg: Config, r: int) -> int:
+    """Synthetic pairs requested in round r ≥ 1 by the growth schedule."""
+    if cfg.synth.growth == "double":
+        return min(cfg.synth.per_round * 2 ** (r - 1), cfg.synth.max_per_round)
+    return min(cfg.synth.per_round, cfg.synth.max_per_round)
+
+
+def _path_hash(p: Path | None) -> str:
+    if p is None:
+        return ""
+    p = Path(p)
+    return hash_dir(p) if p.is_dir() else hash_file(p)
+
+
+class Run:
+    """One run directory with its config and (lazily) its service client."""
+
+    def __init__(self, cfg: Config, display: Display | None = None, client: Client | None = None):
+        self.cfg = cfg
+        self.store = RunStore(cfg.run_dir)
+        self.display = display or make_display("quiet")
+        self._client = client
+        self.engine = Engine(self.store, self.display, ledger=self._ledger)
+
+    # ---- collaborators
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            from llamaduo.service import ServiceClient
+
+            self._client = ServiceClient(self.cfg.service, db_path=self.store.service_db)
+        return self._client
+
+    def _ledger(self) -> Any:
+        return self._client.ledger() if self._client is not None else None
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+    # ---- data of a round
+    def train_set(self, r: int) -> list[Example]:
+        examples = load_examples(self.store.train_path)
+        for k in range(1, r + 1):
+            p = self.store.synthetic_path(k)
+            if p.exists():
+                examples += load_examples(p)
+        return examples
+
+    def test_set(self) -> list[Example]:
+        return load_examples(self.store.test_path)
+
+    # ---- prepare
+    def prepare_components(self) -> dict[str, Any]:
+        cfg = self.cfg
+        return {
+            "data_config": cfg.data.model_dump(mode="json", exclude={"input", "test_file", "tokenizer"}),
+            "input": _path_hash(cfg.data.input),
+            "test_file": _path_hash(cfg.data.test_file) if cfg.data.test_file else "",
+            "seed": str(cfg.seed),
+        }
+
+    def prepare(self, force: bool = False) -> tuple[str, PrepareResult | None]:
+        """Validate and split the coverage data (skipped when done with the same inputs, unless `force`)."""
+        from llamaduo import data
+
+        cfg, store = self.cfg, self.store
+        key = StageKey(name="prepare")
+        if cfg.data.input is None:
+            rec = store.stage_record(key)
+            if store.train_path.exists() and store.test_path.exists():
+                return (rec.inputs_hash or "given") if rec else "given", None
+            raise UserError("data.input is not set and the run directory has no data/train.jsonl")
+        if not Path(cfg.data.input).exists():
+            raise UserError(f"data.input: {cfg.data.input}: no such file or directory")
+        outputs = [store.train_path, store.test_path]
+        result: list[PrepareResult] = []
+
+        def work(_: Decision) -> Outcome:
+            res = data.prepare(cfg, store)
+            for w in res.warnings:
+                self.display({"event": "warning", "message": w})
+            result.append(res)
+            return Outcome(f"train {res.train_count}, test {res.test_count}", {"train": res.train_count, "test": res.test_count})
+
+        # force: `llamaduo prepare` always re-reads and shows the data, recorded as the loop's prepare is.
+        h = self.engine.run(key, self.prepare_components(), outputs, work, force=force)
+        return h, (result[0] if result else None)
+
+    # ---- synth (round ≥ 1)
+    def synth(self, r: int, upstream: str) -> str:
+        from llamaduo import dedup, synth
+
+        if r < 1:
+            raise UserError("synthesis runs in rounds ≥ 1 (round 0 trains on the coverage data only)")
+        cfg, store = self.cfg, self.store
+        components = {
+            "upstream": upstream,
+            "synth": cfg.synth.model_dump(mode="json"),
+            "dedup": cfg.dedup.model_dump(mode="json"),
+            "model": cfg.synth_model,
+            "count": str(synth_count(cfg, r)),
+            "seed": str(cfg.seed),
+        }
+
+        def work(_: Decision) -> Outcome:
+            existing = self.train_set(r - 1)
+            rng = random.Random(f"{cfg.seed}-synth-{r}")
+            res = synth.synthesize(
+                cfg, self.client, load_examples(store.train_path), synth_count(cfg, r), r, rng,
+                weights=self._category_weights(r - 1),
+            )
+            kept, rejected = dedup.clean(res.examples, existing, self.test_set(), cfg)
+            rejected = list(res.rejected) + list(rejected)
+            store.write_rejected(r, rejected)
+            store.write_synthetic(r, kept)
+            return Outcome(f"{len(kept)} kept, {len(rejected)} rejected",
+                           {"kept": len(kept), "rejected": len(rejected), "calls": res.calls})
+
+        outputs = [store.synthetic_path(r), store.rejected_path(r)]
+        return self.engine.run(StageKey.step("synth", r), components, outputs, work)
+
+    def _category_weights(self, prev: int) -> dict[str, float] | None:
+        """Weight seeds toward the categories that scored lowest last round."""
+        if prev < 0 or not self.store.scores_path(prev).exists():
+            return None
+        metric = self.cfg.judge.pass_rule.metric
+        vals = {c: v.get(metric) for c, v in self.store.read_scores(prev).per_category.items()}
+        vals = {c: float(v) for c, v in vals.items() if v is not None}
+        return {c: max(1.0, 101.0 - v) for c, v in vals.items()} or None
+
+    # ---- train
+    def train(self, r: int, upstream: str) -> str:
+        from llamaduo import train as train_mod
+
+        cfg, store = self.cfg, self.store
+        examples = self.train_set(r)
+        init_adapter = store.adapter_dir(r - 1) if cfg.train.continue_from_previous and r > 0 else None
+        prev_train = store.stage_record(StageKey.step("train", r - 1)) if init_adapter is not None else None
+        components = {
+            "upstream": upstream,
+            "model": cfg.model.model_dump(mode="json"),
+            "train": cfg.train.model_dump(mode="json"),
+            "examples": [e.id for e in examples],
+            "init_adapter": (prev_train.inputs_hash or "") if prev_train else "",
+            "seed": str(cfg.seed),
+        }
+
+        def work(d: Decision) -> Outcome:
+            if d.previous and d.previous.inputs_hash != d.inputs_hash:
+                # Checkpoints of different inputs must not be resumed from.
+                shutil.rmtree(store.checkpoints_dir(r), ignore_errors=True)
+            shutil.rmtree(store.adapter_dir(r), ignore_errors=True)
+            res = train_mod.train(cfg, examples, store.adapter_dir(r), init_adapter=init_adapter)
+            if int(os.environ.get("RANK", "0")) != 0:
+                return Outcome(record=False)  # under `accelerate launch` only the main process records
+            store.write_train_result(r, res)
+            dropped = f", {res.dropped_too_long} dropped (prompt fills train.max_length)" if res.dropped_too_long else ""
+            return Outcome(f"{len(examples)} examples{dropped}, loss {res.train_loss:.3f}, {res.tokens_per_s:.0f} tok/s",
+                           {"examples": len(examples)})
+
+        return self.engine.run(StageKey.step("train", r), components, [store.adapter_dir(r)], work)
+
+    # ---- infer
+    def infer(self, r: int, upstream: str) -> str:
+        from llamaduo import infer as infer_mod
+
+        cfg, store = self.cfg, self.store
+        components = {
+            "upstream": upstream,
+            "infer": cfg.infer.model_dump(mode="json"),
+            "test": hash_file(store.test_path),
+            "seed": str(cfg.seed),
+        }
+
+        def work(_: Decision) -> Outcome:
+            completions = infer_mod.run_inference(cfg, self.test_set(), store.adapter_dir(r))
+            store.write_predictions(r, completions)
+            new_tokens = sum(c.new_tokens for c in completions)
+            return Outcome(f"{len(completions)} candidates", {"predictions": len(completions), "new_tokens": new_tokens})
+
+        return self.engine.run(StageKey.step("infer", r), components, [store.predictions_path(r)], work)
+
+    # ---- judge
+    def judge(self, r: int, upstream: str) -> tuple[str, Scores]:
+        from llamaduo.evaluate import evaluate
+
+        cfg, store = self.cfg, self.store
+        components = {"upstream": upstream, "judge": cfg.judge.model_dump(mode="json"), "model": cfg.judge_model}
+
+        def work(_: Decision) -> Outcome:
+            ev = evaluate(cfg, self.client, store, r, self.test_set())
+            return Outcome(f"{ev.scores.counts.judgments} judgments")
+
+        outputs = [store.judgments_path(r), store.scores_path(r)]
+        h = self.engine.run(StageKey.step("judge", r), components, outputs, work)
+        return h, store.read_scores(r)
+
+    # ---- service baseline (performance matching)
+    def baseline(self, upstream: str) -> Scores | None:
+        from llamaduo import judge as judge_mod
+        from llamaduo.evaluate import evaluate
+
+        cfg, store = self.cfg, self.store
+        if cfg.judge.pass_rule.relative_to_service is None:
+            return None
+        components = {
+            "upstream": upstream,
+            "judge": cfg.judge.model_dump(mode="json"),
+            "service_model": cfg.service.model,
+            "k": str(cfg.infer.num_samples),
+        }
+
+        def work(_: Decision) -> Outcome:
+            test = self.test_set()
+            evaluate(cfg, self.client, store, "baseline", test, judge_mod.service_baseline(cfg, self.client, test))
+            return Outcome("service baseline judged")
+
+        outputs = [store.predictions_path("baseline"), store.judgments_path("baseline"), store.scores_path("baseline")]
+        self.engine.run(StageKey(name="baseline"), components, outputs, work)
+        return store.read_scores("baseline")
+
+    def write_config(self) -> None:
+        atomic_write_text(self.store.config_path, dump_config(self.cfg))

@@ -1,0 +1,61 @@
+"""Tables a person reads in the terminal: one run's rounds (`status`) and every run in a folder (`runs`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from llamaduo.errors import UserError
+from llamaduo.store import RunStore
+
+
+def _num(v: float | None, fmt: str = ".1f") -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def status_table(run_dir: Path) -> Any:
+    from rich.table import Table
+
+    store = RunStore(run_dir)
+    if not store.exists():
+        raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
+    m = store.read_manifest()
+    t = Table(title=f"{run_dir} — {m.state}; stop reason: {m.stop_reason or '-'}")
+    for col in ("round", "train examples", "synthetic added", "value", "passed"):
+        t.add_column(col, justify="right")
+    for name in sorted(m.rounds):
+        rec = m.rounds[name]
+        best = " *" if m.best_round == rec.round else ""
+        t.add_row(name + best, str(rec.train_examples), str(rec.synthetic_added), _num(rec.value), "yes" if rec.passed else "no")
+    total = m.ledger.total if m.ledger else None
+    t.caption = f"service spend ${total.usd if total else 0.0:.4f}, calls {total.calls if total else 0}"
+    return t
+
+
+def runs_table(runs_dir: Path) -> Any:
+    from rich.table import Table
+
+    if not Path(runs_dir).is_dir():
+        raise UserError(f"{runs_dir}: no such directory")
+    t = Table(title=f"runs in {runs_dir}")
+    for col in ("run", "state", "rounds", "best round", "best value", "spend $", "stop reason"):
+        t.add_column(col)
+    for d in sorted(Path(runs_dir).iterdir()):
+        store = RunStore(d)
+        if not store.exists():
+            continue
+        try:
+            m = store.read_manifest()
+        except UserError as e:  # one damaged run must not hide the others
+            t.add_row(d.name, "unreadable", "-", "-", "-", "-", str(e).split(": ", 1)[-1][:60])
+            continue
+        t.add_row(
+            d.name,
+            m.state,
+            str(len(m.rounds)),
+            f"r{m.best_round:02d}" if m.best_round is not None else "-",
+            _num(m.best_value),
+            f"{m.spend_usd:.4f}",
+            m.stop_reason or "-",
+        )
+    return t
