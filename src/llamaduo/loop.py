@@ -13,7 +13,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -31,6 +31,9 @@ from llamaduo.store import (
     write_json,
     write_jsonl,
 )
+
+if TYPE_CHECKING:
+    from llamaduo.service import Client
 
 
 class RoundSummary(BaseModel):
@@ -86,7 +89,7 @@ def synth_count(cfg: Config, r: int) -> int:
 class Run:
     """One run directory with its config; stage methods are shared by `run` and the CLI."""
 
-    def __init__(self, cfg: Config, display: Display | None = None, client=None):
+    def __init__(self, cfg: Config, display: Display | None = None, client: Client | None = None):
         self.cfg = cfg
         self.store = RunStore(cfg.run_dir)
         self.display = display or make_display("quiet")
@@ -94,7 +97,7 @@ class Run:
 
     # ---- collaborators
     @property
-    def client(self):
+    def client(self) -> Client:
         if self._client is None:
             from llamaduo.service import ServiceClient
 
@@ -346,7 +349,7 @@ def _decide(cfg: Config, scores: dict[str, Any], baseline: dict[str, Any] | None
 
 
 # --------------------------------------------------------------------------- run
-def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", client=None) -> LoopResult:
+def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", client: Client | None = None) -> LoopResult:
     """Run (or resume) the migration loop in `cfg.run_dir` until a stop rule fires."""
     from llamaduo.service import BudgetExceeded
 
