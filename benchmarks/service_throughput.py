@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from llamaduo.config import ServiceConfig
+from llamaduo.progress import ServiceBar
 from llamaduo.service import ServiceClient
 from llamaduo.simulator import SimulatedService
 
@@ -64,7 +65,7 @@ def run_ours(n: int, rpm: int, latency_s: float, concurrency: int, progress: boo
         # Distinct sample indices: every call is a real request, none is a cache hit.
         coros = [client.chat_text(msgs, max_tokens=8, sample_index=i, stage="bench") for i in range(n)]
         t0 = time.monotonic()
-        replies = client.run(coros, description="ours", progress=progress)
+        replies = client.run(coros, progress=ServiceBar("ours") if progress else None)
         wall = time.monotonic() - t0
         client.close()
         conn = sqlite3.connect(db)

@@ -233,7 +233,7 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run direc
 @cache_app.command("stats")
 def cache_stats(run_dir: Path) -> None:
     """Cache hits, misses and money saved by the service-call cache."""
-    from llamaduo.calllog import cache_stats as read_cache_stats
+    from llamaduo.service.calllog import cache_stats as read_cache_stats
     from llamaduo.store import RunStore
 
     store = RunStore(run_dir)

@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -39,6 +39,9 @@ from llamaduo.store import (
     write_json,
     write_jsonl,
 )
+
+if TYPE_CHECKING:
+    from llamaduo.service import Client
 
 LLAMA_CPP_ENV = "LLAMADUO_LLAMA_CPP"
 GGUF_HELP = (
@@ -456,7 +459,7 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
     return [row for group in rows for row in group]
 
 
-def accept(cfg: Config, store: RunStore, endpoint: str, client: Any, *, model: str | None = None,
+def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model: str | None = None,
            api_key: str | None = None, round: int | None = None, concurrency: int = 16) -> AcceptResult:
     """Judge the model served at `endpoint` like a round and compare it with the best round."""
     import openai

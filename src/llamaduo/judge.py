@@ -23,7 +23,7 @@ import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from itertools import combinations
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -33,6 +33,10 @@ from llamaduo.artifacts import METRICS, Agreement, Counts, Judgment, MetricStats
 from llamaduo.config import Config, PassRule
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
+from llamaduo.progress import ServiceBar
+
+if TYPE_CHECKING:
+    from llamaduo.service import Client
 
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
@@ -108,7 +112,7 @@ def _field(pred: Any, name: str, default: Any = None) -> Any:
 
 def judge_predictions(
     cfg: Config,
-    client: Any,
+    client: Client,
     test: list[Example],
     predictions: Iterable[Any],
     round: int | None,
@@ -150,7 +154,7 @@ def judge_predictions(
     else:
         # sample_index: the M judgments of one candidate must not share a cache entry
         coros = [client.chat_json(msgs, JudgeReply, model=model, sample_index=j, **params) for msgs, model, j in specs]
-        replies = client.run(coros, description=f"{label}: {len(coros)} judge calls")
+        replies = client.run(coros, progress=ServiceBar(f"{label}: {len(coros)} judge calls"))
     for (slot, pid, k, model, j), reply in zip(jobs, replies, strict=True):
         base = {"prompt_id": pid, "sample_index": k, "judge_index": j, "judge_model": model, "raw": reply.raw}
         parsed = reply.parsed if reply.ok else None
@@ -168,7 +172,7 @@ def judge_predictions(
     return [r for r in rows if r is not None]
 
 
-def _run_batches(client: Any, specs: list[tuple[list[dict[str, str]], str, int]], params: dict[str, Any]) -> list[Any]:
+def _run_batches(client: Client, specs: list[tuple[list[dict[str, str]], str, int]], params: dict[str, Any]) -> list[Any]:
     """One provider batch per judge model (a panel has several); replies in the order of `specs`."""
     replies: list[Any] = [None] * len(specs)
     for model in dict.fromkeys(m for _, m, _ in specs):
@@ -179,7 +183,7 @@ def _run_batches(client: Any, specs: list[tuple[list[dict[str, str]], str, int]]
     return replies
 
 
-def service_baseline(cfg: Config, client: Any, test: list[Example]) -> list[dict[str, Any]]:
+def service_baseline(cfg: Config, client: Client, test: list[Example]) -> list[dict[str, Any]]:
     """The service LLM's own fresh answers to the test prompts (K samples each), as
     prediction rows; judged like a round, they are the yardstick of performance matching.
     A failed call gives a row with `ok: false` and its error, which the judge records."""
@@ -198,7 +202,7 @@ def service_baseline(cfg: Config, client: Any, test: list[Example]) -> list[dict
         for ex in chosen
         for s in range(k)
     ]
-    replies = client.run(coros, description=f"baseline: {len(coros)} service answers") if coros else []
+    replies = client.run(coros, progress=ServiceBar(f"baseline: {len(coros)} service answers")) if coros else []
     out = []
     keys = [(ex.id, s) for ex in chosen for s in range(k)]
     for (pid, s), reply in zip(keys, replies, strict=True):

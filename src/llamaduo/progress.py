@@ -1,4 +1,5 @@
-"""How the loop's events reach a person or a CI log: rich lines, quiet, or JSON lines."""
+"""How the loop's events reach a person or a CI log: rich lines, quiet, or JSON lines; and the
+rich bar shown while a batch of service calls runs (`ServiceBar`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
-from rich.progress import ProgressColumn, Task
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.text import Text
 
 Event = dict[str, Any]
@@ -88,3 +98,32 @@ class RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         speed = task.finished_speed or task.speed
         return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
+
+
+class ServiceBar:
+    """A transient rich bar for one batch of service calls: `client.run(coros, progress=ServiceBar("judging"))`.
+
+    It implements `service.ProgressReporter`, so the network layer never imports rich."""
+
+    def __init__(self, description: str, console: Console | None = None):
+        self.description = description
+        self.console = console
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+
+    def start(self, total: int) -> None:
+        self._bar = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("calls"),
+            TimeRemainingColumn(), console=self.console, transient=True,
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.description, total=total)
+
+    def advance(self) -> None:
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task)
+
+    def stop(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None

@@ -32,11 +32,14 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llamaduo.config import Config, InferConfig, ModelConfig, ServeConfig
 from llamaduo.data import Message
 from llamaduo.errors import UserError
+
+if TYPE_CHECKING:
+    from llamaduo.service import Client
 
 log = logging.getLogger("llamaduo.serve")
 
@@ -324,7 +327,7 @@ def create_app(
     generator: Generator,
     cfg: ServeConfig,
     model_name: str,
-    fallback_client: Any = None,
+    fallback_client: "Client | None" = None,
     clock: Callable[[], float] = time.time,
     *,
     defaults: InferConfig | None = None,

@@ -17,7 +17,7 @@ import math
 import random
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
@@ -26,6 +26,10 @@ from llamaduo.config import Config
 from llamaduo.data import Example, Lineage, make_example
 from llamaduo.dedup import normalize
 from llamaduo.errors import UserError
+from llamaduo.progress import ServiceBar
+
+if TYPE_CHECKING:
+    from llamaduo.service import Client
 
 
 class SynthPair(BaseModel):
@@ -120,7 +124,7 @@ def _problem(instruction: str, response: str, cfg: Config) -> str | None:
 
 def synthesize(
     cfg: Config,
-    client: Any,
+    client: Client,
     seeds: list[Example],
     n: int,
     round: int,
@@ -147,7 +151,7 @@ def synthesize(
     else:
         # sample_index: calls with the same seed must not share a cache entry
         coros = [client.chat_json(msgs, SynthPairs, sample_index=i, **params) for i, msgs in enumerate(prompts)]
-        replies = client.run(coros, description=f"synth r{round:02d}: {calls} calls")
+        replies = client.run(coros, progress=ServiceBar(f"synth r{round:02d}: {calls} calls"))
 
     lineage = {"source": "synthetic", "round": round, "generator": model, "template_hash": template.hash}
     examples: list[Example] = []

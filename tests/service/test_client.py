@@ -1,38 +1,17 @@
+"""The call path against a real loopback server: retries, repair calls, cache, budget, pacing, call log."""
+
 import asyncio
-import json
 import os
-import sqlite3
 import time
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, field_validator
 
-from llamaduo.calllog import cache_stats
-from llamaduo.service import BudgetExceeded, ServiceClient, extract_json, strict_schema
+from llamaduo.service import BudgetExceeded, ServiceClient
+from llamaduo.service.calllog import cache_stats
 from llamaduo.simulator import Fault
 from tests.conftest import service_config
-
-
-class Verdict(BaseModel):
-    score: int
-    reason: str
-
-
-GOOD = json.dumps({"score": 7, "reason": "fine"})
-
-
-def ask(client, n=1, sample_offset=0, **kw):
-    msgs = [{"role": "user", "content": "judge this"}]
-    coros = [client.chat_json(msgs, Verdict, sample_index=i + sample_offset, stage="judge", round=0, **kw) for i in range(n)]
-    return client.run(coros, progress=False)
-
-
-def rows(db):
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT status, http_status, request_hash, raw_reply, error FROM calls ORDER BY id").fetchall()
-    finally:
-        conn.close()
+from tests.service.conftest import GOOD, Verdict, ask, rows
 
 
 def test_429_with_retry_after_is_waited_out(fake_service, tmp_path):
@@ -90,11 +69,6 @@ def test_unrepairable_reply_is_failed_with_raw_text_kept(fake_service, tmp_path)
     assert fake_service.count == 2
 
 
-def test_fenced_and_prose_wrapped_json_is_parsed():
-    assert extract_json('```json\n{"a": 1}\n```') == {"a": 1}
-    assert extract_json('Sure! {"a": {"b": 2}} hope it helps') == {"a": {"b": 2}}
-
-
 def test_rerun_with_unchanged_inputs_sends_zero_requests(fake_service, tmp_path):
     fake_service.responder = lambda req: GOOD
     db = tmp_path / "s.sqlite"
@@ -137,31 +111,6 @@ def test_budget_lets_calls_in_flight_finish_and_logs_every_request(tmp_path):
             ask(client, n=20)
         sent = [r for r in rows(db) if r[0] == "ok"]
         assert 1 <= svc.count <= 4 and len(sent) == svc.count
-
-
-def test_json_schema_mode_sends_a_strict_schema(fake_service, tmp_path):
-    class Pair(BaseModel):
-        instruction: str
-        response: str = ""
-
-    class Pairs(BaseModel):
-        contents: list[Pair]
-
-    fake_service.responder = lambda req: json.dumps({"contents": [{"instruction": "a", "response": "b"}]})
-    client = ServiceClient(service_config(fake_service, structured_output="json_schema"), db_path=tmp_path / "s.sqlite")
-    [reply] = client.run([client.chat_json([{"role": "user", "content": "x"}], Pairs)], progress=False)
-    fmt = fake_service.requests[0]["body"]["response_format"]
-    assert reply.ok and fmt["type"] == "json_schema" and fmt["json_schema"]["strict"] is True
-    assert fmt["json_schema"]["schema"] == strict_schema(Pairs)
-    pair = strict_schema(Pairs)["$defs"]["Pair"]
-    assert pair["additionalProperties"] is False and pair["required"] == ["instruction", "response"]
-
-
-def test_json_object_mode_asks_for_a_json_object(fake_service, tmp_path):
-    fake_service.responder = lambda req: GOOD
-    client = ServiceClient(service_config(fake_service, structured_output="json_object"), db_path=tmp_path / "s.sqlite")
-    ask(client)
-    assert fake_service.requests[0]["body"]["response_format"] == {"type": "json_object"}
 
 
 def test_concurrency_cap_is_respected(tmp_path):
@@ -248,15 +197,73 @@ def test_a_repaired_reply_is_replayed_from_cache_on_rerun(fake_service, tmp_path
     assert again.ok and again.cached and fake_service.count == 2
 
 
-def test_anthropic_provider_sends_system_separately_and_shares_the_call_log(fake_service, tmp_path):
+def test_a_bug_in_our_own_code_raises_at_once_and_is_not_retried(fake_service, tmp_path):
     fake_service.responder = lambda req: GOOD
-    fake_service.inject(Fault.server_error(529))
-    cfg = service_config(fake_service, provider="anthropic", base_url=fake_service.base_url.removesuffix("/v1"))
-    client = ServiceClient(cfg, db_path=tmp_path / "s.sqlite")
-    msgs = [{"role": "system", "content": "You are a judge."}, {"role": "user", "content": "judge this"}]
-    [reply] = client.run([client.chat_json(msgs, Verdict, stage="judge")], progress=False)
-    body = fake_service.requests[-1]["body"]
-    assert fake_service.requests[-1]["path"] == "/v1/messages"
-    assert reply.ok and reply.parsed.score == 7 and reply.cost_usd > 0
-    assert body["system"] == "You are a judge." and [m["role"] for m in body["messages"]] == ["user"]
-    assert [r[0] for r in rows(tmp_path / "s.sqlite")] == ["http_529", "ok"]
+    client = ServiceClient(service_config(fake_service, max_retries=3), db_path=tmp_path / "s.sqlite")
+    calls = []
+
+    async def broken_send(sdk, model, messages, params):
+        calls.append(model)
+        raise ValueError("a bug on our side, not the provider's")
+
+    client.provider.send = broken_send
+    with pytest.raises(ValueError, match="a bug on our side"):
+        ask(client)
+    assert len(calls) == 1 and fake_service.count == 0
+    assert rows(tmp_path / "s.sqlite") == []  # not logged as a provider failure either
+
+
+def test_a_bug_in_a_schema_validator_raises_and_is_not_repaired(fake_service, tmp_path):
+    class Buggy(BaseModel):
+        score: int
+
+        @field_validator("score")
+        @classmethod
+        def _check(cls, v: int) -> int:
+            return {"expected": v}["missing"]  # KeyError: our bug, not a bad reply
+
+    fake_service.responder = lambda req: GOOD
+    client = ServiceClient(service_config(fake_service, json_retries=2), db_path=tmp_path / "s.sqlite")
+    with pytest.raises(KeyError):
+        client.run([client.chat_json([{"role": "user", "content": "x"}], Buggy)])
+    assert fake_service.count == 1
+
+
+def test_run_reports_the_total_and_each_completion_to_the_progress_reporter(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    client = ServiceClient(service_config(fake_service), db_path=tmp_path / "s.sqlite")
+    seen = []
+
+    class Reporter:
+        def start(self, total: int) -> None:
+            seen.append(("start", total))
+
+        def advance(self) -> None:
+            seen.append("advance")
+
+        def stop(self) -> None:
+            seen.append("stop")
+
+    msgs = [{"role": "user", "content": "judge this"}]
+    replies = client.run([client.chat_json(msgs, Verdict, sample_index=i) for i in range(3)], progress=Reporter())
+    assert all(r.ok for r in replies)
+    assert seen == [("start", 3), "advance", "advance", "advance", "stop"]
+
+
+def test_cache_keys_are_those_earlier_releases_wrote(tmp_path):
+    """Golden hashes from the single-module client: existing service.sqlite caches keep matching."""
+    from llamaduo.config import ServiceConfig
+
+    msgs = [{"role": "user", "content": "judge this"}]
+    golden = {
+        ("openai", "json_object"): "a26acc0073b0f24f5aa65af7d1d6733e31ba0adf7a7212f20aa1dc9fc573b477",
+        ("openai", "json_schema"): "e3ef6be4c22bcc42e65597bebe999dea967021fa174d6e2e12963eca79c6e1a1",
+        ("anthropic", "json_object"): "7a349351f827c8cc5176bae9fa32357d6a969cb92721089db146518fb7d2c94d",
+    }
+    for (provider, mode), expected in golden.items():
+        client = ServiceClient(ServiceConfig(provider=provider, model="gpt-4o-mini", structured_output=mode))
+        assert client.request_hash("gpt-4o-mini", msgs, client.params(0.7, 512, Verdict), 3) == expected
+    text = ServiceClient(ServiceConfig())
+    assert text.request_hash("gpt-4o-mini", msgs, text.params(0.7, 512, None), 3) == (
+        "5521cc10a0787e7910d7dde78174bf2fef70750d8d941debed00cba729b0883b"
+    )

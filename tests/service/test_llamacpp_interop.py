@@ -74,13 +74,13 @@ def test_judge_calls_to_a_real_server_finish_and_unusable_replies_are_recorded(l
     msgs = [{"role": "user", "content": 'Score this answer. Reply as {"similarity": {"score": 1-100, "reason": ""}, '
              '"precision": {"score": 1-100, "reason": ""}}.\nAnswer: Paris is the capital of France.'}]
     coros = [client.chat_json(msgs, JudgeReply, max_tokens=96, sample_index=i, stage="judge", round=0) for i in range(3)]
-    replies = client.run(coros, progress=False)
+    replies = client.run(coros)
     assert len(replies) == 3
     for r in replies:
         assert r.ok or (r.error and r.raw is not None), r  # a failure keeps the raw reply
         if r.ok:
             assert 1 <= r.parsed.precision.score <= 100
-    text = client.run([client.chat_text([{"role": "user", "content": "The capital of France is"}], max_tokens=8)], progress=False)[0]
+    text = client.run([client.chat_text([{"role": "user", "content": "The capital of France is"}], max_tokens=8)])[0]
     assert text.ok and isinstance(text.raw, str)
     rows = sqlite3.connect(tmp_path / "service.sqlite").execute("SELECT status FROM calls").fetchall()
     assert rows and all(s in ("ok", "failed", "cached") or s.startswith(("http_", "timeout", "malformed")) for (s,) in rows)

@@ -4,7 +4,7 @@ import bisect
 
 import pytest
 
-from llamaduo.pacing import Pacer
+from llamaduo.service.pacing import Pacer
 
 
 @pytest.mark.parametrize("rpm", [60, 1200, 10_000])

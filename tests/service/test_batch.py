@@ -80,8 +80,7 @@ def test_cached_requests_are_left_out_of_the_uploaded_file(fake_service, tmp_pat
     # Two answered by normal calls first: their cache entries must serve the batch.
     normal = client.run(
         [client.chat_json(m, s, model="fake-model", temperature=0.7, max_tokens=64, sample_index=meta["sample_index"])
-         for m, s, meta in reqs[:2]],
-        progress=False,
+         for m, s, meta in reqs[:2]]
     )
     assert all(r.ok for r in normal)
     replies = batch(client, reqs)
@@ -102,7 +101,7 @@ def test_rerun_sends_no_new_batch_and_normal_calls_replay_batch_results(fake_ser
     assert all(r.cached for r in again) and [r.parsed for r in again] == [r.parsed for r in first]
     m, s, meta = reqs[1]
     [normal] = client.run([client.chat_json(m, s, model="fake-model", temperature=0.7, max_tokens=64,
-                                            sample_index=meta["sample_index"])], progress=False)
+                                            sample_index=meta["sample_index"])])
     assert normal.cached and normal.parsed == first[1].parsed and fake_service.count == sent
 
 

@@ -2,7 +2,8 @@
 
 Every attempt is a row of `calls` (request hash, model, tokens, cost, latency, status, raw
 reply); successful replies are kept in `cache` by request hash. The ledger (what was paid for,
-per stage and round) and the cache statistics are read from it.
+per stage and round) and the cache statistics are read from it. The schema is versioned
+with `PRAGMA user_version`; opening a file applies the `MIGRATIONS` it has not seen yet.
 """
 
 from __future__ import annotations
@@ -14,25 +15,61 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS calls (
-  id INTEGER PRIMARY KEY AUTOINCREMENT,
-  ts REAL NOT NULL,
-  stage TEXT, round INTEGER,
-  provider TEXT, model TEXT,
-  request_hash TEXT, sample_index INTEGER, attempt INTEGER,
-  status TEXT, http_status INTEGER, latency_ms REAL,
-  input_tokens INTEGER DEFAULT 0, output_tokens INTEGER DEFAULT 0,
-  cost_usd REAL DEFAULT 0, saved_usd REAL DEFAULT 0,
-  raw_reply TEXT, error TEXT
-);
-CREATE INDEX IF NOT EXISTS calls_hash ON calls(request_hash);
-CREATE TABLE IF NOT EXISTS cache (
-  request_hash TEXT PRIMARY KEY,
-  model TEXT, raw_reply TEXT NOT NULL,
-  input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, ts REAL
-);
-"""
+from llamaduo.errors import UserError
+
+# Ordered schema migrations: step i (its statements) takes a file from `PRAGMA user_version`
+# i to i + 1, so a file written by any earlier release is brought forward in order. Append new
+# steps; never edit a released one. Step 1 is the schema that files written before versioning
+# already have (at user_version 0), hence its IF NOT EXISTS.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE IF NOT EXISTS calls (
+          id INTEGER PRIMARY KEY AUTOINCREMENT,
+          ts REAL NOT NULL,
+          stage TEXT, round INTEGER,
+          provider TEXT, model TEXT,
+          request_hash TEXT, sample_index INTEGER, attempt INTEGER,
+          status TEXT, http_status INTEGER, latency_ms REAL,
+          input_tokens INTEGER DEFAULT 0, output_tokens INTEGER DEFAULT 0,
+          cost_usd REAL DEFAULT 0, saved_usd REAL DEFAULT 0,
+          raw_reply TEXT, error TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS calls_hash ON calls(request_hash)",
+        """CREATE TABLE IF NOT EXISTS cache (
+          request_hash TEXT PRIMARY KEY,
+          model TEXT, raw_reply TEXT NOT NULL,
+          input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, ts REAL
+        )""",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    """Bring `conn`'s file to `SCHEMA_VERSION`, all missing steps in one transaction."""
+    if schema_version(conn) == SCHEMA_VERSION:
+        return
+    # IMMEDIATE takes the write lock before reading the version again, so two processes opening
+    # the same old file never both apply a step.
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        version = schema_version(conn)
+        if version > SCHEMA_VERSION:
+            raise UserError(
+                f"service.sqlite has schema version {version}, newer than this llamaduo knows ({SCHEMA_VERSION}); upgrade llamaduo"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            for statement in MIGRATIONS[target - 1]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {target}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 class CallLog:
@@ -45,7 +82,7 @@ class CallLog:
         self.conn = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False, timeout=30)
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=NORMAL")
-        self.conn.executescript(_SCHEMA)
+        migrate(self.conn)
         self.lock = threading.Lock()
 
     def cached(self, request_hash: str) -> tuple[str, int, int, float] | None:

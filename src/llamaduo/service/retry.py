@@ -1,0 +1,99 @@
+"""Provider faults and the one retry loop (one backoff-with-jitter policy) for every service call.
+
+A provider turns its SDK's and transport's failures into a `ServiceFault` at the boundary (see
+`providers`); `retrying` retries only those. Any other exception is a bug on our side and
+propagates at once: retrying it would only hide it.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ServiceFault(Exception):
+    """A failure of the provider, the transport or the provider's reply body."""
+
+    def __init__(self, status: str, message: str, http_status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status  # the call log's status: timeout, http_429, http_5xx, client_error, ...
+        self.message = message
+        self.http_status = http_status
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return self.status != "client_error"  # a 4xx other than 408/409/429 will not change
+
+
+def fault_from(e: BaseException) -> ServiceFault:
+    """Classify an SDK/transport exception (both SDKs expose `status_code` and `response.headers`)."""
+    status_code = getattr(e, "status_code", None)
+    headers = getattr(getattr(e, "response", None), "headers", None) or {}
+    retry_after = parse_retry_after(headers)
+    name = type(e).__name__
+    msg = f"{name}: {str(e).splitlines()[0][:300]}" if str(e) else name
+    if isinstance(e, TimeoutError) or "Timeout" in name:
+        return ServiceFault("timeout", msg)
+    if isinstance(status_code, int):
+        if status_code == 429 or status_code >= 500 or status_code in (408, 409):
+            return ServiceFault(f"http_{status_code}", msg, status_code, retry_after)
+        if 400 <= status_code < 500:
+            return ServiceFault("client_error", msg, status_code)
+    if "Connection" in name or isinstance(e, ConnectionError):
+        return ServiceFault("connection_error", msg)
+    return ServiceFault("malformed", msg)
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    for key in ("retry-after", "x-ratelimit-reset-requests", "x-ratelimit-reset-tokens"):
+        v = headers.get(key) if hasattr(headers, "get") else None
+        if v is None:
+            continue
+        m = re.fullmatch(r"\s*([\d.]+)\s*(ms|s)?\s*", str(v))
+        if m:
+            return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+    return None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_retries: int
+    base_s: float
+    max_s: float
+
+    def delay(self, attempt: int, retry_after: float | None) -> float:
+        """Exponential backoff with jitter (so parallel callers spread out); never under Retry-After."""
+        d = min(self.max_s, self.base_s * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+        return d if retry_after is None else max(d, retry_after)
+
+
+OnFault = Callable[[ServiceFault, int, float | None], None]
+"""Told of each fault: (fault, attempt, delay before the next attempt or None when giving up)."""
+
+
+async def retrying(
+    attempt: Callable[[int], Awaitable[T]],
+    policy: RetryPolicy,
+    sleep: Callable[[float], Awaitable[None]],
+    on_fault: OnFault | None = None,
+) -> T:
+    """Call `attempt(n)` for n = 1, 2, ... until it returns; a `ServiceFault` is retried up to
+    `policy.max_retries` times (unless not retryable), then re-raised. Nothing else is caught."""
+    n = 1
+    while True:
+        try:
+            return await attempt(n)
+        except ServiceFault as fault:
+            delay = policy.delay(n, fault.retry_after) if fault.retryable and n <= policy.max_retries else None
+            if on_fault is not None:
+                on_fault(fault, n, delay)
+            if delay is None:
+                raise
+        await sleep(delay)
+        n += 1
