@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-from llamaduo.demo_task import coverage_records, simulator_responder  # noqa: E402
-from llamaduo.simulator import SimulatedService  # noqa: E402
+from llamaduo.demo.simulator import SimulatedService  # noqa: E402
+from llamaduo.demo.task import coverage_records, simulator_responder  # noqa: E402
 
 
 def responder(request: dict) -> str:
@@ -84,7 +84,7 @@ def main() -> None:
     args = ap.parse_args()
     rng = random.Random(args.seed)
 
-    from llamaduo.models import build_tiny_model
+    from llamaduo.demo.tiny import build_tiny_model
 
     with tempfile.TemporaryDirectory() as td, SimulatedService(responder) as svc:
         tmp = Path(td)

@@ -140,7 +140,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "tiny":
-            from llamaduo.models import build_tiny_model
+            from llamaduo.demo.tiny import build_tiny_model
 
             model_dir = build_tiny_model(Path(tmp) / "tiny")
         else:

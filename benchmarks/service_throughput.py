@@ -28,9 +28,9 @@ from pathlib import Path
 import httpx
 
 from llamaduo.config import ServiceConfig
+from llamaduo.demo.simulator import SimulatedService
 from llamaduo.progress import ServiceBar
 from llamaduo.service import ServiceClient
-from llamaduo.simulator import SimulatedService
 
 REFERENCE_WORKERS = 4
 

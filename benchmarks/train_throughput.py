@@ -58,8 +58,10 @@ def model_dir(name: str, work: Path) -> Path:
     from llamaduo import models
 
     if name == "tiny":
-        return models.build_tiny_model(work / "tiny-model", seed=0)
-    from llamaduo.demo import cache_dir, prepare_student
+        from llamaduo.demo.tiny import build_tiny_model
+
+        return build_tiny_model(work / "tiny-model", seed=0)
+    from llamaduo.demo.run import cache_dir, prepare_student
 
     student = prepare_student(False, cache_dir())
     return Path(models.resolve_base(ModelConfig(**student)))

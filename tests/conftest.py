@@ -8,7 +8,7 @@ import re
 import pytest
 
 from llamaduo.config import ServiceConfig
-from llamaduo.simulator import SimulatedService
+from llamaduo.demo.simulator import SimulatedService
 
 
 def overlap_judge(request: dict) -> str:

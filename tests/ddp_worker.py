@@ -8,7 +8,7 @@ from pathlib import Path
 from llamaduo import models
 from llamaduo.config import from_dict
 from llamaduo.data import make_example
-from llamaduo.demo_task import coverage_records
+from llamaduo.demo.task import coverage_records
 from llamaduo.train import train
 
 model_dir, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -10,8 +10,8 @@ import pytest
 
 from llamaduo.capture import build_record, create_capture_app, default_redact, make_redactor
 from llamaduo.config import InferConfig, ServeConfig
+from llamaduo.demo.simulator import Fault, SimulatedService
 from llamaduo.serve import BackgroundServer, create_app
-from llamaduo.simulator import Fault, SimulatedService
 
 CANARY = "sk-canary-123"
 

@@ -54,7 +54,7 @@ def test_stage_command_on_a_non_run_directory_is_one_clear_line(tmp_path):
 
 
 def test_prepare_splits_coverage_data_and_prints_the_table(tmp_path):
-    src = Path(__file__).resolve().parents[1] / "src" / "llamaduo" / "demo_data" / "orders.jsonl"
+    src = Path(__file__).resolve().parents[1] / "src" / "llamaduo" / "demo" / "data" / "orders.jsonl"
     out = tmp_path / "run"
     res = run("prepare", "--input", src, "--out", out, "--seed", 1)
     assert res.returncode == 0, res.stderr

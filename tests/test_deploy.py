@@ -11,9 +11,10 @@ import torch
 
 from llamaduo.config import Config, ModelConfig
 from llamaduo.data import make_example
+from llamaduo.demo.tiny import build_tiny_model
 from llamaduo.deploy import GGUF_HELP, LLAMA_CPP_ENV, chat_wrappers, deploy, stop_tokens
 from llamaduo.errors import UserError
-from llamaduo.models import build_tiny_model, load_model
+from llamaduo.models import load_model
 from llamaduo.store import RunStore, write_json, write_jsonl
 
 LEDGER = {"total": {"calls": 120, "cached": 20, "failed": 0, "input_tokens": 50000, "output_tokens": 9000, "usd": 0.0129}}
@@ -259,8 +260,8 @@ def student(answers: dict[str, str]):
 
 @pytest.fixture
 def judge_service(tmp_path):
+    from llamaduo.demo.simulator import SimulatedService
     from llamaduo.service import ServiceClient
-    from llamaduo.simulator import SimulatedService
     from tests.conftest import overlap_judge, service_config
 
     with SimulatedService(overlap_judge) as svc:
@@ -286,8 +287,8 @@ def test_accept_of_a_faithful_server_matches_the_best_round(tmp_path, judge_serv
 
 
 def test_accept_catches_a_served_model_that_lost_quality(tmp_path, judge_service):
+    from llamaduo.demo.simulator import SimulatedService
     from llamaduo.deploy import accept
-    from llamaduo.simulator import SimulatedService
 
     cfg, store, answers = accept_run(tmp_path)
     judge_round(cfg, store, judge_service, answers)

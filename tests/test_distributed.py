@@ -10,7 +10,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_two_cpu_ranks_agree_and_the_adapter_is_written_once(tmp_path):
-    from llamaduo.models import build_tiny_model
+    from llamaduo.demo.tiny import build_tiny_model
 
     model_dir = build_tiny_model(tmp_path / "tiny")
     out = tmp_path / "round"
@@ -40,7 +40,7 @@ def test_an_fsdp_launch_gathers_the_adapter_on_every_rank_and_writes_it_once(tmp
     import yaml
     from safetensors.torch import load_file
 
-    from llamaduo.models import build_tiny_model
+    from llamaduo.demo.tiny import build_tiny_model
 
     cfg = yaml.safe_load((HERE.parent / "examples" / "accelerate" / "fsdp.yaml").read_text())
     cfg.update(num_processes=2, use_cpu=True, mixed_precision="no")

@@ -9,7 +9,7 @@ import pytest
 
 from llamaduo import loop, stages
 from llamaduo.config import from_dict
-from llamaduo.demo_task import coverage_records, simulator_responder
+from llamaduo.demo.task import coverage_records, simulator_responder
 from llamaduo.store import RunStore, read_json
 from tests.conftest import overlap_judge
 
@@ -24,7 +24,7 @@ def responder(request: dict) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from llamaduo.models import build_tiny_model
+    from llamaduo.demo.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from llamaduo.config import ModelConfig
+from llamaduo.demo.tiny import build_tiny_model
 from llamaduo.errors import UserError
 from llamaduo.models import (
     CHATML_TEMPLATE,
     GEMMA_TEMPLATE,
     adapter_hash,
-    build_tiny_model,
     completion_text,
     encode_prompt,
     ensure_chat_template,

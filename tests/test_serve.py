@@ -13,11 +13,12 @@ import pytest
 
 from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.data import Message, make_example
+from llamaduo.demo.simulator import SimulatedService
+from llamaduo.demo.tiny import build_tiny_model
 from llamaduo.infer import generate
-from llamaduo.models import build_tiny_model, load_model
+from llamaduo.models import load_model
 from llamaduo.serve import BackgroundServer, create_app, local_generator, resolve_model_dir, start_background
 from llamaduo.service import ServiceClient
-from llamaduo.simulator import SimulatedService
 from llamaduo.store import RunStore
 from llamaduo.train import train
 from tests.conftest import service_config
@@ -278,7 +279,7 @@ def test_a_lone_client_does_not_wait_for_a_batch_to_fill(gen):
 
 
 def test_when_local_and_service_both_fail_the_answer_is_a_502(tmp_path):
-    from llamaduo.simulator import Fault
+    from llamaduo.demo.simulator import Fault
 
     def broken(prompts, sampling, seed):
         raise RuntimeError("model crashed")

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from llamaduo.config import ModelConfig
-from llamaduo.models import adapter_hash, build_tiny_model, encode_prompt, load_model
+from llamaduo.demo.tiny import build_tiny_model
+from llamaduo.models import adapter_hash, encode_prompt, load_model
 from llamaduo.train import TrainError, lora_schedule, train
 from tests.tiny import tiny_config, tiny_examples, tiny_model  # noqa: F401
 

@@ -44,7 +44,7 @@ def tiny_model(tmp_path_factory) -> Iterator[Path]:
     """
     import torch
 
-    from llamaduo.models import build_tiny_model
+    from llamaduo.demo.tiny import build_tiny_model
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

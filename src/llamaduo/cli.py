@@ -381,7 +381,7 @@ def demo(
     port: Annotated[int, typer.Option("--port", help="Port for the served model (the next free one if taken).")] = 8000,
 ) -> None:
     """A complete offline migration: simulated service LLM, real training, judging, deploy and serve."""
-    from llamaduo import demo as demo_mod
+    from llamaduo.demo import run as demo_mod
 
     keep = sys.stdin.isatty() if serve_ is None else serve_
     result = _call(

@@ -7,9 +7,9 @@ import time
 import pytest
 from pydantic import BaseModel, field_validator
 
+from llamaduo.demo.simulator import Fault
 from llamaduo.service import BudgetExceeded, ServiceClient
 from llamaduo.service.calllog import cache_stats
-from llamaduo.simulator import Fault
 from tests.conftest import service_config
 from tests.service.conftest import GOOD, Verdict, ask, rows
 
@@ -102,7 +102,7 @@ def test_budget_stops_calls_once_spent(fake_service, tmp_path):
 
 
 def test_budget_lets_calls_in_flight_finish_and_logs_every_request(tmp_path):
-    from llamaduo.simulator import SimulatedService
+    from llamaduo.demo.simulator import SimulatedService
 
     with SimulatedService(lambda req: GOOD, latency_s=0.1) as svc:
         db = tmp_path / "s.sqlite"
@@ -114,7 +114,7 @@ def test_budget_lets_calls_in_flight_finish_and_logs_every_request(tmp_path):
 
 
 def test_concurrency_cap_is_respected(tmp_path):
-    from llamaduo.simulator import SimulatedService
+    from llamaduo.demo.simulator import SimulatedService
 
     with SimulatedService(lambda req: GOOD, latency_s=0.1) as svc:
         client = ServiceClient(service_config(svc, concurrency=3), db_path=tmp_path / "s.sqlite")

@@ -4,8 +4,8 @@ import json
 
 from pydantic import BaseModel
 
+from llamaduo.demo.simulator import Fault
 from llamaduo.service import ServiceClient, strict_schema
-from llamaduo.simulator import Fault
 from tests.conftest import service_config
 from tests.service.conftest import GOOD, Verdict, ask, rows
 

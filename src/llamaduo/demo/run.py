@@ -1,8 +1,8 @@
 """`llamaduo demo`: a complete offline migration on a laptop CPU.
 
 Student: the packaged Gemma 3 270M base model (or, with --quick, a tiny model built in-process).
-Coverage data: the demo task shipped with the package (`demo_data/orders.jsonl`).
-Service LLM: a SIMULATOR on 127.0.0.1 (see `demo_task.py`), reached through llamaduo's real
+Coverage data: the demo task shipped with the package (`demo/data/orders.jsonl`).
+Service LLM: a SIMULATOR on 127.0.0.1 (see `task.py`), reached through llamaduo's real
 client, rate limiter, cache, cost ledger and parser. Then: report, deploy, serve, one request.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llamaduo.config import Config, from_dict
-from llamaduo.demo_task import SIMULATOR_MODEL, TOPICS, simulator_responder
+from llamaduo.demo.task import SIMULATOR_MODEL, TOPICS, simulator_responder
 from llamaduo.errors import UserError
 from llamaduo.progress import Display
 from llamaduo.store import RunStore
@@ -43,7 +43,7 @@ class DemoResult(BaseModel):
 
 
 def coverage_path() -> Path:
-    return Path(str(resources.files("llamaduo").joinpath("demo_data/orders.jsonl")))
+    return Path(str(resources.files("llamaduo.demo").joinpath("data/orders.jsonl")))
 
 
 def cache_dir() -> Path:
@@ -53,7 +53,7 @@ def cache_dir() -> Path:
 def prepare_student(quick: bool, cache: Path) -> dict[str, Any]:
     """Model settings for the student: the tiny model (built once) or packaged Gemma 3 270M."""
     if quick:
-        from llamaduo.models import build_tiny_model
+        from llamaduo.demo.tiny import build_tiny_model
 
         target = cache / "tiny-demo-model"
         if not (target / "config.json").exists():
@@ -126,7 +126,7 @@ def run_demo(
 ) -> DemoResult:
     """Run the offline migration; returns the per-round scores and where everything is."""
     from llamaduo import loop
-    from llamaduo.simulator import SimulatedService
+    from llamaduo.demo.simulator import SimulatedService
 
     t0 = time.monotonic()
     out = Path(out or Path("runs") / ("demo-quick" if quick else "demo")).absolute()
@@ -196,7 +196,7 @@ def _deploy_and_ask(cfg: Config, store: RunStore, demo: DemoResult, keep_serving
 
 def snippets(demo: DemoResult) -> str:
     """Copy-paste examples against the served model."""
-    from llamaduo.demo_task import INSTRUCTION
+    from llamaduo.demo.task import INSTRUCTION
 
     # No apostrophes: the curl line quotes the body in single quotes.
     prompt = INSTRUCTION + "\\n\\nMessage: Hello, this is Ana Costa in Porto. Please send me 2 desk lamps."

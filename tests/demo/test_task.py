@@ -1,7 +1,7 @@
 import json
 import random
 
-from llamaduo.demo_task import KEYS, check, coverage_records, make_pair, simulator_responder
+from llamaduo.demo.task import KEYS, check, coverage_records, make_pair, simulator_responder
 
 
 def test_shipped_style_records_are_valid_json_answers_with_every_key():

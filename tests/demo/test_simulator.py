@@ -3,7 +3,7 @@ import time
 
 import httpx
 
-from llamaduo.simulator import Fault, SimulatedService
+from llamaduo.demo.simulator import Fault, SimulatedService
 
 
 def post(svc, body=None, timeout=5.0):
