@@ -267,11 +267,12 @@ def serve(
 ) -> None:
     """Serve a deployed model (or a run directory's) behind an OpenAI-compatible API."""
     from llamaduo import serve as serve_mod
+    from llamaduo.store import RunStore
 
     overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
     if config is not None:
         cfg = _load(config, overrides)
-    elif (model_or_run_dir / "config.yaml").exists():
+    elif RunStore(model_or_run_dir).config_path.exists():
         cfg = _run_config(model_or_run_dir, overrides)
     else:
         from llamaduo.config import from_dict

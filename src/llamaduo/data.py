@@ -89,11 +89,12 @@ def make_example(
     return Example(id=content_id(msgs), messages=msgs, category=category, lineage=lineage or Lineage())
 
 
-def load_examples(path) -> list[Example]:
-    """Read a run-directory JSONL of examples (written by `store.write_jsonl`)."""
-    from llamaduo.store import read_jsonl
+def load_examples(path: Path) -> list[Example]:
+    """Read a run-directory JSONL of examples (written by `store.write_jsonl`); a damaged line is a
+    one-line error naming the file and line."""
+    from llamaduo.store import read_rows
 
-    return [Example.model_validate(row) for row in read_jsonl(path)]
+    return read_rows(path, Example, "the run's data is damaged: rerun `llamaduo prepare` (or `llamaduo run`)")
 
 
 # ------------------------------------------------------------------ field mapping

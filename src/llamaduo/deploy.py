@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,11 +29,10 @@ from llamaduo.artifacts import METRICS, LedgerRow
 from llamaduo.config import Config, ModelConfig
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
+from llamaduo.hashing import hash_dir, hash_obj
 from llamaduo.store import (
     RunStore,
     atomic_write_text,
-    hash_dir,
-    hash_obj,
     read_jsonl,
     write_json,
     write_jsonl,
@@ -103,21 +101,16 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
     model, tokenizer = load_trained(cfg, adapter)
 
     # Write into a temporary sibling and swap it in, so a failed export never leaves half a model.
-    store.deploy_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=store.deploy_dir, prefix=".merged-"))
+    tmp = store.staging_dir(store.merged_dir)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        atomic_write_text(tmp / "README.md", model_card(cfg, store, r))
-        previous = store.deploy_dir / f".merged-old-{os.getpid()}"
-        if store.merged_dir.exists():
-            os.replace(store.merged_dir, previous)
-        os.replace(tmp, store.merged_dir)
-        shutil.rmtree(previous, ignore_errors=True)
+        atomic_write_text(tmp / store.model_card_path.name, model_card(cfg, store, r))
+        store.replace_dir(tmp, store.merged_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    result = DeployResult(round=r, merged_dir=store.merged_dir, model_card=store.merged_dir / "README.md")
+    result = DeployResult(round=r, merged_dir=store.merged_dir, model_card=store.model_card_path)
 
     if "gguf" in cfg.deploy.formats:
         result.gguf, result.gguf_message = export_gguf(store.merged_dir, store.gguf_path, cfg.deploy.gguf_type)

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from llamaduo.artifacts import Ledger, StageKey, StageRecord
+from llamaduo.hashing import hash_obj
 from llamaduo.progress import Display
-from llamaduo.store import RunStore, hash_obj
+from llamaduo.store import RunStore
 
 
 @dataclass

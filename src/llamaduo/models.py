@@ -15,7 +15,7 @@ from typing import Any
 
 from llamaduo.config import ModelConfig
 from llamaduo.errors import UserError
-from llamaduo.store import hash_dir
+from llamaduo.hashing import hash_dir
 
 CHATML_TEMPLATE = (
     "{% if bos_token %}{{ bos_token }}{% endif %}"

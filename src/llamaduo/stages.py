@@ -16,8 +16,9 @@ from llamaduo.config import Config, dump_config
 from llamaduo.data import Example, PrepareResult, load_examples
 from llamaduo.engine import Decision, Engine, Outcome
 from llamaduo.errors import UserError
+from llamaduo.hashing import hash_dir, hash_file
 from llamaduo.progress import Display, make_display
-from llamaduo.store import RunStore, atomic_write_text, hash_dir, hash_file
+from llamaduo.store import RunStore, atomic_write_text
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
