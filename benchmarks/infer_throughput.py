@@ -117,7 +117,7 @@ def main() -> None:
         rows.append(("one at a time (fp32)", "sampled", base_tokens, base_s))
         console.print("llamaduo: batched ...")
         t0 = time.monotonic()
-        ours = generate(ours_model, tok, prompts, cfg, seed=0, progress=False)
+        ours = generate(ours_model, tok, prompts, cfg, seed=0)
         ours_s = time.monotonic() - t0
         ours_tokens = sum(c.new_tokens for c in ours)
         rows.append((f"llamaduo ({ours_dtype})", "sampled", ours_tokens, ours_s))
@@ -128,7 +128,7 @@ def main() -> None:
         greedy_dtype = str(next(greedy_model.parameters()).dtype).replace("torch.", "")
         console.print(f"greedy: llamaduo batched vs one at a time, same weights ({greedy_dtype}) ...")
         t0 = time.monotonic()
-        ours_greedy = generate(greedy_model, tok, prompts, greedy, seed=0, progress=False)
+        ours_greedy = generate(greedy_model, tok, prompts, greedy, seed=0)
         greedy_s = time.monotonic() - t0
         single_greedy, single_s = one_at_a_time(greedy_model, tok, prompts, greedy, seed=0)
         rows.append((f"one at a time ({greedy_dtype})", "greedy", sum(map(len, single_greedy)), single_s))

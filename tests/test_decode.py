@@ -121,8 +121,8 @@ def test_an_architecture_the_loop_refuses_still_generates_through_plain_generate
     prompts = [("a", [Message(role="user", content="Order two mugs")]), ("b", [Message(role="user", content="Hi")])]
     cfg = InferConfig(temperature=0.0, num_samples=1, max_new_tokens=8, batch_size=2)
     with caplog.at_level("WARNING", logger="llamaduo.infer"):
-        got = generate(model, tok, prompts, cfg, progress=False)
+        got = generate(model, tok, prompts, cfg)
     assert getattr(model, "_llamaduo_plain_generate", False)
     assert "GptOssForCausalLM: decoding with plain `generate` (attention with s_aux is not supported)" in caplog.text
-    alone = generate(model, tok, prompts[:1], cfg, progress=False)
+    alone = generate(model, tok, prompts[:1], cfg)
     assert got[0].text == alone[0].text and got[0].new_tokens == 8

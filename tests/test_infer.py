@@ -42,14 +42,14 @@ def memorized(tiny_model, tmp_path_factory):  # noqa: F811
     """The tiny model fully fine-tuned until it answers the eight training prompts verbatim (~3 s)."""
     tmp = tmp_path_factory.mktemp("memorized")
     cfg = tiny_config(tiny_model, tmp, method="full", max_steps=100, batch_size=8, learning_rate=5e-3, warmup_ratio=0.0)
-    out = train(cfg, tiny_examples(8), tmp / "r00" / "adapter", progress=False).adapter_dir
+    out = train(cfg, tiny_examples(8), tmp / "r00" / "adapter").adapter_dir
     model, tok = load_model(ModelConfig(base=str(out)))
     return out, model, tok
 
 
 def test_a_trained_answer_comes_back_verbatim_and_ends_at_the_end_of_turn(memorized):
     _, model, tok = memorized
-    out = generate(model, tok, prompts([q for q, _ in PAIRS]), greedy(max_new_tokens=48), progress=False)
+    out = generate(model, tok, prompts([q for q, _ in PAIRS]), greedy(max_new_tokens=48))
     assert [c.text for c in out] == [a for _, a in PAIRS]
     for c, (_, answer) in zip(out, PAIRS, strict=True):
         assert c.finish_reason == "stop" and "<|im_end|>" not in c.text
@@ -61,7 +61,7 @@ def test_greedy_outputs_do_not_depend_on_batch_size(which, request):
     model, tok = request.getfixturevalue(which)[-2:]
     ps = prompts(QUESTIONS + [q for q, _ in PAIRS[:3]])
     sizes = [greedy(batch_size=1), greedy(batch_size=4), greedy(batch_size=9), greedy(batch_size=9, batch_tokens=120)]
-    runs = [generate(model, tok, ps, cfg, progress=False) for cfg in sizes]
+    runs = [generate(model, tok, ps, cfg) for cfg in sizes]
     texts = [[(c.prompt_id, c.text, c.new_tokens, c.finish_reason) for c in r] for r in runs]
     assert texts[0] == texts[1] == texts[2] == texts[3]
     assert [c.prompt_id for c in runs[0]] == [p for p, _ in ps]
@@ -79,38 +79,57 @@ def test_batches_hold_batch_size_prompts_and_close_before_the_token_cap():
     assert batches(lengths, capped.model_copy(update={"temperature": 0.0})) == [[0, 1, 2, 3], [4], [5]]
 
 
+class Reporter:
+    """Records what generation reports, as a progress bar would be told it."""
+
+    def __init__(self):
+        self.events = []
+
+    def start(self, total):
+        self.events.append(("start", total))
+
+    def advance(self, n=1):
+        self.events.append(("advance", n))
+
+    def stop(self):
+        self.events.append(("stop", 0))
+
+
 def test_k_samples_per_prompt_come_back_in_input_order_and_reproduce_under_a_seed(random_model):
     model, tok = random_model
     sampling = InferConfig(temperature=1.0, num_samples=3, max_new_tokens=12, batch_size=2)
     rng = torch.get_rng_state()
-    out = generate(model, tok, prompts(), sampling, seed=5, progress=True)
+    seen = Reporter()
+    out = generate(model, tok, prompts(), sampling, seed=5, progress=seen)
     assert torch.equal(torch.get_rng_state(), rng)  # the caller's random stream is untouched
+    assert seen.events[0] == ("start", len(QUESTIONS)) and seen.events[-1] == ("stop", 0)
+    assert sum(n for kind, n in seen.events if kind == "advance") == len(QUESTIONS)  # prompts, as they finish
     assert [(c.prompt_id, c.sample_index) for c in out] == [(f"p{i}", s) for i in range(len(QUESTIONS)) for s in range(3)]
     per_prompt = [{c.text for c in out[i * 3 : i * 3 + 3]} for i in range(len(QUESTIONS))]
     assert all(len(texts) > 1 for texts in per_prompt)  # samples of one prompt differ
-    again = generate(model, tok, prompts(), sampling, seed=5, progress=False)
+    again = generate(model, tok, prompts(), sampling, seed=5)
     assert [c.text for c in again] == [c.text for c in out]
-    other = generate(model, tok, prompts(), sampling, seed=6, progress=False)
+    other = generate(model, tok, prompts(), sampling, seed=6)
     assert [c.text for c in other] != [c.text for c in out]
 
 
 def test_greedy_with_k_samples_repeats_the_one_greedy_answer(memorized):
     _, model, tok = memorized
-    out = generate(model, tok, prompts([PAIRS[4][0]]), greedy(num_samples=3), progress=False)
+    out = generate(model, tok, prompts([PAIRS[4][0]]), greedy(num_samples=3))
     assert [(c.sample_index, c.text) for c in out] == [(s, PAIRS[4][1]) for s in range(3)]
 
 
 def test_stop_strings_truncate_at_the_earliest_stop(memorized):
     _, model, tok = memorized
     ps = prompts([PAIRS[0][0], PAIRS[4][0]])
-    out = generate(model, tok, ps, greedy(stop=["quantity", '"item"']), progress=False)
+    out = generate(model, tok, ps, greedy(stop=["quantity", '"item"']))
     assert out[0].text == '{"intent": "order",' and out[0].finish_reason == "stop"
     assert out[1].text == PAIRS[4][1] and out[1].finish_reason == "stop"  # no stop string in it: ends at eos
 
 
 def test_generation_is_cut_at_max_new_tokens(random_model):
     model, tok = random_model
-    out = generate(model, tok, prompts(QUESTIONS[:2]), greedy(max_new_tokens=5), progress=False)
+    out = generate(model, tok, prompts(QUESTIONS[:2]), greedy(max_new_tokens=5))
     assert all(c.new_tokens <= 5 for c in out)
     assert any(c.finish_reason == "length" and c.new_tokens == 5 for c in out)
 
@@ -118,13 +137,13 @@ def test_generation_is_cut_at_max_new_tokens(random_model):
 def test_run_inference_marks_every_completion_with_model_and_adapter_hashes(tiny_model, tmp_path):  # noqa: F811
     cfg = tiny_config(tiny_model, tmp_path, max_steps=1)
     cfg = cfg.model_copy(update={"infer": InferConfig(num_samples=2, max_new_tokens=6, batch_size=3)})
-    adapter = train(cfg, tiny_examples(4), tmp_path / "r00" / "adapter", progress=False).adapter_dir
+    adapter = train(cfg, tiny_examples(4), tmp_path / "r00" / "adapter").adapter_dir
     test = tiny_examples(5)
-    out = run_inference(cfg, test, adapter, progress=False)
+    out = run_inference(cfg, test, adapter)
     assert [(c.prompt_id, c.sample_index) for c in out] == [(e.id, s) for e in test for s in range(2)]
     assert {c.adapter_hash for c in out} == {adapter_hash(adapter)} != {""}
     assert {c.model_hash for c in out} == {model_hash(cfg.model)}
-    base_only = run_inference(cfg, test[:1], None, progress=False)
+    base_only = run_inference(cfg, test[:1], None)
     assert {c.adapter_hash for c in base_only} == {""}
 
 
@@ -132,7 +151,7 @@ def test_run_inference_on_a_fully_fine_tuned_round_loads_that_model(memorized, t
     full_dir = memorized[0]
     cfg = tiny_config(tiny_model, tmp_path).model_copy(update={"infer": greedy(max_new_tokens=32)})
     test = tiny_examples(3)
-    out = run_inference(cfg, test, full_dir, progress=False)
+    out = run_inference(cfg, test, full_dir)
     assert [c.text for c in out] == [e.response for e in test]
 
 
@@ -140,14 +159,14 @@ def test_run_inference_on_a_fully_fine_tuned_round_loads_that_model(memorized, t
 def test_vllm_backend_without_vllm_is_one_clear_error(tiny_model, tmp_path):  # noqa: F811
     cfg = tiny_config(tiny_model, tmp_path).model_copy(update={"infer": InferConfig(backend="vllm")})
     with pytest.raises(UserError, match=r"^infer.backend=vllm needs the vllm package and a CUDA GPU"):
-        run_inference(cfg, tiny_examples(1), None, progress=False)
+        run_inference(cfg, tiny_examples(1), None)
 
 
 def test_sampled_k_samples_differ_from_each_other_yet_reproduce(random_model):
     model, tok = random_model
     cfg = InferConfig(temperature=1.0, num_samples=3, max_new_tokens=10, batch_size=2)
-    a = generate(model, tok, prompts()[:4], cfg, seed=5, progress=False)
-    b = generate(model, tok, prompts()[:4], cfg, seed=5, progress=False)
+    a = generate(model, tok, prompts()[:4], cfg, seed=5)
+    b = generate(model, tok, prompts()[:4], cfg, seed=5)
     assert [c.text for c in a] == [c.text for c in b]
     for i in range(4):
         texts = {c.text for c in a if c.prompt_id == f"p{i}"}

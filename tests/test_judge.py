@@ -259,12 +259,12 @@ def test_service_baseline_answers_k_times_and_failed_answers_are_recorded_unjudg
     cfg.infer.num_samples = 2
     client = ServiceClient(cfg.service)
     preds = judge.service_baseline(cfg, client, TEST)
-    assert [(p["prompt_id"], p["sample_index"]) for p in preds] == [(TEST[0].id, 0), (TEST[0].id, 1), (TEST[1].id, 0), (TEST[1].id, 1)]
-    assert preds[0]["text"] == "Mercury Venus Earth Mars" and preds[0]["ok"]
+    assert [(p.prompt_id, p.sample_index) for p in preds] == [(TEST[0].id, 0), (TEST[0].id, 1), (TEST[1].id, 0), (TEST[1].id, 1)]
+    assert preds[0].text == "Mercury Venus Earth Mars" and preds[0].ok and preds[0].model == cfg.service.model
     baseline_calls = fake_service.requests[:4]
     sent = sorted(json.dumps(r["body"]["messages"]) for r in baseline_calls)  # concurrent: any order
     assert sent == sorted(json.dumps([{"role": "user", "content": TEST[i // 2].prompt}]) for i in range(4))
-    preds[3] = {**preds[3], "ok": False, "text": None, "error": "http_500"}
+    preds[3] = preds[3].model_copy(update={"ok": False, "text": "", "error": "http_500"})
     rows = judge.judge_predictions(cfg, client, TEST, preds, round=None, stage="baseline")
     s = judge.compute_scores(rows, len(preds), test=TEST)
     assert s.counts.unjudged == 1 and s.counts.judged == 3 and s.precision.get("median") == 100.0

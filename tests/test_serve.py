@@ -36,7 +36,7 @@ def tiny(tmp_path_factory):
     examples += [make_example(w, f"Hello {w}!") for w in ("Anna", "Omar", "Lukas", "Sofia")]
     train_cfg = {"method": "full", "learning_rate": 3e-3, "max_steps": 60, "batch_size": 8, "max_length": 64,
                  "warmup_ratio": 0.0, "logging_steps": 100}
-    train(Config(model={"base": str(base)}, train=train_cfg), examples, root / "model", progress=False)
+    train(Config(model={"base": str(base)}, train=train_cfg), examples, root / "model")
     model, tok = load_model(Config(model={"base": str(root / "model")}).model)
     return root / "model", model, tok
 
@@ -50,7 +50,7 @@ def gen(tiny):
 def direct(tiny, question: str, max_new_tokens: int = 16) -> str:
     _, model, tok = tiny
     sampling = DEFAULTS.model_copy(update={"max_new_tokens": max_new_tokens, "batch_size": 1})
-    [c] = generate(model, tok, [("q", [Message(role="user", content=question)])], sampling, progress=False)
+    [c] = generate(model, tok, [("q", [Message(role="user", content=question)])], sampling)
     return c.text
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from llamaduo.artifacts import Completion, Evaluation
 from llamaduo.config import Config
 from llamaduo.data import Example
+from llamaduo.reporting import BarFactory
 from llamaduo.store import EvalTarget, RunStore
 
 if TYPE_CHECKING:
@@ -24,6 +25,7 @@ def evaluate(
     target: EvalTarget,
     test: list[Example],
     predictions: list[Completion] | None = None,
+    bars: BarFactory | None = None,
 ) -> Evaluation:
     """Judge `predictions` (written first when given; else the target's predictions on disk)."""
     from llamaduo import judge as judge_mod
@@ -33,7 +35,7 @@ def evaluate(
     rows = store.read_predictions(target)
     r = target if isinstance(target, int) else None
     stage = "judge" if r is not None else str(target)
-    judgments = judge_mod.judge_predictions(cfg, client, test, rows, round=r, stage=stage)
+    judgments = judge_mod.judge_predictions(cfg, client, test, rows, round=r, stage=stage, bars=bars)
     scores = judge_mod.compute_scores(judgments, len(rows), test=test, cfg=cfg)
     store.write_judgments(target, judgments)
     store.write_scores(target, scores)

@@ -9,6 +9,7 @@ exactly the prefix it was trained on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from llamaduo.artifacts import Completion
 from llamaduo.config import Config, InferConfig
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
+from llamaduo.reporting import ProgressReporter
 
 log = logging.getLogger("llamaduo.infer")
 
@@ -47,14 +49,12 @@ def generate(
     seed: int = 0,
     model_hash: str = "",
     adapter_hash: str = "",
-    progress: bool = True,
+    progress: ProgressReporter | None = None,
 ) -> list[Completion]:
     """Generate `sampling.num_samples` completions per prompt; output in input order × sample index."""
     import torch
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from llamaduo.models import encode_prompt
-    from llamaduo.progress import RateColumn
 
     k = sampling.num_samples
     encoded = [(pid, encode_prompt(tokenizer, msgs)) for pid, msgs in prompts]
@@ -65,14 +65,13 @@ def generate(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_ids = stop_token_ids(model, tokenizer)
     device = next(model.parameters()).device
-    bar = Progress(
-        TextColumn("generating"), BarColumn(), MofNCompleteColumn(), RateColumn("prompts"), TimeRemainingColumn(),
-        disable=not progress, transient=True,
-    )
     # Sampling reseeds per batch; the caller's RNG state is left as it was.
     rng_devices = [device.index or 0] if device.type == "cuda" else []
-    with bar, torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
-        task = bar.add_task("gen", total=len(order))
+    if progress is not None:
+        progress.start(len(order))
+    with contextlib.ExitStack() as stack, torch.inference_mode(), torch.random.fork_rng(devices=rng_devices):
+        if progress is not None:
+            stack.callback(progress.stop)
         start = 0
         for idx in batches([len(encoded[i][1]) for i in order], sampling):
             idx = [order[j] for j in idx]
@@ -107,7 +106,8 @@ def generate(
                         )
                     )
                 results[i] = comps
-            bar.advance(task, len(idx))
+            if progress is not None:
+                progress.advance(len(idx))
             start += len(idx)
     return [c for i in range(len(encoded)) for c in results[i]]
 
@@ -239,7 +239,9 @@ def generate_vllm(
     ]
 
 
-def run_inference(cfg: Config, test: list[Example], adapter_dir: Path | None, progress: bool = True) -> list[Completion]:
+def run_inference(
+    cfg: Config, test: list[Example], adapter_dir: Path | None, progress: ProgressReporter | None = None
+) -> list[Completion]:
     """Load the round's model and answer every test prompt K times."""
     from llamaduo import models
 

@@ -29,11 +29,20 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from llamaduo import prompts
-from llamaduo.artifacts import METRICS, Agreement, Counts, Judgment, MetricStats, PassDecision, Scores
+from llamaduo.artifacts import (
+    METRICS,
+    Agreement,
+    Completion,
+    Counts,
+    Judgment,
+    MetricStats,
+    PassDecision,
+    Scores,
+)
 from llamaduo.config import Config, PassRule
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
-from llamaduo.progress import ServiceBar
+from llamaduo.reporting import BarFactory, bar_for
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
@@ -117,6 +126,7 @@ def judge_predictions(
     predictions: Iterable[Any],
     round: int | None,
     stage: str = "judge",
+    bars: BarFactory | None = None,
 ) -> list[Judgment]:
     """Judge every candidate M times (per judge model); failed judgments stay as rows."""
     chosen = {ex.id: ex for ex in select_test(cfg, test)}
@@ -154,7 +164,7 @@ def judge_predictions(
     else:
         # sample_index: the M judgments of one candidate must not share a cache entry
         coros = [client.chat_json(msgs, JudgeReply, model=model, sample_index=j, **params) for msgs, model, j in specs]
-        replies = client.run(coros, progress=ServiceBar(f"{label}: {len(coros)} judge calls"))
+        replies = client.run(coros, progress=bar_for(bars, f"{label}: {len(coros)} judge calls"))
     for (slot, pid, k, model, j), reply in zip(jobs, replies, strict=True):
         base = {"prompt_id": pid, "sample_index": k, "judge_index": j, "judge_model": model, "raw": reply.raw}
         parsed = reply.parsed if reply.ok else None
@@ -183,7 +193,7 @@ def _run_batches(client: Client, specs: list[tuple[list[dict[str, str]], str, in
     return replies
 
 
-def service_baseline(cfg: Config, client: Client, test: list[Example]) -> list[dict[str, Any]]:
+def service_baseline(cfg: Config, client: Client, test: list[Example], bars: BarFactory | None = None) -> list[Completion]:
     """The service LLM's own fresh answers to the test prompts (K samples each), as
     prediction rows; judged like a round, they are the yardstick of performance matching.
     A failed call gives a row with `ok: false` and its error, which the judge records."""
@@ -202,16 +212,15 @@ def service_baseline(cfg: Config, client: Client, test: list[Example]) -> list[d
         for ex in chosen
         for s in range(k)
     ]
-    replies = client.run(coros, progress=ServiceBar(f"baseline: {len(coros)} service answers")) if coros else []
-    out = []
+    replies = client.run(coros, progress=bar_for(bars, f"baseline: {len(coros)} service answers")) if coros else []
     keys = [(ex.id, s) for ex in chosen for s in range(k)]
-    for (pid, s), reply in zip(keys, replies, strict=True):
-        row: dict[str, Any] = {"prompt_id": pid, "sample_index": s, "text": reply.raw, "model": cfg.service.model, "ok": reply.ok}
-        if not reply.ok:
-            row["error"] = reply.error or "no answer"
-            row["text"] = None
-        out.append(row)
-    return out
+    return [
+        Completion(prompt_id=pid, sample_index=s, text=reply.raw or "", model=cfg.service.model, ok=True)
+        if reply.ok
+        else Completion(prompt_id=pid, sample_index=s, text="", model=cfg.service.model, ok=False,
+                        error=reply.error or "no answer")
+        for (pid, s), reply in zip(keys, replies, strict=True)
+    ]
 
 
 # --------------------------------------------------------------------- statistics

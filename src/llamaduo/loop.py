@@ -19,7 +19,7 @@ from llamaduo.artifacts import Ledger, RoundRecord, Scores, StageKey
 from llamaduo.config import Config
 from llamaduo.data import PrepareResult
 from llamaduo.errors import UserError
-from llamaduo.progress import Display, make_display
+from llamaduo.progress import Bar, Display, make_display
 from llamaduo.stages import Run
 from llamaduo.store import RunStore
 
@@ -88,7 +88,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
             raise UserError(f"{store.root}: exists but is not a run directory; not deleting it")
         shutil.rmtree(store.root)
     store.read_manifest()  # a damaged manifest stops here, in one line, before anything is paid for
-    run_ = Run(cfg, show, client)
+    run_ = Run(cfg, show, client, bars=Bar.factory())
     t_start = time.monotonic()
     try:
         h, _ = run_.prepare()
@@ -172,7 +172,7 @@ def _latest_round(store: RunStore, r: int | None, default: int = 0) -> int:
 
 def run_stage(cfg: Config, name: str, r: int | None = None) -> Path:
     """`llamaduo train|infer|judge|synth RUN_DIR`: one stage of a round, after the stage it consumes."""
-    run_ = Run(cfg, make_display("rich"))
+    run_ = Run(cfg, make_display("rich"), bars=Bar.factory())
     store = run_.store
     store.read_manifest()
     try:

@@ -1,5 +1,5 @@
 """How the loop's events reach a person or a CI log: rich lines, quiet, or JSON lines; and the
-rich bar shown while a batch of service calls runs (`ServiceBar`)."""
+rich bar (`Bar`) shown while a batch of work runs — the presentation layer, the only one that draws."""
 
 from __future__ import annotations
 
@@ -100,28 +100,34 @@ class RateColumn(ProgressColumn):
         return Text(f"{speed:.1f} {self.unit}/s" if speed else f"- {self.unit}/s", style="progress.data.speed")
 
 
-class ServiceBar:
-    """A transient rich bar for one batch of service calls: `client.run(coros, progress=ServiceBar("judging"))`.
+class Bar:
+    """A transient rich progress bar for one batch of work, with its rate and ETA.
 
-    It implements `service.ProgressReporter`, so the network layer never imports rich."""
+    It implements `reporting.ProgressReporter`, so stages and the network layer never import rich:
+    `judge_predictions(..., bars=Bar.factory("calls"))`."""
 
-    def __init__(self, description: str, console: Console | None = None):
+    def __init__(self, description: str, unit: str = "calls", console: Console | None = None):
         self.description = description
+        self.unit = unit
         self.console = console
         self._bar: Progress | None = None
         self._task: TaskID | None = None
 
+    @classmethod
+    def factory(cls, unit: str = "calls", console: Console | None = None) -> Callable[[str], Bar]:
+        return lambda description: cls(description, unit, console)
+
     def start(self, total: int) -> None:
         self._bar = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn("calls"),
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(self.unit),
             TimeRemainingColumn(), console=self.console, transient=True,
         )
         self._bar.start()
         self._task = self._bar.add_task(self.description, total=total)
 
-    def advance(self) -> None:
+    def advance(self, n: int = 1) -> None:
         if self._bar is not None and self._task is not None:
-            self._bar.advance(self._task)
+            self._bar.advance(self._task, n)
 
     def stop(self) -> None:
         if self._bar is not None:

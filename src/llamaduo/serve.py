@@ -479,7 +479,7 @@ def local_generator(model: Any, tokenizer: Any) -> Generator:
     from llamaduo import infer, models
 
     def run(prompts: list[tuple[str, list[Message]]], sampling: InferConfig, seed: int) -> list[Choice]:
-        outs = infer.generate(model, tokenizer, prompts, sampling, seed=seed, progress=False)
+        outs = infer.generate(model, tokenizer, prompts, sampling, seed=seed)
         lengths = [len(models.encode_prompt(tokenizer, m)) for _, m in prompts]
         k = sampling.num_samples
         return [

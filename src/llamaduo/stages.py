@@ -18,6 +18,7 @@ from llamaduo.engine import Decision, Engine, Outcome
 from llamaduo.errors import UserError
 from llamaduo.hashing import hash_dir, hash_file
 from llamaduo.progress import Display, make_display
+from llamaduo.reporting import BarFactory, bar_for
 from llamaduo.store import RunStore, atomic_write_text
 
 if TYPE_CHECKING:
@@ -41,10 +42,13 @@ def _path_hash(p: Path | None) -> str:
 class Run:
     """One run directory with its config and (lazily) its service client."""
 
-    def __init__(self, cfg: Config, display: Display | None = None, client: Client | None = None):
+    def __init__(
+        self, cfg: Config, display: Display | None = None, client: Client | None = None, bars: BarFactory | None = None
+    ):
         self.cfg = cfg
         self.store = RunStore(cfg.run_dir)
         self.display = display or make_display("quiet")
+        self.bars = bars  # progress bars for service calls and generation; None draws nothing
         self._client = client
         self.engine = Engine(self.store, self.display, ledger=self._ledger)
 
@@ -134,7 +138,7 @@ class Run:
             rng = random.Random(f"{cfg.seed}-synth-{r}")
             res = synth.synthesize(
                 cfg, self.client, load_examples(store.train_path), synth_count(cfg, r), r, rng,
-                weights=self._category_weights(r - 1),
+                weights=self._category_weights(r - 1), bars=self.bars,
             )
             kept, rejected = dedup.clean(res.examples, existing, self.test_set(), cfg)
             rejected = list(res.rejected) + list(rejected)
@@ -200,7 +204,9 @@ class Run:
         }
 
         def work(_: Decision) -> Outcome:
-            completions = infer_mod.run_inference(cfg, self.test_set(), store.adapter_dir(r))
+            completions = infer_mod.run_inference(
+                cfg, self.test_set(), store.adapter_dir(r), progress=bar_for(self.bars, "generating")
+            )
             store.write_predictions(r, completions)
             new_tokens = sum(c.new_tokens for c in completions)
             return Outcome(f"{len(completions)} candidates", {"predictions": len(completions), "new_tokens": new_tokens})
@@ -215,7 +221,7 @@ class Run:
         components = {"upstream": upstream, "judge": cfg.judge.model_dump(mode="json"), "model": cfg.judge_model}
 
         def work(_: Decision) -> Outcome:
-            ev = evaluate(cfg, self.client, store, r, self.test_set())
+            ev = evaluate(cfg, self.client, store, r, self.test_set(), bars=self.bars)
             return Outcome(f"{ev.scores.counts.judgments} judgments")
 
         outputs = [store.judgments_path(r), store.scores_path(r)]
@@ -239,7 +245,8 @@ class Run:
 
         def work(_: Decision) -> Outcome:
             test = self.test_set()
-            evaluate(cfg, self.client, store, "baseline", test, judge_mod.service_baseline(cfg, self.client, test))
+            answers = judge_mod.service_baseline(cfg, self.client, test, bars=self.bars)
+            evaluate(cfg, self.client, store, "baseline", test, answers, bars=self.bars)
             return Outcome("service baseline judged")
 
         outputs = [store.predictions_path("baseline"), store.judgments_path("baseline"), store.scores_path("baseline")]

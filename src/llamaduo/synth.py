@@ -26,7 +26,7 @@ from llamaduo.config import Config
 from llamaduo.data import Example, Lineage, make_example
 from llamaduo.dedup import normalize
 from llamaduo.errors import UserError
-from llamaduo.progress import ServiceBar
+from llamaduo.reporting import BarFactory, bar_for
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
@@ -130,6 +130,7 @@ def synthesize(
     round: int,
     rng: random.Random,
     weights: dict[str, float] | None = None,
+    bars: BarFactory | None = None,
 ) -> SynthResult:
     """Ask the generator for `n` new pairs like `seeds`; validated, with lineage, trimmed to `n`."""
     if n <= 0:
@@ -151,7 +152,7 @@ def synthesize(
     else:
         # sample_index: calls with the same seed must not share a cache entry
         coros = [client.chat_json(msgs, SynthPairs, sample_index=i, **params) for i, msgs in enumerate(prompts)]
-        replies = client.run(coros, progress=ServiceBar(f"synth r{round:02d}: {calls} calls"))
+        replies = client.run(coros, progress=bar_for(bars, f"synth r{round:02d}: {calls} calls"))
 
     lineage = {"source": "synthetic", "round": round, "generator": model, "template_hash": template.hash}
     examples: list[Example] = []

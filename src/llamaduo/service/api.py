@@ -10,6 +10,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from llamaduo.errors import UserError
+from llamaduo.reporting import ProgressReporter
 
 T = TypeVar("T")
 
@@ -39,16 +40,6 @@ class ServiceError(UserError):
 
 BatchRequest = tuple[list[dict[str, str]], type[BaseModel] | None, dict[str, Any]]
 """One `run_batch` request: (messages, schema or None for a text reply, meta with `sample_index`)."""
-
-
-class ProgressReporter(Protocol):
-    """Told how many calls `Client.run` has and when each finishes; draws nothing itself here."""
-
-    def start(self, total: int) -> None: ...
-
-    def advance(self) -> None: ...
-
-    def stop(self) -> None: ...
 
 
 class Client(Protocol):
