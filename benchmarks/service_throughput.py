@@ -29,7 +29,7 @@ import httpx
 
 from llamaduo.config import ServiceConfig
 from llamaduo.demo.simulator import SimulatedService
-from llamaduo.progress import ServiceBar
+from llamaduo.progress import Bar
 from llamaduo.service import ServiceClient
 
 REFERENCE_WORKERS = 4
@@ -65,7 +65,7 @@ def run_ours(n: int, rpm: int, latency_s: float, concurrency: int, progress: boo
         # Distinct sample indices: every call is a real request, none is a cache hit.
         coros = [client.chat_text(msgs, max_tokens=8, sample_index=i, stage="bench") for i in range(n)]
         t0 = time.monotonic()
-        replies = client.run(coros, progress=ServiceBar("ours") if progress else None)
+        replies = client.run(coros, progress=Bar("ours") if progress else None)
         wall = time.monotonic() - t0
         client.close()
         conn = sqlite3.connect(db)
