@@ -98,7 +98,8 @@ def test_statistics_equal_hand_computed_values():
     assert s.similarity.get("coverage@50") == 75.0  # 50 (exactly) , 70 and 85
     assert s.similarity.get("coverage@70") == 50.0  # 70 (exactly) and 85
     assert (s.precision.mean, s.precision.median, s.precision.coverage_50, s.precision.coverage_70) == (58.75, 60.0, 75.0, 50.0)
-    assert s.counts.model_dump() == {"candidates": 4, "judged": 4, "unjudged": 0, "missing": 0, "judgments": 8, "failed": 1}
+    assert s.counts.model_dump() == {"candidates": 4, "judged": 4, "unjudged": 0, "missing": 0, "duplicates": 0, "length_cut": 0,
+                                     "judgments": 8, "failed": 1}
     lo, hi = s.similarity.ci
     assert 30 <= lo < 58.75 < hi <= 85
     assert judge.compute_scores(rows, 4).similarity.ci == [lo, hi]  # seeded
@@ -266,8 +267,11 @@ def test_service_baseline_answers_k_times_and_failed_answers_are_recorded_unjudg
     assert sent == sorted(json.dumps([{"role": "user", "content": TEST[i // 2].prompt}]) for i in range(4))
     preds[3] = preds[3].model_copy(update={"ok": False, "text": "", "error": "http_500"})
     rows = judge.judge_predictions(cfg, client, TEST, preds, round=None, stage="baseline")
-    s = judge.compute_scores(rows, len(preds), test=TEST)
-    assert s.counts.unjudged == 1 and s.counts.judged == 3 and s.precision.get("median") == 100.0
+    dup, cut = judge.candidate_facts(preds)
+    s = judge.compute_scores(rows, len(preds), test=TEST, duplicates=dup, length_cut=cut)
+    # The service said the same thing twice for the first prompt: judged and counted once.
+    assert dup == 1 and s.counts.duplicates == 1 and s.counts.missing == 0
+    assert s.counts.unjudged == 1 and s.counts.judged == 2 and s.precision.get("median") == 75.0  # 100 and 50
     assert [r.error for r in rows if not r.ok] == ["no candidate: http_500"]
 
 
@@ -283,3 +287,41 @@ def test_max_test_prompts_judges_a_category_balanced_subset(fake_service):
     assert s.counts.missing == 4 and any("max_test_prompts" in w for w in s.warnings)
     with pytest.raises(UserError, match="'nope' .* not in the test split"):
         judge.judge_predictions(cfg, ServiceClient(cfg.service), test, [{"prompt_id": "nope", "sample_index": 0, "text": "x"}], round=0)
+
+
+def test_identical_candidates_of_a_prompt_are_judged_once_and_cuts_are_counted(fake_service):
+    fake_service.responder = overlap_judge
+    cfg = make_cfg(fake_service, judgments_per_candidate=1)
+    preds = [
+        {"prompt_id": TEST[0].id, "sample_index": 0, "text": TEST[0].response},
+        {"prompt_id": TEST[0].id, "sample_index": 1, "text": TEST[0].response + "  "},  # same after strip
+        {"prompt_id": TEST[1].id, "sample_index": 0, "text": "cut", "finish_reason": "length"},
+        {"prompt_id": TEST[1].id, "sample_index": 1, "text": TEST[0].response},  # same text, other prompt
+    ]
+    rows = judge.judge_predictions(cfg, ServiceClient(cfg.service), TEST, preds, round=0)
+    assert len(fake_service.requests) == 3 and len(rows) == 3
+    dup, cut = judge.candidate_facts(preds)
+    s = judge.compute_scores(rows, len(preds), duplicates=dup, length_cut=cut)
+    assert (s.counts.duplicates, s.counts.length_cut, s.counts.missing, s.counts.judged) == (1, 1, 0, 3)
+    assert any("cut off by infer.max_new_tokens" in w for w in s.warnings)
+
+
+def test_the_ci_resamples_prompts_not_candidates():
+    """Planted: 20 prompts, each with 4 candidates sharing the prompt's score. Resampling whole
+    prompts gives the CI of 20 observations; treating the 80 candidates as independent halves it."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    per_prompt = rng.uniform(10, 90, size=20)
+    values = [float(v) for v in per_prompt for _ in range(4)]
+    groups = [f"p{i}" for i in range(20) for _ in range(4)]
+    lo, hi = judge.bootstrap_ci(values, groups)
+    # Reference computation: the same resampling written out directly over prompt means.
+    ref_rng = np.random.default_rng(judge.BOOTSTRAP_SEED)
+    idx = ref_rng.integers(0, 20, size=(judge.BOOTSTRAP_RESAMPLES, 20))
+    by_name = per_prompt[sorted(range(20), key=lambda i: f"p{i}")]  # prompts in the order of their ids
+    means = by_name[idx].mean(axis=1)
+    ref_lo, ref_hi = np.percentile(means, [2.5, 97.5])
+    assert (lo, hi) == (round(float(ref_lo), 4), round(float(ref_hi), 4))
+    naive_lo, naive_hi = judge.bootstrap_ci(values)
+    assert (hi - lo) > 1.7 * (naive_hi - naive_lo)

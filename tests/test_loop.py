@@ -170,3 +170,48 @@ def test_canary_api_key_never_reaches_the_run_directory_logs_or_report(tmp_path,
         if path.is_file():
             assert canary.encode() not in path.read_bytes(), path
     assert canary not in json.dumps(events, default=str)
+
+
+def test_a_judge_that_answers_only_prose_stops_the_loop_before_paying_for_more(tmp_path, fake_service, tiny_model):
+    def prose(request):
+        text = "\n".join(m.get("content", "") for m in request.get("messages", []))
+        if "<candidate>" in text:
+            return "I think this answer is pretty good overall!"  # no JSON at all
+        return simulator_responder(request)
+
+    fake_service.responder = prose
+    cfg = make_config(tmp_path, fake_service, tiny_model)
+    events = []
+    result = loop.run(cfg, display=events.append)
+    assert result.stop_reason == "judge_failed"
+    assert [r.round for r in result.rounds] == [0] and result.rounds[0].value is None and result.best_value is None
+    store = RunStore(cfg.run_dir)
+    with sqlite3.connect(store.service_db) as db:
+        stages = {row[0] for row in db.execute("SELECT DISTINCT stage FROM calls")}
+    assert stages == {"judge"}  # no synthesis was paid for
+    assert not store.round_dir(1).exists()
+    warnings = [e["message"] for e in events if e.get("event") == "warning"]
+    assert any("judge.min_valid" in w and "structured_output" in w and "pretty good" in w for w in warnings)
+    done = next(e for e in events if e.get("event") == "round_done")
+    from llamaduo.progress import format_event
+
+    assert "n/a" in format_event(done) and "0.0" not in format_event(done).split("spend")[0]
+    from rich.console import Console
+
+    from llamaduo import views
+
+    con = Console(record=True, width=200)
+    con.print(views.status_table(store.root))
+    text = con.export_text()
+    assert "n/a" in text and "judge_failed" in text
+
+
+def test_changing_structured_output_reruns_the_judge_naming_it(tmp_path, fake_service, tiny_model):
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, loop={"max_rounds": 1})
+    loop.run(cfg, display="quiet")
+    events = []
+    changed = cfg.model_copy(update={"service": cfg.service.model_copy(update={"structured_output": "prompt"})})
+    loop.run(changed, display=events.append)
+    inval = {e["stage"]: e["changed"] for e in events if e.get("event") == "invalidated"}
+    assert inval == {"r00/judge": ["service"]}

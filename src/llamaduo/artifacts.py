@@ -127,7 +127,7 @@ class MetricStats(_Artifact):
     # The file spells these as the pass rule names them.
     coverage_50: float | None = Field(None, alias="coverage@50")
     coverage_70: float | None = Field(None, alias="coverage@70")
-    ci: list[float] | None = None  # bootstrap 95 % CI of the mean: [low, high]
+    ci: list[float] | None = None  # 95 % CI of the mean by a bootstrap over test prompts: [low, high]
 
     def get(self, statistic: str) -> float | None:
         return {"mean": self.mean, "median": self.median, "coverage@50": self.coverage_50, "coverage@70": self.coverage_70}[
@@ -140,8 +140,15 @@ class Counts(_Artifact):
     judged: int = 0  # with at least one valid judgment: the statistics' population
     unjudged: int = 0  # judged but no valid judgment
     missing: int = 0  # expected but never sent to the judge (max_test_prompts, absent rows)
+    duplicates: int = 0  # identical to another candidate of the same prompt: judged and counted once
+    length_cut: int = 0  # candidates the token limit cut off (finish_reason "length")
     judgments: int = 0
     failed: int = 0
+
+    @property
+    def valid_share(self) -> float | None:
+        """Share of judge calls that gave a valid judgment; None when none was made."""
+        return (self.judgments - self.failed) / self.judgments if self.judgments else None
 
 
 class Agreement(_Artifact):
@@ -162,6 +169,7 @@ class Scores(_Artifact):
     judge_models: list[str] = Field(default_factory=list)
     agreement: list[Agreement] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
+    failed_reply: str | None = None  # one raw reply of a failed judgment, to show what the judge said
 
     def stat(self, metric: str, statistic: str) -> float | None:
         return getattr(self, metric).get(statistic)
@@ -172,7 +180,7 @@ class Scores(_Artifact):
 
 class PassDecision(_Artifact):
     passed: bool
-    value: float  # the local statistic (its units: score 1-100 or percent for coverage)
+    value: float | None = None  # the local statistic (score 1-100 or percent); None: nothing could be measured
     target: float  # the value the statistic had to reach
     statistic: str
     metric: str
@@ -235,7 +243,7 @@ class StageRecord(_Artifact):
 
 class RoundRecord(_Artifact):
     round: int
-    value: float | None  # the pass statistic; None when nothing could be measured
+    value: float | None = None  # the pass statistic; None when nothing could be measured
     passed: bool
     train_examples: int
     synthetic_added: int = 0

@@ -388,7 +388,7 @@ def demo(
     result = _call(
         demo_mod.run_demo, quick=quick, out=out, display=_display(False, json_lines), fresh=fresh, keep_serving=keep, port=port,
     )
-    scores = "  ".join(f"r{i:02d}={v:.1f}" for i, v in enumerate(result.round_values))
+    scores = "  ".join(f"r{i:02d}=" + ("n/a" if v is None else f"{v:.1f}") for i, v in enumerate(result.round_values))
     console.print(f"\n[bold]per-round score[/] (precision mean): {scores}")
     console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}; {result.seconds:.0f}s")
     console.print(f"report   → {result.report}")

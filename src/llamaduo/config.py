@@ -129,6 +129,10 @@ class JudgeConfig(Strict):
     panel: list[str] = Field(
         default_factory=list, description="Several judge models; scores averaged, agreement reported."
     )
+    min_valid: float = Field(
+        0.5, ge=0, le=1,
+        description="Stop the loop (judge_failed) when fewer than this share of judge replies are valid judgments.",
+    )
 
 
 # ---------------------------------------------------------------------------- synth

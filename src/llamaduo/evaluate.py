@@ -36,7 +36,10 @@ def evaluate(
     r = target if isinstance(target, int) else None
     stage = "judge" if r is not None else str(target)
     judgments = judge_mod.judge_predictions(cfg, client, test, rows, round=r, stage=stage, bars=bars)
-    scores = judge_mod.compute_scores(judgments, len(rows), test=test, cfg=cfg)
+    duplicates, length_cut = judge_mod.candidate_facts(rows)
+    scores = judge_mod.compute_scores(
+        judgments, len(rows), test=test, cfg=cfg, duplicates=duplicates, length_cut=length_cut
+    )
     store.write_judgments(target, judgments)
     store.write_scores(target, scores)
     return Evaluation(

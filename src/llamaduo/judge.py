@@ -137,6 +137,7 @@ def judge_predictions(
     rows: list[Judgment | None] = []
     jobs: list[tuple[int, str, int, str, int]] = []  # (row slot, prompt_id, sample, model, judge_index)
     specs: list[tuple[list[dict[str, str]], str, int]] = []  # (messages, judge model, judge_index)
+    seen_texts: dict[str, set[str]] = {}
     for pred in predictions:
         pid, k = str(_field(pred, "prompt_id")), int(_field(pred, "sample_index", 0))
         if pid not in chosen:
@@ -149,6 +150,9 @@ def judge_predictions(
             err = _field(pred, "error") or "no candidate text"
             rows.append(Judgment(prompt_id=pid, sample_index=k, judge_index=0, ok=False, error=f"no candidate: {err}"))
             continue
+        if str(text).strip() in seen_texts.setdefault(pid, set()):
+            continue  # identical to a candidate of this prompt already judged: counted once
+        seen_texts[pid].add(str(text).strip())
         messages = render_judge_prompt(chosen[pid], str(text), template)
         for model in models:
             for j in range(m_calls):
@@ -224,20 +228,48 @@ def service_baseline(cfg: Config, client: Client, test: list[Example], bars: Bar
 
 
 # --------------------------------------------------------------------- statistics
-def bootstrap_ci(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> list[float]:
-    """Percentile bootstrap 95 % CI of the mean (seeded, so a rerun writes the same file)."""
+def candidate_facts(predictions: Iterable[Any]) -> tuple[int, int]:
+    """(duplicates, length_cut): candidates identical to an earlier one of the same prompt (judged
+    once), and candidates the token limit cut off."""
+    seen: dict[str, set[str]] = {}
+    duplicates = length_cut = 0
+    for p in predictions:
+        if _field(p, "finish_reason") == "length":
+            length_cut += 1
+        text = _field(p, "text")
+        if _field(p, "ok", True) is False or text is None:
+            continue
+        texts = seen.setdefault(str(_field(p, "prompt_id")), set())
+        duplicates += str(text).strip() in texts
+        texts.add(str(text).strip())
+    return duplicates, length_cut
+
+
+def bootstrap_ci(
+    values: Sequence[float], groups: Sequence[str] | None = None, resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> list[float]:
+    """Percentile bootstrap 95 % CI of the mean (seeded, so a rerun writes the same file).
+
+    With `groups` (the test prompt of each value) whole prompts are resampled: a prompt's K
+    candidates share its difficulty, so treating them as independent would narrow the interval."""
     a = np.asarray(values, dtype=float)
+    keys = np.arange(len(a)) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    sums = np.bincount(keys, weights=a)
+    sizes = np.bincount(keys).astype(float)
+    g = len(sums)
     rng = np.random.default_rng(seed)
     means = np.empty(resamples)
-    step = max(1, 2_000_000 // max(1, len(a)))  # bounded scratch memory for large rounds
+    step = max(1, 2_000_000 // max(1, g))  # bounded scratch memory for large rounds
     for s in range(0, resamples, step):
         e = min(resamples, s + step)
-        means[s:e] = a[rng.integers(0, len(a), size=(e - s, len(a)))].mean(axis=1)
+        idx = rng.integers(0, g, size=(e - s, g))
+        means[s:e] = sums[idx].sum(axis=1) / sizes[idx].sum(axis=1)
     lo, hi = np.percentile(means, [2.5, 97.5])
     return [round(float(lo), 4), round(float(hi), 4)]
 
 
-def metric_stats(values: Sequence[float]) -> MetricStats:
+def metric_stats(values: Sequence[float], groups: Sequence[str] | None = None) -> MetricStats:
     if not values:
         return MetricStats()
     a = np.asarray(values, dtype=float)
@@ -247,7 +279,7 @@ def metric_stats(values: Sequence[float]) -> MetricStats:
         median=round(float(np.median(a)), 4),
         coverage_50=round(float(100.0 * (a >= 50).mean()), 4),
         coverage_70=round(float(100.0 * (a >= 70).mean()), 4),
-        ci=bootstrap_ci(a),
+        ci=bootstrap_ci(a, groups),
     )
 
 
@@ -279,9 +311,12 @@ def compute_scores(
     n_candidates_expected: int,
     test: list[Example] | None = None,
     cfg: Config | None = None,
+    duplicates: int = 0,
+    length_cut: int = 0,
 ) -> Scores:
     """Aggregate judgment rows into scores.json. `test` adds per-category means; `cfg` adds
-    the governance warnings (judge = generator)."""
+    the governance warnings (judge = generator); `duplicates` and `length_cut` come from
+    `candidate_facts` of the predictions."""
     rows = _rows(judgments)
     means = candidate_means(rows)
     seen = {(j.prompt_id, j.sample_index) for j in rows}
@@ -290,15 +325,19 @@ def compute_scores(
         candidates=max(n_candidates_expected, len(seen)),
         judged=len(judged),
         unjudged=len(seen - judged),
-        missing=max(0, n_candidates_expected - len(seen)),
+        missing=max(0, n_candidates_expected - len(seen) - duplicates),
+        duplicates=duplicates,
+        length_cut=length_cut,
         judgments=len(rows),
         failed=sum(not j.ok for j in rows),
     )
+    failed = next((j for j in rows if not j.ok), None)
     scores = Scores(
-        similarity=metric_stats(list(means["similarity"].values())),
-        precision=metric_stats(list(means["precision"].values())),
+        similarity=metric_stats(list(means["similarity"].values()), [pid for pid, _ in means["similarity"]]),
+        precision=metric_stats(list(means["precision"].values()), [pid for pid, _ in means["precision"]]),
         counts=counts,
         judge_models=sorted({j.judge_model for j in rows if j.judge_model}),
+        failed_reply=((failed.raw or failed.error or "")[:500] or None) if failed else None,
     )
     if test is not None:
         category = {ex.id: ex.category for ex in test}
@@ -335,6 +374,8 @@ def _warnings(counts: Counts, models: list[str], cfg: Config | None) -> list[str
         out.append(f"{counts.unjudged} of {counts.candidates} candidates have no valid judgment and are left out of the statistics")
     if counts.missing:
         out.append(f"{counts.missing} of {counts.candidates} candidates were not judged (judge.max_test_prompts or missing rows)")
+    if counts.length_cut:
+        out.append(f"{counts.length_cut} of {counts.candidates} candidates were cut off by infer.max_new_tokens")
     if cfg is not None:
         generator = cfg.synth_model
         for m in models or judge_models(cfg):
@@ -360,7 +401,7 @@ def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None
             raise UserError(f"the service baseline has no judged candidates, so {label} cannot be compared with it")
         target = rule.relative_to_service * base
         if value is None:
-            return PassDecision(passed=False, value=0.0, target=target, statistic=rule.statistic, metric=rule.metric,
+            return PassDecision(passed=False, value=None, target=target, statistic=rule.statistic, metric=rule.metric,
                                 reason=f"no candidate was judged; {label} is undefined")
         relative = round(value / base, 4) if base > 0 else None
         passed = value >= target
@@ -371,7 +412,7 @@ def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None
                             relative=relative, reason=reason)
     target = rule.threshold
     if value is None:
-        return PassDecision(passed=False, value=0.0, target=target, statistic=rule.statistic, metric=rule.metric,
+        return PassDecision(passed=False, value=None, target=target, statistic=rule.statistic, metric=rule.metric,
                             reason=f"no candidate was judged; {label} is undefined")
     relative = None
     if baseline is not None and (base := baseline.stat(rule.metric, rule.statistic)):

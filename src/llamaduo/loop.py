@@ -31,7 +31,7 @@ class LoopResult(BaseModel):
     run_dir: Path
     stop_reason: str
     best_round: int
-    best_value: float
+    best_value: float | None  # None: no round could be measured
     rounds: list[RoundRecord]
 
 
@@ -39,6 +39,21 @@ def decide(cfg: Config, scores: Scores, baseline: Scores | None):
     from llamaduo import judge as judge_mod
 
     return judge_mod.evaluate_pass(scores, cfg.judge.pass_rule, baseline)
+
+
+def judge_failed(cfg: Config, scores: Scores) -> str | None:
+    """Why this round's judging cannot be trusted (too few valid judgments), with a hint; else None."""
+    c = scores.counts
+    share = c.valid_share
+    if c.candidates == 0 or (share is not None and share >= cfg.judge.min_valid) or (share is None and c.judged):
+        return None
+    valid = c.judgments - c.failed
+    said = f" One reply: {scores.failed_reply[:160]!r}." if scores.failed_reply else ""
+    return (
+        f"only {valid} of {c.judgments} judge replies were valid judgments (judge.min_valid {cfg.judge.min_valid:g});"
+        f" stopping before paying for more.{said} Check judge.model ({cfg.judge_model}) and"
+        f" service.structured_output ({cfg.service.structured_output}; 'prompt' works with any server)."
+    )
 
 
 def better_round(best: tuple[float, int] | None, value: float, r: int) -> tuple[float, int]:
@@ -111,18 +126,22 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
                 upstream = run_.infer(r, upstream)
                 upstream, scores = run_.judge(r, upstream)
                 decision = decide(cfg, scores, baseline)
-                value = float(decision.value)
+                value = decision.value
+                for w in scores.warnings:
+                    show({"event": "warning", "round": r, "message": w})
                 record = RoundRecord(
                     round=r, value=value, passed=decision.passed, train_examples=len(run_.train_set(r)),
                     synthetic_added=added, decision=decision,
                 )
                 rounds.append(record)
-                improved = best is None or value >= best[0] + cfg.loop.min_delta and value > best[0]
-                best = better_round(best, value, r)
-                since_best = 0 if improved else since_best + 1
+                if value is not None:
+                    improved = best is None or value >= best[0] + cfg.loop.min_delta and value > best[0]
+                    best = better_round(best, value, r)
+                    since_best = 0 if improved else since_best + 1
                 ledger = store.read_manifest().ledger
                 store.set_round(record)
-                store.update_manifest(best_round=best[1], best_value=best[0])
+                if best is not None:
+                    store.update_manifest(best_round=best[1], best_value=best[0])
                 show(
                     {
                         "event": "round_done",
@@ -133,9 +152,17 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
                         "metric": cfg.judge.pass_rule.metric,
                         "statistic": decision.statistic,
                         "spend_usd": ledger.total.usd if ledger else 0.0,
+                        "failed_judgments": scores.counts.failed,
+                        "judgments": scores.counts.judgments,
                     }
                 )
+                failed_judge = judge_failed(cfg, scores)
                 write_report(store, show)
+                if failed_judge is not None:
+                    # Nothing after this round is paid for on a judge whose word cannot be read.
+                    stop_reason = "judge_failed"
+                    show({"event": "warning", "round": r, "message": failed_judge})
+                    break
                 if decision.passed:
                     stop_reason = "target_met"
                     break
@@ -152,12 +179,13 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
             stop_reason = "budget"
             show({"event": "warning", "message": f"budget reached: {e}"})
             run_.engine.record_ledger()
-        if best is None:
-            best = (0.0, 0)
-        store.update_manifest(state="finished", stop_reason=stop_reason, best_round=best[1], best_value=best[0])
-        show({"event": "stop", "reason": stop_reason, "best_round": best[1], "value": best[0]})
+        best_value, best_round = best if best is not None else (None, 0)
+        store.update_manifest(state="finished", stop_reason=stop_reason, best_round=best_round, best_value=best_value)
+        show({"event": "stop", "reason": stop_reason, "best_round": best_round, "value": best_value})
         write_report(store, show)
-        return LoopResult(run_dir=store.root, stop_reason=stop_reason, best_round=best[1], best_value=best[0], rounds=rounds)
+        return LoopResult(
+            run_dir=store.root, stop_reason=stop_reason, best_round=best_round, best_value=best_value, rounds=rounds
+        )
     finally:
         run_.close()
 

@@ -75,14 +75,21 @@ def format_event(event: Event) -> str:
     if kind == "invalidated":
         return f"{tag}[yellow]{event['stage']}: inputs changed ({', '.join(event['changed'])}); rerunning it and what follows[/]"
     if kind == "round_done":
+        value = event.get("value")
+        if value is None:  # not measured: never shown as a number
+            failed = f"; {event.get('failed_judgments', 0)} of {event.get('judgments', 0)} judgments failed"
+            return (f"{tag}[bold]{event['metric']} {event['statistic']} = n/a[/] (no valid judgment{failed}) "
+                    f"[red]not measured[/]  spend so far ${event.get('spend_usd', 0.0):.4f}")
         mark = "[green]PASS[/]" if event.get("passed") else "[red]below target[/]"
         spend = event.get("spend_usd", 0.0)
         return (
-            f"{tag}[bold]{event['metric']} {event['statistic']} = {event['value']:.1f}[/] "
+            f"{tag}[bold]{event['metric']} {event['statistic']} = {value:.1f}[/] "
             f"(target {event['target']:.1f}) {mark}  spend so far ${spend:.4f}"
         )
     if kind == "stop":
-        return f"[bold]stopped:[/] {event['reason']} — best round r{event['best_round']:02d} ({event.get('value', 0):.1f})"
+        v = event.get("value")
+        shown = "n/a" if v is None else f"{v:.1f}"
+        return f"[bold]stopped:[/] {event['reason']} — best round r{event['best_round']:02d} ({shown})"
     if kind == "warning":
         return f"[yellow]warning:[/] {event['message']}"
     return f"{tag}{event.get('message', kind)}"

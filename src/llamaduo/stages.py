@@ -68,6 +68,22 @@ class Run:
         if self._client is not None:
             self._client.close()
 
+    # ---- what a service request depends on: change one and the stages that send it rerun
+    def service_request_settings(self) -> dict[str, Any]:
+        sv = self.cfg.service
+        return {"provider": sv.provider, "base_url": sv.base_url, "structured_output": sv.structured_output,
+                "json_retries": sv.json_retries}
+
+    def judge_request_components(self) -> dict[str, Any]:
+        from llamaduo import judge as judge_mod
+
+        return {
+            "judge": self.cfg.judge.model_dump(mode="json"),
+            "model": self.cfg.judge_model,
+            "service": self.service_request_settings(),
+            "template": judge_mod.judge_template(self.cfg).hash,
+        }
+
     # ---- data of a round
     def train_set(self, r: int) -> list[Example]:
         examples = load_examples(self.store.train_path)
@@ -129,6 +145,8 @@ class Run:
             "synth": cfg.synth.model_dump(mode="json"),
             "dedup": cfg.dedup.model_dump(mode="json"),
             "model": cfg.synth_model,
+            "service": self.service_request_settings(),
+            "template": synth.synth_template(cfg).hash,
             "count": str(synth_count(cfg, r)),
             "seed": str(cfg.seed),
         }
@@ -218,7 +236,7 @@ class Run:
         from llamaduo.evaluate import evaluate
 
         cfg, store = self.cfg, self.store
-        components = {"upstream": upstream, "judge": cfg.judge.model_dump(mode="json"), "model": cfg.judge_model}
+        components = {"upstream": upstream, **self.judge_request_components()}
 
         def work(_: Decision) -> Outcome:
             ev = evaluate(cfg, self.client, store, r, self.test_set(), bars=self.bars)
@@ -238,7 +256,7 @@ class Run:
             return None
         components = {
             "upstream": upstream,
-            "judge": cfg.judge.model_dump(mode="json"),
+            **self.judge_request_components(),
             "service_model": cfg.service.model,
             "k": str(cfg.infer.num_samples),
         }

@@ -25,7 +25,7 @@ def status_table(run_dir: Path) -> Any:
         t.add_column(col, justify="right")
     for name in sorted(m.rounds):
         rec = m.rounds[name]
-        best = " *" if m.best_round == rec.round else ""
+        best = " *" if m.best_round == rec.round and m.best_value is not None else ""
         t.add_row(name + best, str(rec.train_examples), str(rec.synthetic_added), _num(rec.value), "yes" if rec.passed else "no")
     total = m.ledger.total if m.ledger else None
     t.caption = f"service spend ${total.usd if total else 0.0:.4f}, calls {total.calls if total else 0}"

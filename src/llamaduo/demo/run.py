@@ -30,7 +30,7 @@ SIMULATOR_LABEL = (
 class DemoResult(BaseModel):
     run_dir: Path
     stop_reason: str
-    round_values: list[float]
+    round_values: list[float | None]
     best_round: int
     report: Path
     deployed: Path | None = None
