@@ -120,7 +120,7 @@ class Run:
 
     # ---- prepare
     def prepare(self) -> str:
-        from llamaduo import data
+        from llamaduo import prepare as prepare_mod
 
         cfg = self.cfg
         if cfg.data.input is None:
@@ -139,7 +139,7 @@ class Run:
         h, must = _stage(self.store, self.display, key, components, [self.store.train_path, self.store.test_path])
         if must:
             t0 = self._timed(key)
-            res = data.prepare(cfg, self.store)
+            res = prepare_mod.prepare(cfg, self.store)
             for w in res.warnings:
                 self.display({"event": "warning", "message": w})
             _done(self.store, key, h, components, train=res.train_count, test=res.test_count)

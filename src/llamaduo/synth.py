@@ -24,8 +24,8 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from llamaduo import prompts
 from llamaduo.config import Config
 from llamaduo.data import Example, Lineage, make_example
-from llamaduo.dedup import normalize
 from llamaduo.errors import UserError
+from llamaduo.similarity import normalize
 
 
 class SynthPair(BaseModel):
