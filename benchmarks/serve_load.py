@@ -107,10 +107,10 @@ async def concurrent(url: str, model: str, n: int, clients: int, max_tokens: int
 
 def direct_caller(model_dir: Path, max_tokens: int):
     """The same generator the server runs, called in this process for one request."""
+    from llamaduo.batcher import local_generator
     from llamaduo.config import InferConfig, ModelConfig
     from llamaduo.data import Message
     from llamaduo.models import load_model
-    from llamaduo.serve import local_generator
 
     model, tok = load_model(ModelConfig(base=str(model_dir)))
     gen = local_generator(model, tok)

@@ -151,7 +151,8 @@ def test_tool_and_image_exchanges_are_not_recorded():
 
 def test_captured_file_is_a_coverage_dataset_for_prepare(proxy, tmp_path):
     from llamaduo.config import Config
-    from llamaduo.data import load_examples, prepare
+    from llamaduo.data import load_examples
+    from llamaduo.prepare import prepare
     from llamaduo.store import RunStore
 
     srv, out = proxy

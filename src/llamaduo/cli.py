@@ -14,7 +14,8 @@ from typing import Annotated, NoReturn, Optional
 import typer
 from rich.console import Console
 
-from llamaduo.config import Config, dump_config, example_yaml, load_config
+from llamaduo.config import Config, dump_config
+from llamaduo.config_file import example_yaml, load_config
 from llamaduo.errors import UserError
 
 app = typer.Typer(
@@ -100,7 +101,8 @@ def prepare(
     set_: SetOpt = None,
 ) -> None:
     """Read, validate and split a coverage dataset into RUN_DIR/data/{train,test}.jsonl."""
-    from llamaduo import data, loop
+    from llamaduo import loop
+    from llamaduo import prepare as prepare_mod
     from llamaduo.config import from_dict
 
     overrides = list(set_ or [])
@@ -119,7 +121,7 @@ def prepare(
     if cfg.data.input is None:
         fail("no input: pass --input FILE or set data.input in the config")
     result = _call(loop.prepare, cfg)
-    console.print(data.render_stats_table(result.stats))
+    console.print(prepare_mod.render_stats_table(result.stats))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
     console.print(f"train: {result.train_count}  test: {result.test_count}  →  {cfg.run_dir}/data/")
@@ -293,7 +295,7 @@ def accept(
     set_: SetOpt = None,
 ) -> None:
     """Judge the served model on the test split; compare with the run's best round."""
-    from llamaduo import deploy as deploy_mod
+    from llamaduo import accept as accept_mod
     from llamaduo.service import ServiceClient
     from llamaduo.store import RunStore
 
@@ -301,7 +303,7 @@ def accept(
     store = RunStore(run_dir)
     client = ServiceClient(cfg.service, db_path=store.service_db)
     try:
-        result = _call(deploy_mod.accept, cfg, store, endpoint, client, model=model, round=round)
+        result = _call(accept_mod.accept, cfg, store, endpoint, client, model=model, round=round)
     finally:
         client.close()
     console.print(result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2))

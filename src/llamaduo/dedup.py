@@ -14,20 +14,12 @@ rejected row (with its reason and the id it duplicates) for every other one:
 Contamination is checked before near-duplication so that a dropped test look-alike never
 stands as the representative that removes a clean pair.
 
-MinHash signatures are computed for all documents at once with numpy: the permutations are
-datasketch's `affine32` scheme (murmur3 finaliser, then `a * h + b` mod 2^32), so one
-signature equals what `datasketch.MinHash(scheme="affine32")` gives for the same shingle
-hashes, at a fraction of the cost of per-document updates.
+The similarity measures (ROUGE-L, MinHash signatures, LSH buckets) are in `similarity.py`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
-import unicodedata
 from collections import defaultdict
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,206 +27,19 @@ import numpy as np
 
 from llamaduo.config import Config, DedupConfig
 from llamaduo.data import Example
-
-_WORD = re.compile(r"\w+")
-_U32 = np.uint32
-_U64 = np.uint64
-# The LSH only proposes pairs (ROUGE-L or the Jaccard estimate decides), so a missed pair
-# costs far more than an extra check: weight false negatives heavily when choosing bands.
-_LSH_WEIGHTS = (0.05, 0.95)
-_MAX_CHECKS = 32  # candidate representatives confirmed per document, most similar first
-_CHUNK = 1 << 17  # shingles per signature block (× num_perm × 4 bytes of scratch)
-_ROLL = _U64(0x100000001B3)  # multiplier of the polynomial n-gram hash
-
-
-# ------------------------------------------------------------------------- text
-def normalize(text: str) -> str:
-    """Case-folded, NFKC-normalised text with runs of whitespace collapsed."""
-    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
-
-
-def words(text: str) -> list[str]:
-    """The word tokens every similarity here is computed on."""
-    return _WORD.findall(normalize(text))
-
-
-def rouge_l_f1(a: Sequence[str], b: Sequence[str]) -> float:
-    """ROUGE-L F1 of two token sequences: 2·LCS / (|a| + |b|).
-
-    The LCS length comes from the bit-parallel algorithm (Hyyrö 2004), one big-int step per
-    token of `b`, so long texts cost microseconds instead of a quadratic table.
-    """
-    if not a or not b:
-        return 1.0 if not a and not b else 0.0
-    masks: dict[str, int] = {}
-    for i, tok in enumerate(a):
-        masks[tok] = masks.get(tok, 0) | (1 << i)
-    full = (1 << len(a)) - 1
-    v = full
-    for tok in b:
-        m = masks.get(tok)
-        if m is not None:
-            u = v & m
-            v = ((v + u) | (v - u)) & full
-    lcs = len(a) - v.bit_count()
-    return 2.0 * lcs / (len(a) + len(b))
-
-
-# --------------------------------------------------------------------- hashing
-class _TokenHashes(dict):
-    """Stable 64-bit hash per distinct token (blake2b), computed once per vocabulary entry."""
-
-    def __missing__(self, tok: str) -> int:
-        h = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=8).digest(), "little")
-        self[tok] = h
-        return h
-
-
-def _flatten(
-    docs: Sequence[Sequence[str]], vocab: _TokenHashes, normalized: bool = False
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token hashes of every segment of every document, concatenated, and segment lengths
-    (shape docs × segments). Shingles never span two segments."""
-    flat: list[int] = []
-    lengths: list[int] = []
-    get = vocab.__getitem__
-    for segments in docs:
-        for text in segments:
-            toks = _WORD.findall(text if normalized else normalize(text))
-            flat.extend(map(get, toks))
-            lengths.append(len(toks))
-    nseg = len(docs[0]) if docs else 0
-    return np.array(flat, dtype=_U64), np.array(lengths, dtype=np.int64).reshape(len(docs), nseg)
-
-
-def _ngram_keys(th: np.ndarray, seg_len: np.ndarray, n: int, short: bool) -> tuple[np.ndarray, np.ndarray]:
-    """64-bit keys of every word n-gram inside a segment, with the document of each.
-
-    `short=True` gives a segment with fewer than n words (but at least one) one shingle of all
-    its words, so short texts still get a signature.
-    """
-    ndocs, nseg = seg_len.shape
-    lens = seg_len.ravel()
-    seg_doc = np.repeat(np.arange(ndocs), nseg)
-    if n == 1:
-        return th, np.repeat(seg_doc, lens)
-    starts = np.concatenate(([0], np.cumsum(lens)[:-1]))
-    counts = np.maximum(lens - n + 1, 0)
-    pos = np.repeat(starts - np.concatenate(([0], np.cumsum(counts)[:-1])), counts) + np.arange(counts.sum())
-    keys = np.zeros(len(pos), dtype=_U64)
-    for j in range(n):
-        keys = keys * _ROLL + th[pos + j]
-    docs = np.repeat(seg_doc, counts)
-    if short:
-        extra_k, extra_d = [], []
-        for s in np.flatnonzero((lens > 0) & (lens < n)):
-            k = 0  # the same polynomial in Python ints, reduced mod 2^64 like the numpy version
-            for h in th[starts[s] : starts[s] + lens[s]].tolist():
-                k = (k * int(_ROLL) + h) & 0xFFFFFFFFFFFFFFFF
-            extra_k.append(k)
-            extra_d.append(seg_doc[s])
-        if extra_k:
-            keys = np.concatenate([keys, np.array(extra_k, dtype=_U64)])
-            docs = np.concatenate([docs, np.array(extra_d, dtype=np.int64)])
-            order = np.argsort(docs, kind="stable")
-            keys, docs = keys[order], docs[order]
-    return keys, docs
-
-
-def shingle_hash(key: np.ndarray) -> np.ndarray:
-    """32-bit hash of a 64-bit shingle key (what datasketch calls `hashfunc`)."""
-    return ((key >> _U64(32)) ^ key).astype(_U32)
-
-
-def fmix32(h: np.ndarray) -> np.ndarray:
-    """MurmurHash3's 32-bit finaliser (datasketch's pre-mix for the affine32 scheme)."""
-    h = h ^ (h >> _U32(16))
-    h = h * _U32(0x85EBCA6B)
-    h = h ^ (h >> _U32(13))
-    h = h * _U32(0xC2B2AE35)
-    return h ^ (h >> _U32(16))
-
-
-def permutations(num_perm: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(a, b) of datasketch's affine32 permutations for this seed: odd a, any b."""
-    gen = np.random.RandomState(seed)
-    a = gen.randint(0, 1 << 31, num_perm, dtype=_U32) * _U32(2) + _U32(1)
-    b = gen.randint(0, 1 << 32, num_perm, dtype=_U32)
-    return a, b
-
-
-def signatures(keys: np.ndarray, docs: np.ndarray, ndocs: int, num_perm: int) -> tuple[np.ndarray, np.ndarray]:
-    """MinHash signature (ndocs × num_perm, uint32) of each document's shingle keys, and
-    which documents had any shingle."""
-    a, b = permutations(num_perm)
-    sig = np.full((ndocs, num_perm), np.iinfo(_U32).max, dtype=_U32)
-    counts = np.bincount(docs, minlength=ndocs) if len(docs) else np.zeros(ndocs, dtype=np.int64)
-    has = counts > 0
-    h = fmix32(shingle_hash(keys))
-    bounds = np.concatenate(([0], np.cumsum(counts)))
-    # Blocks of whole documents, about _CHUNK shingles each.
-    cuts = np.unique(np.searchsorted(bounds, np.arange(0, len(h), _CHUNK), side="right") - 1)
-    cuts = np.append(cuts[cuts < ndocs], ndocs)
-
-    def block(i: int) -> None:
-        d0, d1 = cuts[i], cuts[i + 1]
-        s0, s1 = bounds[d0], bounds[d1]
-        if s1 == s0:
-            return
-        # permutations × shingles, so the per-document minimum runs along contiguous memory
-        perm = np.multiply.outer(a, h[s0:s1])  # wraps mod 2^32, as the scheme intends
-        perm += b[:, None]
-        live = np.flatnonzero(has[d0:d1]) + d0
-        sig[live] = np.minimum.reduceat(perm, bounds[live] - s0, axis=1).T
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # numpy releases the GIL in these loops
-        list(pool.map(block, range(len(cuts) - 1)))
-    return sig, has
-
-
-def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows) for an LSH at `threshold`, chosen by datasketch's optimiser."""
-    from datasketch import MinHashLSH
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm, weights=_LSH_WEIGHTS)
-    return lsh.b, lsh.r
-
-
-def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
-    """One 64-bit bucket key per (document, band)."""
-    mult = np.random.RandomState(7).randint(1, 1 << 62, size=rows, dtype=np.int64).astype(_U64) | _U64(1)
-    out = np.empty((sig.shape[0], bands), dtype=_U64)
-    for k in range(bands):
-        block = sig[:, k * rows : (k + 1) * rows].astype(_U64)
-        key = (block * mult).sum(axis=1, dtype=_U64)
-        out[:, k] = key ^ (key >> _U64(29))
-    return out
-
-
-def _candidates(keys: np.ndarray, index: np.ndarray, first_new: int) -> dict[int, dict[int, int]]:
-    """For each new document: earlier documents sharing a bucket, with the number of bands shared."""
-    cands: dict[int, dict[int, int]] = defaultdict(dict)
-    for k in range(keys.shape[1]):
-        col = keys[:, k]
-        order = np.argsort(col, kind="stable")  # stable: members of a bucket stay in index order
-        sorted_keys = col[order]
-        edges = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-        starts = np.concatenate(([0], edges))
-        ends = np.concatenate((edges, [len(order)]))
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = index[order[s:e]]
-            for pos in range(1, len(members)):
-                j = int(members[pos])
-                if j < first_new:
-                    continue
-                seen = cands[j]
-                # A huge bucket (one big cluster) is capped: its first members, which are the
-                # likely representatives, and the nearest earlier ones.
-                near = members[max(0, pos - 2 * _MAX_CHECKS) : pos]
-                head = members[: min(pos, 2 * _MAX_CHECKS)]
-                for i in set(near.tolist()) | set(head.tolist()):
-                    seen[i] = seen.get(i, 0) + 1
-    return cands
+from llamaduo.similarity import (
+    MAX_CHECKS,
+    TokenHashes,
+    band_keys,
+    candidates,
+    flatten,
+    lsh_params,
+    ngram_keys,
+    normalize,
+    rouge_l_f1,
+    signatures,
+    words,
+)
 
 
 # ----------------------------------------------------------------------- clean
@@ -250,9 +55,9 @@ class _Docs:
     has: np.ndarray  # documents with at least one shingle
 
     @classmethod
-    def of(cls, examples: list[Example], pairs: list[tuple[str, str]], vocab: _TokenHashes, dc: DedupConfig) -> _Docs:
-        th, seg_len = _flatten(pairs, vocab, normalized=True)
-        keys, owner = _ngram_keys(th, seg_len, dc.shingle, short=True)
+    def of(cls, examples: list[Example], pairs: list[tuple[str, str]], vocab: TokenHashes, dc: DedupConfig) -> _Docs:
+        th, seg_len = flatten(pairs, vocab, normalized=True)
+        keys, owner = ngram_keys(th, seg_len, dc.shingle, short=True)
         sig, has = signatures(keys, owner, len(examples), dc.num_perm)
         return cls(examples, pairs, th, seg_len, sig, has)
 
@@ -296,7 +101,7 @@ def clean(
     if not alive:
         return [], [rejected[i] for i in sorted(rejected)]
 
-    vocab = _TokenHashes()
+    vocab = TokenHashes()
     docs = _Docs.of([new[i] for i in alive], [pairs_new[i] for i in alive], vocab, dc)
     old = _Docs.of(existing, pairs_old, vocab, dc)
 
@@ -330,7 +135,7 @@ def _drop_found(keys: np.ndarray, owners: np.ndarray, others: np.ndarray) -> tup
     return keys[keep], owners[keep]
 
 
-def _contaminated(docs: _Docs, old: _Docs, test: list[Example], dc: DedupConfig, vocab: _TokenHashes) -> dict[int, tuple[str, str]]:
+def _contaminated(docs: _Docs, old: _Docs, test: list[Example], dc: DedupConfig, vocab: TokenHashes) -> dict[int, tuple[str, str]]:
     """Position in `docs` → (test id, why) for each document that leaks a test item."""
     found: dict[int, tuple[str, str]] = {}
     tdocs = _Docs.of(test, _normalized(test), vocab, dc)
@@ -345,13 +150,13 @@ def _contaminated(docs: _Docs, old: _Docs, test: list[Example], dc: DedupConfig,
     # holds are the task's boilerplate (a fixed instruction, a shared passage), not a leak of
     # one test item, so they do not count.
     n = dc.decontam_ngram
-    tkeys, towner = _ngram_keys(tdocs.th, tdocs.seg_len, n, short=False)
+    tkeys, towner = ngram_keys(tdocs.th, tdocs.seg_len, n, short=False)
     if len(tkeys) and old.th.size:
-        tkeys, towner = _drop_found(tkeys, towner, _ngram_keys(old.th, old.seg_len, n, short=False)[0])
+        tkeys, towner = _drop_found(tkeys, towner, ngram_keys(old.th, old.seg_len, n, short=False)[0])
     if len(tkeys):
         order = np.argsort(tkeys)
         tkeys, towner = tkeys[order], towner[order]
-        nkeys, nowner = _ngram_keys(docs.th, docs.seg_len, n, short=False)
+        nkeys, nowner = ngram_keys(docs.th, docs.seg_len, n, short=False)
         at = np.searchsorted(tkeys, nkeys).clip(max=len(tkeys) - 1)
         hit = tkeys[at] == nkeys
         for pos, t in zip(nowner[hit].tolist(), towner[at[hit]].tolist(), strict=True):
@@ -383,7 +188,7 @@ def _near_duplicates(
     duplicate; documents before `first_new` are existing data and never removed."""
     bands, rows = lsh_params(dc.jaccard, dc.num_perm)
     index = np.flatnonzero(has)  # a document without words has no meaningful signature
-    cands = _candidates(band_keys(sig[index], bands, rows), index, first_new)
+    cands = candidates(band_keys(sig[index], bands, rows), index, first_new)
     kept = np.ones(len(docs), dtype=bool)
     tokens: dict[int, list[str]] = {}
 
@@ -395,7 +200,7 @@ def _near_duplicates(
     found = []
     for d in sorted(cands):  # in order, so every earlier document's fate is already known
         shared = cands[d]
-        for c in sorted((c for c in shared if kept[c]), key=lambda c: (-shared[c], c))[:_MAX_CHECKS]:
+        for c in sorted((c for c in shared if kept[c]), key=lambda c: (-shared[c], c))[:MAX_CHECKS]:
             score = rouge_l_f1(toks(d), toks(c))
             if score > dc.rouge_l:
                 kept[d] = False

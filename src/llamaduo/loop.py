@@ -17,8 +17,8 @@ from pydantic import BaseModel
 
 from llamaduo.artifacts import Ledger, RoundRecord, Scores, StageKey
 from llamaduo.config import Config
-from llamaduo.data import PrepareResult
 from llamaduo.errors import UserError
+from llamaduo.prepare import PrepareResult
 from llamaduo.progress import Bar, Display, make_display
 from llamaduo.stages import Run
 from llamaduo.store import RunStore

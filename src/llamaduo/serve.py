@@ -2,16 +2,12 @@
 `GET /health`.
 
 The application keeps its OpenAI client and changes only `base_url`. Concurrent requests
-are batched: an asyncio queue gathers up to `max_batch` requests, groups them by sampling
-parameters, and runs one batched `generate` per group in a single worker thread (the model is
-not shared between threads). Requests that arrive while a batch runs form the next batch; the
-extra `batch_wait_ms` gathering wait applies only under concurrent load, so a lone client
-pays no batching delay. Streaming answers use OpenAI's chunk format
+are batched (`batcher.py`). Streaming answers use OpenAI's chunk format (`chat_api.py`)
 and end with `data: [DONE]`; the text is produced by a batched generate, so it arrives as one
 content chunk after the role chunk.
 
 With a fallback client, a request whose local generation raises or exceeds
-`latency_budget_s` is answered by the service LLM instead (through `service.ServiceClient`),
+`latency_budget_s` is answered by the service LLM instead (`fallback.py`),
 marked with `"llamaduo_fallback": true` in the body and `x-llamaduo-served-by: service`.
 
 GPU route: the merged directory written by `llamaduo deploy` is a plain Hugging Face model
@@ -22,295 +18,33 @@ with its chat template, so vLLM's own OpenAI-compatible server serves it as is:
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llamaduo.batcher import Batcher, Generator, local_generator
+from llamaduo.chat_api import (
+    APIError,
+    ChatRequest,
+    Choice,
+    as_choice,
+    completion_body,
+    parse_chat_request,
+    stream_events,
+)
 from llamaduo.config import Config, InferConfig, ModelConfig, ServeConfig
-from llamaduo.data import Message
 from llamaduo.errors import UserError
+from llamaduo.fallback import from_service as fallback_answer
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
 
 log = logging.getLogger("llamaduo.serve")
-
-# generator(prompts, sampling, seed) -> one output per prompt × sample, in that order; each output
-# has `.text` and optionally `.finish_reason`, `.new_tokens`, `.prompt_tokens`.
-Generator = Callable[[list[tuple[str, list[Message]]], InferConfig, int], Sequence[Any]]
-MAX_N = 16
-
-
-# ------------------------------------------------------------------------ errors
-class APIError(Exception):
-    """An OpenAI-style error answer."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type_
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-# ----------------------------------------------------------------------- requests
-@dataclass
-class ChatRequest:
-    messages: list[Message]
-    sampling: InferConfig
-    seed: int
-    n: int
-    stream: bool
-    include_usage: bool
-
-    @property
-    def group_key(self) -> tuple:
-        s = self.sampling
-        return (s.temperature, s.top_p, s.max_new_tokens, tuple(s.stop), s.num_samples, self.seed)
-
-
-def _content_text(content: Any, i: int) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
-        if len(texts) == len(content) and all(isinstance(t, str) for t in texts):
-            return "".join(texts)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages[{i}].content")
-
-
-def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: float) -> float:
-    v = body.get(name)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-        raise APIError(400, f"{name} must be a number between {lo:g} and {hi:g}", name, "invalid_value")
-    return float(v)
-
-
-def parse_chat_request(raw: bytes, cfg: ServeConfig, defaults: InferConfig) -> ChatRequest:
-    """Validate an OpenAI chat-completions body; raises APIError(400) naming the bad field."""
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        raise APIError(400, "request body is not valid JSON", None, "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object", None, "invalid_json")
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise APIError(400, "'messages' is required: a non-empty list", "messages", "missing_required_parameter")
-    messages = []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object", f"messages[{i}]")
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise APIError(400, f"messages[{i}].role {m.get('role')!r} is not supported", f"messages[{i}].role")
-        messages.append(Message(role=role, content=_content_text(m.get("content"), i)))
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    if max_tokens is None:
-        max_tokens = min(defaults.max_new_tokens, cfg.max_tokens_limit)
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise APIError(400, "max_tokens must be a positive integer", "max_tokens", "invalid_value")
-    if max_tokens > cfg.max_tokens_limit:
-        raise APIError(
-            400, f"max_tokens {max_tokens} is over this server's limit of {cfg.max_tokens_limit}", "max_tokens",
-            "invalid_value",
-        )
-    n = body.get("n")
-    n = 1 if n is None else n
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
-        raise APIError(400, f"n must be an integer between 1 and {MAX_N}", "n", "invalid_value")
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, "stop must be a string or a list of strings", "stop", "invalid_value")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError(400, "seed must be an integer", "seed", "invalid_value")
-    sampling = defaults.model_copy(
-        update={
-            "temperature": _number(body, "temperature", defaults.temperature, 0.0, 2.0),
-            "top_p": _number(body, "top_p", defaults.top_p, 1e-9, 1.0),
-            "max_new_tokens": max_tokens,
-            "num_samples": n,
-            "stop": list(stop) or list(defaults.stop),
-        }
-    )
-    opts = body.get("stream_options")
-    return ChatRequest(
-        messages=messages,
-        sampling=sampling,
-        seed=0 if seed is None else seed,
-        n=n,
-        stream=bool(body.get("stream")),
-        include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
-    )
-
-
-# ------------------------------------------------------------------------ batching
-@dataclass
-class _Job:
-    request: ChatRequest
-    future: asyncio.Future
-    arrived: float
-    abandoned: bool = False
-
-
-@dataclass
-class BatchStats:
-    batches: int = 0
-    requests: int = 0
-    largest: int = 0
-
-
-class Batcher:
-    """Gathers concurrent requests and runs one `generator` call per group of equal sampling params."""
-
-    def __init__(self, generator: Generator, max_batch: int, wait_s: float):
-        self.generator = generator
-        self.max_batch = max_batch
-        self.wait_s = wait_s
-        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
-        self.stats = BatchStats()
-        # One thread: generation is serialised on the model, the event loop stays free.
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llamaduo-generate")
-        self._task: asyncio.Task | None = None
-        self._last_size = 1
-
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._executor.shutdown(wait=False, cancel_futures=True)
-
-    def submit(self, request: ChatRequest) -> _Job:
-        loop = asyncio.get_running_loop()
-        job = _Job(request, loop.create_future(), loop.time())
-        self.queue.put_nowait(job)
-        return job
-
-    async def _gather(self) -> list[_Job]:
-        loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
-        while len(batch) < self.max_batch and not self.queue.empty():
-            batch.append(self.queue.get_nowait())
-        # Wait for company only under concurrent load (the last batch had more than one request):
-        # a lone client is never delayed. The wait counts from the first request's arrival.
-        if self._last_size > 1:
-            deadline = batch[0].arrived + self.wait_s
-            while len(batch) < self.max_batch:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except (asyncio.TimeoutError, TimeoutError):
-                    break
-        self._last_size = len(batch)
-        return batch
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [j for j in await self._gather() if not j.abandoned and not j.future.done()]
-            groups: dict[tuple, list[_Job]] = {}
-            for job in batch:
-                groups.setdefault(job.request.group_key, []).append(job)
-            for jobs in groups.values():
-                jobs = [j for j in jobs if not j.abandoned and not j.future.done()]
-                if not jobs:
-                    continue
-                req = jobs[0].request
-                prompts = [(f"req-{i}", j.request.messages) for i, j in enumerate(jobs)]
-                sampling = req.sampling.model_copy(update={"batch_size": len(jobs)})
-                self.stats.batches += 1
-                self.stats.requests += len(jobs)
-                self.stats.largest = max(self.stats.largest, len(jobs))
-                try:
-                    outs = await loop.run_in_executor(self._executor, self.generator, prompts, sampling, req.seed)
-                    outs = list(outs)
-                    if len(outs) != len(jobs) * req.n:
-                        raise RuntimeError(f"generator returned {len(outs)} outputs for {len(jobs)}×{req.n}")
-                except Exception as e:  # each waiting request decides: fallback or error
-                    for j in jobs:
-                        if not j.future.done() and not j.abandoned:
-                            j.future.set_exception(e)
-                    continue
-                for i, j in enumerate(jobs):
-                    if not j.future.done() and not j.abandoned:
-                        j.future.set_result(outs[i * req.n : (i + 1) * req.n])
-
-
-# ------------------------------------------------------------------------ responses
-@dataclass
-class Choice:
-    text: str
-    finish_reason: str = "stop"
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-
-
-def _choice(out: Any) -> Choice:
-    reason = getattr(out, "finish_reason", None)
-    return Choice(
-        text=str(getattr(out, "text", out)),
-        finish_reason="length" if reason == "length" else "stop",
-        completion_tokens=int(getattr(out, "new_tokens", 0) or getattr(out, "completion_tokens", 0) or 0),
-        prompt_tokens=int(getattr(out, "prompt_tokens", 0) or 0),
-    )
-
-
-def _usage(choices: list[Choice]) -> dict[str, int]:
-    prompt = choices[0].prompt_tokens if choices else 0
-    completion = sum(c.completion_tokens for c in choices)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def completion_body(rid: str, created: int, model: str, choices: list[Choice], fallback: bool) -> dict[str, Any]:
-    return {
-        "id": rid,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-            for i, c in enumerate(choices)
-        ],
-        "usage": _usage(choices),
-        "llamaduo_fallback": fallback,
-    }
-
-
-def stream_events(rid: str, created: int, model: str, choices: list[Choice], fallback: bool, include_usage: bool):
-    """SSE lines in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`."""
-
-    def chunk(choice_list: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": choice_list, "llamaduo_fallback": fallback, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-    for i, c in enumerate(choices):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        if c.text:
-            yield chunk([{"index": i, "delta": {"content": c.text}, "finish_reason": None}])
-        yield chunk([{"index": i, "delta": {}, "finish_reason": c.finish_reason}])
-    if include_usage:
-        yield chunk([], usage=_usage(choices))
-    yield "data: [DONE]\n\n"
 
 
 # ----------------------------------------------------------------------------- app
@@ -388,28 +122,8 @@ def create_app(
         return bytes(buf)
 
     async def from_service(req: ChatRequest, reason: str) -> list[Choice]:
-        log.warning("serving from the service LLM (%s): %s", fallback_model, reason)
         app.state.fallbacks += 1
-        msgs = [m.model_dump() for m in req.messages]
-        try:
-            replies = await asyncio.gather(
-                *[
-                    fallback.chat_text(
-                        msgs, model=fallback_model, temperature=req.sampling.temperature,
-                        max_tokens=req.sampling.max_new_tokens, sample_index=i, stage="serve_fallback",
-                    )
-                    for i in range(req.n)
-                ]
-            )
-            errors = [r.error for r in replies if not r.ok]
-        except Exception as e:  # budget spent, missing key, ...
-            errors = [f"{type(e).__name__}: {e}"]
-        if errors:
-            raise APIError(502, f"local model failed ({reason}) and the service LLM failed: {errors[0]}",
-                           None, "fallback_failed", "server_error")
-        return [
-            Choice(text=r.raw or "", completion_tokens=r.output_tokens, prompt_tokens=r.input_tokens) for r in replies
-        ]
+        return await fallback_answer(fallback, fallback_model, req, reason)
 
     async def answer(req: ChatRequest) -> tuple[list[Choice], bool]:
         job = batcher.submit(req)
@@ -419,7 +133,7 @@ def create_app(
                 outs = await job.future
             else:
                 outs = await asyncio.wait_for(asyncio.shield(job.future), budget)
-            return [_choice(o) for o in outs], False
+            return [as_choice(o) for o in outs], False
         except (asyncio.TimeoutError, TimeoutError):
             job.abandoned = True  # a batch not yet started skips it; a running one's answer is dropped
             return await from_service(req, f"local generation over the {budget:g}s latency budget"), True
@@ -474,27 +188,6 @@ def create_app(
 
 
 # ------------------------------------------------------------------ local model
-def local_generator(model: Any, tokenizer: Any) -> Generator:
-    """`generate` over a loaded model, as the server's generator (adds prompt token counts)."""
-    from llamaduo import infer, models
-
-    def run(prompts: list[tuple[str, list[Message]]], sampling: InferConfig, seed: int) -> list[Choice]:
-        outs = infer.generate(model, tokenizer, prompts, sampling, seed=seed)
-        lengths = [len(models.encode_prompt(tokenizer, m)) for _, m in prompts]
-        k = sampling.num_samples
-        return [
-            Choice(
-                text=o.text,
-                finish_reason=o.finish_reason or "stop",
-                completion_tokens=int(o.new_tokens or 0),
-                prompt_tokens=lengths[i // k],
-            )
-            for i, o in enumerate(outs)
-        ]
-
-    return run
-
-
 def resolve_model_dir(model_or_run_dir: Path) -> tuple[Path, str]:
     """(model directory, served model name) for a run directory or a merged model directory."""
     from llamaduo.store import RunStore

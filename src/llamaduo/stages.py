@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 from llamaduo.artifacts import Scores, StageKey
 from llamaduo.config import Config, dump_config
-from llamaduo.data import Example, PrepareResult, load_examples
+from llamaduo.data import Example, load_examples
 from llamaduo.engine import Decision, Engine, Outcome
 from llamaduo.errors import UserError
 from llamaduo.hashing import hash_dir, hash_file
+from llamaduo.prepare import PrepareResult
 from llamaduo.progress import Display, make_display
 from llamaduo.reporting import BarFactory, bar_for
 from llamaduo.store import RunStore, atomic_write_text
@@ -108,7 +109,7 @@ class Run:
 
     def prepare(self, force: bool = False) -> tuple[str, PrepareResult | None]:
         """Validate and split the coverage data (skipped when done with the same inputs, unless `force`)."""
-        from llamaduo import data
+        from llamaduo import prepare as prepare_mod
 
         cfg, store = self.cfg, self.store
         key = StageKey(name="prepare")
@@ -123,7 +124,7 @@ class Run:
         result: list[PrepareResult] = []
 
         def work(_: Decision) -> Outcome:
-            res = data.prepare(cfg, store)
+            res = prepare_mod.prepare(cfg, store)
             for w in res.warnings:
                 self.display({"event": "warning", "message": w})
             result.append(res)

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from llamaduo import prompts
 from llamaduo.config import Config
 from llamaduo.data import Example, Lineage, make_example
-from llamaduo.dedup import normalize
 from llamaduo.errors import UserError
 from llamaduo.reporting import BarFactory, bar_for
+from llamaduo.similarity import normalize
 
 if TYPE_CHECKING:
     from llamaduo.service import Client

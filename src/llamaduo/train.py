@@ -2,19 +2,16 @@
 
 Examples are tokenized here with `models.encode_prompt` (the same function inference uses)
 and handed to TRL's `SFTTrainer` already tokenized, with a completion mask, so the loss
-covers only what the model must learn to say. Runs unchanged under `accelerate launch`:
-the Trainer shards the data and only the main process writes the adapter.
+(`train_loss.py`) covers only what the model must learn to say. Runs unchanged under
+`accelerate launch`: the Trainer shards the data and only the main process writes the adapter.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import shutil
 import time
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +20,8 @@ from pydantic import BaseModel
 from llamaduo.config import Config
 from llamaduo.data import Example
 from llamaduo.errors import UserError
+from llamaduo.train_loss import completion_loss_trainer
+from llamaduo.train_progress import quiet_libraries, rich_progress
 
 
 class TrainError(UserError):
@@ -132,7 +131,7 @@ def train(
             raise TrainError("QLoRA needs bitsandbytes: pip install bitsandbytes (or use train.method=lora)") from None
     if not examples:
         raise TrainError("no training examples")
-    with _quiet_libraries():
+    with quiet_libraries():
         return _train(cfg, examples, Path(out_dir), init_adapter, model, tokenizer, progress, callbacks or [])
 
 
@@ -231,13 +230,13 @@ def _train(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = _completion_loss_trainer(SFTTrainer)(
+    trainer = completion_loss_trainer(SFTTrainer)(
         model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds, processing_class=tokenizer,
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)
     if progress:
-        trainer.add_callback(_rich_progress())
+        trainer.add_callback(rich_progress())
     resume = _last_checkpoint(ckpt_dir)
     t0 = time.monotonic()
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -276,62 +275,6 @@ def _train(
         bf16=bool(args.bf16),
         padding_free=padding_free,
     )
-
-
-def completion_loss(model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[Any, Any]:
-    """Mean cross-entropy over the completion tokens of a padded or padding-free batch.
-
-    The LM head is most of the compute of a small model with a large vocabulary (Gemma 3 270M:
-    262k words × 640 dims, more than its 18 layers per token), so it runs only at positions
-    whose next token is in the loss: `logits_to_keep` trims the columns no row needs, and a
-    pre-hook on the head keeps exactly the rows' completion positions. The model's own forward
-    runs throughout (DDP/FSDP wrappers, soft-capping and scaling included), and the loss is
-    the same as over all positions. `inputs` is a collator's batch with `labels` (-100 = not in the loss).
-    """
-    import torch
-    from torch.nn import functional as F
-
-    inputs = dict(inputs)
-    labels = inputs.pop("labels")
-    targets = labels[:, 1:]
-    # Columns where some row predicts a completion token, then the exact (row, column) pairs.
-    keep = (targets != -100).any(dim=0).nonzero().flatten()
-    if keep.numel() == 0:
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # no completion token: a zero loss
-    targets = targets[:, keep]
-    picked = targets != -100
-    if not picked.any():
-        picked[0, 0] = True  # one position, masked by its -100 target, keeps the graph connected
-    head = getattr(model, "module", model).get_output_embeddings()
-
-    def only_completion_positions(module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        return (args[0][picked.to(args[0].device)].unsqueeze(0), *args[1:])
-
-    hook = head.register_forward_pre_hook(only_completion_positions)
-    try:
-        outputs = model(**inputs, use_cache=False, logits_to_keep=keep)
-    finally:
-        hook.remove()
-    logits = outputs.logits[0]
-    outputs.logits = None  # [positions, vocab] is large; the loss below holds what backward needs
-    total = F.cross_entropy(logits.float(), targets[picked].to(logits.device), ignore_index=-100, reduction="sum")
-    count = picked.sum() if num_items_in_batch is None else num_items_in_batch
-    return total / torch.as_tensor(count, device=total.device).clamp(min=1), outputs
-
-
-def _completion_loss_trainer(base: type) -> type:
-    """`SFTTrainer` with `completion_loss`: TRL scores every position off CUDA and adds entropy
-    and accuracy metrics over the full vocabulary each step, which dominates a small model's time."""
-
-    class CompletionLossTrainer(base):  # type: ignore[misc, valid-type]
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[no-untyped-def]
-            loss, outputs = completion_loss(model, inputs, num_items_in_batch)
-            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
-                # `num_items_in_batch` counts every rank's tokens and DDP averages the gradients.
-                loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
-
-    return CompletionLossTrainer
 
 
 def _attach_lora(model: Any, cfg: Config, r: int, alpha: int, init_adapter: Path | None) -> Any:
@@ -382,61 +325,3 @@ def _portable_adapter_config(adapter_dir: Path) -> None:
     if base and Path(base).is_absolute():
         conf["base_model_name_or_path"] = Path(base).name  # the loader is always given the base explicitly
     path.write_text(json.dumps(conf, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
-    """Silence the dataset-map and weight-loading bars (and library-internal deprecations) while training."""
-    import datasets
-    from transformers.utils import logging as hf_logging
-
-    ds_on, hf_on = datasets.is_progress_bar_enabled(), hf_logging.is_progress_bar_enabled()
-    datasets.disable_progress_bars()
-    hf_logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # Raised inside the libraries for their own calls; nothing a user can act on.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            yield
-    finally:
-        if ds_on:
-            datasets.enable_progress_bars()
-        if hf_on:
-            hf_logging.enable_progress_bar()
-
-
-def _rich_progress() -> Any:
-    """A one-line rich bar (steps, rate, loss) instead of the Trainer's per-step log dicts."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-    from transformers import TrainerCallback
-
-    from llamaduo.progress import RateColumn
-
-    class RichProgress(TrainerCallback):
-        def __init__(self) -> None:
-            self.bar: Progress | None = None
-            self.task: Any = None
-
-        def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if state.is_world_process_zero:
-                self.bar = Progress(
-                    TextColumn("training {task.description}"), BarColumn(), MofNCompleteColumn(),
-                    RateColumn("steps"), TimeRemainingColumn(), transient=True,
-                )
-                self.bar.start()
-                self.task = self.bar.add_task("", total=state.max_steps, completed=state.global_step)
-
-        def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if self.bar is not None:
-                self.bar.update(self.task, completed=state.global_step)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
-            if self.bar is not None and logs and "loss" in logs:
-                self.bar.update(self.task, description=f"loss {float(logs['loss']):.3f}")
-
-        def on_train_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
-            if self.bar is not None:
-                self.bar.stop()
-                self.bar = None
-
-    return RichProgress()

@@ -1,0 +1,94 @@
+"""accept: judge what an endpoint serves like a round, and compare it with the best round."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamaduo.config import Config
+from llamaduo.data import make_example
+from llamaduo.store import RunStore, write_json, write_jsonl
+
+
+def accept_run(root: Path) -> tuple[Config, RunStore, dict[str, str]]:
+    """A run whose best round answered every test prompt with its reference, judged by token overlap."""
+    cfg = Config(
+        name="accept-run", runs_dir=root, seed=3,
+        infer={"num_samples": 2, "temperature": 0.0, "max_new_tokens": 16},
+        judge={"judgments_per_candidate": 2, "temperature": 0.0},
+    )
+    store = RunStore(cfg.run_dir)
+    test = [make_example(f"Order {n} {item}", f'{{"item": "{item}", "quantity": {n}}}') for n, item in
+            [(2, "mugs"), (3, "lamps"), (5, "cases"), (7, "pens"), (4, "cups"), (6, "mats")]]
+    write_jsonl(store.test_path, test)
+    store.init_manifest(cfg.seed)
+    store.update_manifest(best_round=0)
+    return cfg, store, {e.prompt: e.response for e in test}
+
+
+def judge_round(cfg: Config, store: RunStore, client, answers: dict[str, str]) -> None:
+    from llamaduo import judge as judge_mod
+    from llamaduo.data import load_examples
+    from llamaduo.store import read_jsonl
+
+    test = load_examples(store.test_path)
+    preds = [{"prompt_id": e.id, "sample_index": k, "text": answers[e.prompt]} for e in test for k in range(2)]
+    write_jsonl(store.predictions_path(0), preds)
+    judgments = judge_mod.judge_predictions(cfg, client, test, read_jsonl(store.predictions_path(0)), round=0)
+    write_jsonl(store.judgments_path(0), judgments)
+    write_json(store.scores_path(0), judge_mod.compute_scores(judgments, len(preds), test=test).model_dump(mode="json"))
+
+
+def student(answers: dict[str, str]):
+    """A server-side generator that answers each prompt from a table (K copies per prompt)."""
+
+    def gen(prompts, sampling, seed):
+        return [type("Out", (), {"text": answers.get(m[-1].content, "no idea")})()
+                for _, m in prompts for _ in range(sampling.num_samples)]
+
+    return gen
+
+
+@pytest.fixture
+def judge_service(tmp_path):
+    from llamaduo.demo.simulator import SimulatedService
+    from llamaduo.service import ServiceClient
+    from tests.conftest import overlap_judge, service_config
+
+    with SimulatedService(overlap_judge) as svc:
+        client = ServiceClient(service_config(svc), db_path=tmp_path / "service.sqlite")
+        yield client
+        client.close()
+
+
+def test_accept_of_a_faithful_server_matches_the_best_round(tmp_path, judge_service):
+    from llamaduo.accept import accept
+    from llamaduo.config import ServeConfig
+    from llamaduo.serve import BackgroundServer, create_app
+
+    cfg, store, answers = accept_run(tmp_path)
+    judge_round(cfg, store, judge_service, answers)
+    with BackgroundServer(create_app(student(answers), ServeConfig(), "accept-run")) as srv:
+        res = accept(cfg, store, srv.base_url, judge_service)
+    assert res.model == "accept-run" and res.round == 0 and res.prompts == 6 and res.candidates == 12
+    assert res.served_value == res.round_value and res.difference == 0.0 and res.ci_low <= 0 <= res.ci_high
+    for name in ("predictions.jsonl", "judgments.jsonl", "scores.json", "comparison.json"):
+        assert (store.accept_dir / name).exists(), name
+    assert len((store.accept_dir / "judgments.jsonl").read_text().splitlines()) == 12 * 2
+
+
+def test_accept_catches_a_served_model_that_lost_quality(tmp_path, judge_service):
+    from llamaduo.accept import accept
+    from llamaduo.demo.simulator import SimulatedService
+
+    cfg, store, answers = accept_run(tmp_path)
+    judge_round(cfg, store, judge_service, answers)
+    # A third-party server that ignores `n` and answers badly for two prompts in three.
+    degraded = {p: (a if i % 3 == 0 else "sorry") for i, (p, a) in enumerate(answers.items())}
+    with SimulatedService(lambda req: degraded[req["messages"][-1]["content"]]) as endpoint:
+        res = accept(cfg, store, endpoint.base_url, judge_service, model="served")
+        calls = endpoint.count
+    assert calls == 6 * 2  # one choice per call, so K calls per prompt
+    assert res.served_value < res.round_value and res.difference < 0 and res.ci_high < 0
+    assert "scores LOWER than the round" in res.summary()
