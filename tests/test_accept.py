@@ -8,7 +8,7 @@ import pytest
 
 from llamaduo.config import Config
 from llamaduo.data import make_example
-from llamaduo.store import RunStore, write_json, write_jsonl
+from llamaduo.store import RunStore, write_jsonl
 
 
 def accept_run(root: Path) -> tuple[Config, RunStore, dict[str, str]]:
@@ -28,16 +28,13 @@ def accept_run(root: Path) -> tuple[Config, RunStore, dict[str, str]]:
 
 
 def judge_round(cfg: Config, store: RunStore, client, answers: dict[str, str]) -> None:
-    from llamaduo import judge as judge_mod
+    from llamaduo.artifacts import Completion
     from llamaduo.data import load_examples
-    from llamaduo.store import read_jsonl
+    from llamaduo.evaluate import evaluate
 
     test = load_examples(store.test_path)
-    preds = [{"prompt_id": e.id, "sample_index": k, "text": answers[e.prompt]} for e in test for k in range(2)]
-    write_jsonl(store.predictions_path(0), preds)
-    judgments = judge_mod.judge_predictions(cfg, client, test, read_jsonl(store.predictions_path(0)), round=0)
-    write_jsonl(store.judgments_path(0), judgments)
-    write_json(store.scores_path(0), judge_mod.compute_scores(judgments, len(preds), test=test).model_dump(mode="json"))
+    preds = [Completion(prompt_id=e.id, sample_index=k, text=answers[e.prompt]) for e in test for k in range(2)]
+    evaluate(cfg, client, store, 0, test, preds)
 
 
 def student(answers: dict[str, str]):
@@ -75,7 +72,8 @@ def test_accept_of_a_faithful_server_matches_the_best_round(tmp_path, judge_serv
     assert res.served_value == res.round_value and res.difference == 0.0 and res.ci_low <= 0 <= res.ci_high
     for name in ("predictions.jsonl", "judgments.jsonl", "scores.json", "comparison.json"):
         assert (store.accept_dir / name).exists(), name
-    assert len((store.accept_dir / "judgments.jsonl").read_text().splitlines()) == 12 * 2
+    # Its K answers to one prompt are identical (greedy): each prompt's answer is judged once, M times.
+    assert len((store.accept_dir / "judgments.jsonl").read_text().splitlines()) == 6 * 2
 
 
 def test_accept_catches_a_served_model_that_lost_quality(tmp_path, judge_service):

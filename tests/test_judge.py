@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo import judge
+from llamaduo import artifacts, judge, scoring
 from llamaduo.config import Config, PassRule
 from llamaduo.data import Message, make_example
 from llamaduo.errors import UserError
@@ -30,7 +30,7 @@ def check_golden(name: str, messages: list[dict[str, str]]) -> None:
 
 
 def row(pid, k, j, sim, prec, ok=True, model="judge-a"):
-    return judge.Judgment(prompt_id=pid, sample_index=k, judge_index=j, ok=ok, similarity=sim if ok else None,
+    return artifacts.Judgment(prompt_id=pid, sample_index=k, judge_index=j, ok=ok, similarity=sim if ok else None,
                           precision=prec if ok else None, error=None if ok else "invalid JSON", judge_model=model)
 
 
@@ -93,7 +93,7 @@ def test_statistics_equal_hand_computed_values():
         row("p2", 0, 0, 30, 20), row("p2", 0, 1, 0, 0, ok=False),  # 30 / 20 (the failure is not a zero)
         row("p2", 1, 0, 80, 90), row("p2", 1, 1, 90, 100),  # 85 / 95
     ]
-    s = judge.compute_scores(rows, 4)
+    s = scoring.compute_scores(rows, 4)
     assert (s.similarity.mean, s.similarity.median) == (58.75, 60.0)
     assert s.similarity.get("coverage@50") == 75.0  # 50 (exactly) , 70 and 85
     assert s.similarity.get("coverage@70") == 50.0  # 70 (exactly) and 85
@@ -102,32 +102,32 @@ def test_statistics_equal_hand_computed_values():
                                      "judgments": 8, "failed": 1}
     lo, hi = s.similarity.ci
     assert 30 <= lo < 58.75 < hi <= 85
-    assert judge.compute_scores(rows, 4).similarity.ci == [lo, hi]  # seeded
+    assert scoring.compute_scores(rows, 4).similarity.ci == [lo, hi]  # seeded
     dumped = s.model_dump(mode="json")
     assert dumped["precision"]["coverage@50"] == 75.0 and "coverage_50" not in dumped["precision"]
-    assert judge.Scores.model_validate(json.loads(json.dumps(dumped))) == s
+    assert artifacts.Scores.model_validate(json.loads(json.dumps(dumped))) == s
     assert any("1 of 8 judgments failed" in w for w in s.warnings)
 
 
 def test_candidates_without_a_valid_judgment_are_counted_not_scored():
     rows = [row("p1", 0, 0, 80, 80), row("p1", 1, 0, 0, 0, ok=False), row("p1", 1, 1, 0, 0, ok=False)]
-    s = judge.compute_scores(rows, 3)
+    s = scoring.compute_scores(rows, 3)
     assert s.precision.mean == 80.0 and s.precision.n == 1
     assert (s.counts.judged, s.counts.unjudged, s.counts.missing, s.counts.failed) == (1, 1, 1, 2)
     assert any("1 of 3 candidates have no valid judgment" in w for w in s.warnings)
     assert any("1 of 3 candidates were not judged" in w for w in s.warnings)
-    empty = judge.compute_scores([], 2)
+    empty = scoring.compute_scores([], 2)
     assert empty.precision.mean is None and empty.counts.missing == 2
 
 
 def test_bootstrap_ci_collapses_for_identical_scores():
-    assert judge.bootstrap_ci([64.0] * 9) == [64.0, 64.0]
+    assert scoring.bootstrap_ci([64.0] * 9) == [64.0, 64.0]
 
 
 def test_per_category_means_use_the_test_categories():
     test = [make_example("a", "a", category="Summarize"), make_example("b", "b", category="Extract")]
     rows = [row(test[0].id, 0, 0, 40, 50), row(test[0].id, 1, 0, 60, 70), row(test[1].id, 0, 0, 90, 80)]
-    s = judge.compute_scores(rows, 3, test=test)
+    s = scoring.compute_scores(rows, 3, test=test)
     assert s.per_category == {
         "Extract": {"similarity": 90.0, "precision": 80.0, "candidates": 1},
         "Summarize": {"similarity": 50.0, "precision": 60.0, "candidates": 2},
@@ -135,28 +135,28 @@ def test_per_category_means_use_the_test_categories():
 
 
 # --------------------------------------------------------------------- pass rule
-def scores_with(mean_precision: float) -> judge.Scores:
-    return judge.Scores(precision=judge.MetricStats(n=1, mean=mean_precision, median=mean_precision, coverage_50=100.0, coverage_70=0.0))
+def scores_with(mean_precision: float) -> artifacts.Scores:
+    return artifacts.Scores(precision=artifacts.MetricStats(n=1, mean=mean_precision, median=mean_precision, coverage_50=100.0, coverage_70=0.0))
 
 
 def test_absolute_pass_rule_compares_the_statistic_with_the_threshold():
-    d = judge.evaluate_pass(scores_with(70.0), PassRule(metric="precision", statistic="mean", threshold=70))
+    d = scoring.evaluate_pass(scores_with(70.0), PassRule(metric="precision", statistic="mean", threshold=70))
     assert d.passed and d.value == 70.0 and d.target == 70 and d.relative is None
-    d = judge.evaluate_pass(scores_with(69.99), PassRule(threshold=70))
+    d = scoring.evaluate_pass(scores_with(69.99), PassRule(threshold=70))
     assert not d.passed and "69.99 < 70" in d.reason
-    d = judge.evaluate_pass(scores_with(10.0), PassRule(statistic="coverage@50", threshold=100))
+    d = scoring.evaluate_pass(scores_with(10.0), PassRule(statistic="coverage@50", threshold=100))
     assert d.passed and d.value == 100.0
-    assert not judge.evaluate_pass(judge.Scores(), PassRule()).passed
+    assert not scoring.evaluate_pass(artifacts.Scores(), PassRule()).passed
 
 
 def test_relative_pass_rule_is_local_over_service_performance_matching():
     rule = PassRule(metric="precision", statistic="mean", relative_to_service=0.95)
-    d = judge.evaluate_pass(scores_with(66.5), rule, baseline=scores_with(70.0))
+    d = scoring.evaluate_pass(scores_with(66.5), rule, baseline=scores_with(70.0))
     assert d.passed and d.relative == pytest.approx(0.95) and d.target == pytest.approx(66.5)
-    d = judge.evaluate_pass(scores_with(63.0), rule, baseline=scores_with(70.0))
+    d = scoring.evaluate_pass(scores_with(63.0), rule, baseline=scores_with(70.0))
     assert not d.passed and d.relative == pytest.approx(0.9) and "90.0% of the service's 70.00" in d.reason
     with pytest.raises(UserError, match="no service-baseline scores"):
-        judge.evaluate_pass(scores_with(63.0), rule, baseline=None)
+        scoring.evaluate_pass(scores_with(63.0), rule, baseline=None)
 
 
 # ------------------------------------------------- through the client and a fake judge
@@ -187,7 +187,7 @@ def test_a_judge_round_scores_each_candidate_from_the_reference_inside_the_delim
     assert sorted(r.judge_index for r in rows) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     body = fake_service.requests[0]["body"]
     assert body["model"] == "fake-model" and body["temperature"] == 0.7
-    s = judge.compute_scores(rows, len(preds), test=TEST)
+    s = scoring.compute_scores(rows, len(preds), test=TEST)
     assert s.similarity.mean == pytest.approx((100 + 50 + 1) / 3, abs=1e-4)
     assert s.similarity.coverage_50 == pytest.approx(200 / 3, abs=1e-4)
     assert s.per_category["QA"]["similarity"] == 75.0
@@ -210,7 +210,7 @@ def test_prose_scores_without_json_are_retried_then_recorded_as_failed(fake_serv
     assert len(bad) == 3 and not any(r.ok for r in bad)
     assert all(r.similarity is None and "JudgeReply" in r.error and r.raw.startswith("similarity: 100") for r in bad)
     assert fake_service.count == 3 + 3 * 2  # each bad judgment was asked again once (json_retries=1)
-    s = judge.compute_scores(rows, 2, test=TEST)
+    s = scoring.compute_scores(rows, 2, test=TEST)
     assert s.counts.failed == 3 and s.counts.unjudged == 1 and s.precision.mean == 100.0 and s.precision.n == 1
 
 
@@ -232,7 +232,7 @@ def test_a_panel_of_two_judges_reports_their_agreement(fake_service):
     rows = judge.judge_predictions(cfg, ServiceClient(cfg.service), TEST, preds, round=0)
     assert fake_service.count == 3 * 2 * 2
     assert sorted({r.judge_model for r in rows}) == ["judge-a", "judge-b"]
-    s = judge.compute_scores(rows, 3, test=TEST)
+    s = scoring.compute_scores(rows, 3, test=TEST)
     assert s.judge_models == ["judge-a", "judge-b"]
     assert s.similarity.mean == pytest.approx((95 + 45 + 73) / 3, abs=1e-4)  # mean over both judges
     [agree] = [a for a in s.agreement if a.metric == "similarity"]
@@ -241,10 +241,10 @@ def test_a_panel_of_two_judges_reports_their_agreement(fake_service):
 
 
 def test_judge_equal_to_generator_is_flagged():
-    same = judge.compute_scores([row("p", 0, 0, 50, 50, model="gpt-4o")], 1, cfg=Config(service={"model": "gpt-4o"}))
+    same = scoring.compute_scores([row("p", 0, 0, 50, 50, model="gpt-4o")], 1, cfg=Config(service={"model": "gpt-4o"}))
     assert any("judge model is the same as the generator" in w for w in same.warnings)
     other = Config(service={"model": "gpt-4o"}, judge={"model": "claude-sonnet-4-5"})
-    fine = judge.compute_scores([row("p", 0, 0, 50, 50, model="claude-sonnet-4-5")], 1, cfg=other)
+    fine = scoring.compute_scores([row("p", 0, 0, 50, 50, model="claude-sonnet-4-5")], 1, cfg=other)
     assert not any("generator" in w for w in fine.warnings)
 
 
@@ -267,8 +267,8 @@ def test_service_baseline_answers_k_times_and_failed_answers_are_recorded_unjudg
     assert sent == sorted(json.dumps([{"role": "user", "content": TEST[i // 2].prompt}]) for i in range(4))
     preds[3] = preds[3].model_copy(update={"ok": False, "text": "", "error": "http_500"})
     rows = judge.judge_predictions(cfg, client, TEST, preds, round=None, stage="baseline")
-    dup, cut = judge.candidate_facts(preds)
-    s = judge.compute_scores(rows, len(preds), test=TEST, duplicates=dup, length_cut=cut)
+    dup, cut = scoring.candidate_facts(preds)
+    s = scoring.compute_scores(rows, len(preds), test=TEST, duplicates=dup, length_cut=cut)
     # The service said the same thing twice for the first prompt: judged and counted once.
     assert dup == 1 and s.counts.duplicates == 1 and s.counts.missing == 0
     assert s.counts.unjudged == 1 and s.counts.judged == 2 and s.precision.get("median") == 75.0  # 100 and 50
@@ -283,7 +283,7 @@ def test_max_test_prompts_judges_a_category_balanced_subset(fake_service):
     preds = [{"prompt_id": e.id, "sample_index": 0, "text": e.response} for e in test]
     rows = judge.judge_predictions(cfg, ServiceClient(cfg.service), test, preds, round=0)
     assert len(rows) == 4
-    s = judge.compute_scores(rows, len(preds), test=test)
+    s = scoring.compute_scores(rows, len(preds), test=test)
     assert s.counts.missing == 4 and any("max_test_prompts" in w for w in s.warnings)
     with pytest.raises(UserError, match="'nope' .* not in the test split"):
         judge.judge_predictions(cfg, ServiceClient(cfg.service), test, [{"prompt_id": "nope", "sample_index": 0, "text": "x"}], round=0)
@@ -300,8 +300,8 @@ def test_identical_candidates_of_a_prompt_are_judged_once_and_cuts_are_counted(f
     ]
     rows = judge.judge_predictions(cfg, ServiceClient(cfg.service), TEST, preds, round=0)
     assert len(fake_service.requests) == 3 and len(rows) == 3
-    dup, cut = judge.candidate_facts(preds)
-    s = judge.compute_scores(rows, len(preds), duplicates=dup, length_cut=cut)
+    dup, cut = scoring.candidate_facts(preds)
+    s = scoring.compute_scores(rows, len(preds), duplicates=dup, length_cut=cut)
     assert (s.counts.duplicates, s.counts.length_cut, s.counts.missing, s.counts.judged) == (1, 1, 0, 3)
     assert any("cut off by infer.max_new_tokens" in w for w in s.warnings)
 
@@ -315,13 +315,13 @@ def test_the_ci_resamples_prompts_not_candidates():
     per_prompt = rng.uniform(10, 90, size=20)
     values = [float(v) for v in per_prompt for _ in range(4)]
     groups = [f"p{i}" for i in range(20) for _ in range(4)]
-    lo, hi = judge.bootstrap_ci(values, groups)
+    lo, hi = scoring.bootstrap_ci(values, groups)
     # Reference computation: the same resampling written out directly over prompt means.
-    ref_rng = np.random.default_rng(judge.BOOTSTRAP_SEED)
-    idx = ref_rng.integers(0, 20, size=(judge.BOOTSTRAP_RESAMPLES, 20))
+    ref_rng = np.random.default_rng(scoring.BOOTSTRAP_SEED)
+    idx = ref_rng.integers(0, 20, size=(scoring.BOOTSTRAP_RESAMPLES, 20))
     by_name = per_prompt[sorted(range(20), key=lambda i: f"p{i}")]  # prompts in the order of their ids
     means = by_name[idx].mean(axis=1)
     ref_lo, ref_hi = np.percentile(means, [2.5, 97.5])
     assert (lo, hi) == (round(float(ref_lo), 4), round(float(ref_hi), 4))
-    naive_lo, naive_hi = judge.bootstrap_ci(values)
+    naive_lo, naive_hi = scoring.bootstrap_ci(values)
     assert (hi - lo) > 1.7 * (naive_hi - naive_lo)

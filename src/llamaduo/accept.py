@@ -21,6 +21,7 @@ from llamaduo.data import Example, load_examples
 from llamaduo.deploy import pick_round
 from llamaduo.errors import UserError
 from llamaduo.evaluate import evaluate
+from llamaduo.scoring import evaluate_pass
 from llamaduo.store import RunStore, write_json
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ class AcceptResult(BaseModel):
 
 def candidate_scores(judgments: list[Judgment], metric: str) -> dict[str, list[float]]:
     """Per prompt: each candidate's mean score over its successful judgments."""
-    from llamaduo.judge import candidate_means
+    from llamaduo.scoring import candidate_means
 
     out: dict[str, list[float]] = {}
     for (pid, _), v in sorted(candidate_means(judgments)[metric].items()):
@@ -173,7 +174,7 @@ def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model
     diff, lo, hi = paired_bootstrap(served, ref, rule.statistic, cfg.seed)
     pids = sorted(set(served) & set(ref))
     baseline = store.read_scores("baseline") if store.scores_path("baseline").exists() else None
-    passed = bool(judge_mod.evaluate_pass(ev.scores, rule, baseline).passed)
+    passed = bool(evaluate_pass(ev.scores, rule, baseline).passed)
     result = AcceptResult(
         endpoint=endpoint,
         model=model,

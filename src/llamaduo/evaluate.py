@@ -29,6 +29,7 @@ def evaluate(
 ) -> Evaluation:
     """Judge `predictions` (written first when given; else the target's predictions on disk)."""
     from llamaduo import judge as judge_mod
+    from llamaduo import scoring
 
     if predictions is not None:
         store.write_predictions(target, predictions)
@@ -36,8 +37,8 @@ def evaluate(
     r = target if isinstance(target, int) else None
     stage = "judge" if r is not None else str(target)
     judgments = judge_mod.judge_predictions(cfg, client, test, rows, round=r, stage=stage, bars=bars)
-    duplicates, length_cut = judge_mod.candidate_facts(rows)
-    scores = judge_mod.compute_scores(
+    duplicates, length_cut = scoring.candidate_facts(rows)
+    scores = scoring.compute_scores(
         judgments, len(rows), test=test, cfg=cfg, duplicates=duplicates, length_cut=length_cut
     )
     store.write_judgments(target, judgments)

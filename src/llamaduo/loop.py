@@ -36,9 +36,9 @@ class LoopResult(BaseModel):
 
 
 def decide(cfg: Config, scores: Scores, baseline: Scores | None):
-    from llamaduo import judge as judge_mod
+    from llamaduo.scoring import evaluate_pass
 
-    return judge_mod.evaluate_pass(scores, cfg.judge.pass_rule, baseline)
+    return evaluate_pass(scores, cfg.judge.pass_rule, baseline)
 
 
 def judge_failed(cfg: Config, scores: Scores) -> str | None:
