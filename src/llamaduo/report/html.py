@@ -1,4 +1,8 @@
-"""The run report as HTML (self-contained: inline CSS and SVG, no scripts) and as Markdown."""
+"""The run report as one HTML page: self-contained (inline CSS and SVG), no scripts.
+
+Model output and judge reasons are untrusted text: every value goes through `_e` (HTML
+escaping), and the page's Content-Security-Policy forbids scripts altogether.
+"""
 
 from __future__ import annotations
 
@@ -7,48 +11,27 @@ from html import escape
 from typing import Any
 
 from llamaduo import cost as cost_mod
-from llamaduo.report import METRICS, STAGE_COLORS, STATS, TEXT_LIMIT, ReportView, RoundView, fmt, number
-from llamaduo.report_charts import data_stacks, svg_histogram, svg_rounds, svg_stacked
+from llamaduo.artifacts import METRICS
+from llamaduo.report.charts import data_stacks, svg_histogram, svg_rounds, svg_stacked
+from llamaduo.report.views import (
+    AGREEMENT_HEAD,
+    JUDGING_HEAD,
+    STAGE_COLORS,
+    STATS,
+    ReportView,
+    agreement_rows,
+    ci_text,
+    clip,
+    count_text,
+    fmt,
+    fmt_usd,
+    judging_rows,
+    passed_text,
+    rule_text,
+    simulated_text,
+    stat_text,
+)
 
-
-# ------------------------------------------------------------------ formatting
-def fmt_usd(v: float | None) -> str:
-    if v is None:
-        return "n/a"
-    return f"${v:,.4f}" if abs(v) < 1 else f"${v:,.2f}"
-
-
-def _stat_text(stats: dict[str, float | None], stat: str) -> str:
-    return fmt(stats.get(stat), 1, "%" if stat.startswith("coverage") else "")
-
-
-def _ci_text(stats: dict[str, float | None]) -> str:
-    lo, hi = stats.get("ci_low"), stats.get("ci_high")
-    return "" if lo is None or hi is None else f"[{lo:.1f}, {hi:.1f}]"
-
-
-def _rule_text(view: ReportView) -> str:
-    what = f"{view.metric} {view.statistic}"
-    if view.relative_to_service is not None:  # the target is then ratio × the service's own statistic
-        return f"{what} ≥ {view.relative_to_service:.0%} of the service LLM's ({fmt(view.target)})"
-    return f"{what} ≥ {fmt(view.target)}"
-
-
-def _value_text(rv: RoundView) -> str:
-    rel = f" ({rv.relative:.0%} of service)" if rv.relative is not None else ""
-    return fmt(rv.value) + rel
-
-
-def _simulated_text(view: ReportView) -> str:
-    label = view.simulator_label or "The service LLM in this run was the offline simulator."
-    return f"{label} Scores and costs illustrate the pipeline; they are not a real service model's."
-
-
-def _passed_text(p: bool | None) -> str:
-    return "n/a" if p is None else ("pass" if p else "fail")
-
-
-# ------------------------------------------------------------------ HTML
 CSS = """
 :root { --ink:#212529; --muted:#6c757d; --line:#dee2e6; --bg:#f8f9fa; --pass:#2b8a3e; --fail:#c92a2a; }
 * { box-sizing: border-box; }
@@ -90,7 +73,7 @@ def _e(v: Any) -> str:
 
 def _pill(p: bool | None) -> str:
     cls = "na" if p is None else ("pass" if p else "fail")
-    return f'<span class="pill {cls}">{_passed_text(p)}</span>'
+    return f'<span class="pill {cls}">{passed_text(p)}</span>'
 
 
 def _table(head: list[str], rows: list[list[str]], text_cols: tuple[int, ...] = (0,)) -> str:
@@ -115,15 +98,15 @@ def _html_header(view: ReportView) -> str:
             _e(f"r{best:02d}" if best is not None else "n/a"),
             f"{_e(view.metric)} {_e(view.statistic)} {_e(fmt(view.best_value, 1))}",
         ),
-        ("target", _e(fmt(view.target, 1)), _e(_rule_text(view))),
-        ("service spend", _e(fmt_usd(spend)), f"{_e(view.cost.calls if view.cost.calls is not None else 'n/a')} requests sent"),
-        ("train examples", _e(final if final is not None else "n/a"), f"after {len(view.rounds)} round(s)"),
+        ("target", _e(fmt(view.target, 1)), _e(rule_text(view))),
+        ("service spend", _e(fmt_usd(spend)), f"{_e(count_text(view.cost.calls))} requests sent"),
+        ("train examples", _e(count_text(final)), f"after {len(view.rounds)} round(s)"),
     ]
     cards_html = "".join(f'<div class="card"><div class="k">{k}</div><div class="v">{v}</div><div class="d">{d}</div></div>' for k, v, d in cards)
     models = f"service model {_e(view.service_model or 'n/a')} · judge {_e(view.judge_model or 'n/a')}"
     banner = ""
     if view.simulated:
-        banner = f'<div class="banner"><b>Simulated service LLM.</b> {_e(_simulated_text(view))}</div>'
+        banner = f'<div class="banner"><b>Simulated service LLM.</b> {_e(simulated_text(view))}</div>'
     return f"<header><h1>Migration report: {_e(view.name)}</h1><p class='sub'>{models}</p>{banner}<div class='cards'>{cards_html}</div></header>"
 
 
@@ -140,10 +123,9 @@ def _html_rounds(view: ReportView) -> str:
         cells += [_e(fmt(rv.train_examples, 0)) if rv.train_examples is not None else ("" if rv.round is None else "n/a")]
         cells += [_e(rv.synthetic_added) if rv.synthetic_added is not None else ("" if rv.round is None else "n/a")]
         for mt in METRICS:
-            st = rv.stats.get(mt, {})
-            ci = _ci_text(st)
-            cells.append(_e(_stat_text(st, "mean")) + (f' <span class="ci">{_e(ci)}</span>' if ci else ""))
-            cells += [_e(_stat_text(st, s)) for s in STATS[1:]]
+            ci = ci_text(rv, mt)
+            cells.append(_e(stat_text(rv, mt, "mean")) + (f' <span class="ci">{_e(ci)}</span>' if ci else ""))
+            cells += [_e(stat_text(rv, mt, s)) for s in STATS[1:]]
         rel = f'<span class="ci">{rv.relative:.0%} of service</span>' if rv.relative is not None else ""
         cells += [_e(fmt(rv.value)) + rel if rv.round is not None else "", _pill(rv.passed) if rv.round is not None else ""]
         rows.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(cells)) + "</tr>")
@@ -153,7 +135,7 @@ def _html_rounds(view: ReportView) -> str:
     warn_html = "".join(f"<p class='note'>⚠ {_e(w)}</p>" for w in warn)
     return (
         "<section id='rounds'><h2>Rounds against the target</h2>"
-        f"<p class='note'>Pass rule: {_e(_rule_text(view))}. Scores are 1–100 per candidate (the mean of its judgments), "
+        f"<p class='note'>Pass rule: {_e(rule_text(view))}. Scores are 1–100 per candidate (the mean of its judgments), "
         "with the 95% bootstrap interval of the mean below it; coverage@k is the share of candidates scoring at least k. "
         "★ marks the best round.</p>"
         f"{chart}{table}{warn_html}{_html_categories(view)}</section>"
@@ -162,11 +144,11 @@ def _html_rounds(view: ReportView) -> str:
 
 def _html_categories(view: ReportView) -> str:
     rv = next((r for r in view.rounds if r.round == view.best_round), None)
-    if rv is None or not rv.per_category:
+    if rv is None or rv.scores is None or not rv.scores.per_category:
         return ""
-    keys = sorted({k for v in rv.per_category.values() for k in v})
-    rows = [[_e(cat)] + [_e(fmt(vals.get(k))) for k in keys] for cat, vals in sorted(rv.per_category.items())]
-    return f"<h3>Per category, {_e(rv.label)} (mean)</h3>" + _table(["category"] + [_e(k) for k in keys], rows)
+    per = rv.scores.per_category  # category → metric → mean (None: no judged candidate there)
+    rows = [[_e(cat)] + [_e(fmt(vals.get(mt))) for mt in METRICS] for cat, vals in sorted(per.items())]
+    return f"<h3>Per category, {_e(rv.label)} (mean)</h3>" + _table(["category", *METRICS], rows)
 
 
 def _html_distributions(view: ReportView) -> str:
@@ -185,9 +167,9 @@ def _html_cost(view: ReportView) -> str:
         title="service cost per round by stage, and cumulative",
     )
     rows = [
-        [_e(s["stage"]), _e(f"{int(s['calls']):,}"), _e(f"{int(s['cached']):,}"), _e(f"{int(s['failed']):,}"),
-         _e(f"{int(s['input_tokens']):,}"), _e(f"{int(s['output_tokens']):,}"), _e(fmt_usd(s["usd"])), _e(fmt_usd(s["saved_usd"]))]
-        for s in c.by_stage
+        [_e(stage), _e(f"{s.calls:,}"), _e(f"{s.cached:,}"), _e(f"{s.failed:,}"),
+         _e(f"{s.input_tokens:,}"), _e(f"{s.output_tokens:,}"), _e(fmt_usd(s.usd)), _e(fmt_usd(s.saved_usd))]
+        for stage, s in c.by_stage.items()
     ]
     if rows:
         rows.append(["<b>total</b>", "", "", "", "", "", f"<b>{_e(fmt_usd(c.total_usd))}</b>", _e(fmt_usd(c.saved_usd))])
@@ -207,52 +189,24 @@ def _html_data(view: ReportView) -> str:
     )
     reasons = sorted({k for rv in view.rounds for k in rv.rejected})
     rows = [
-        [_e(rv.label), _e(rv.synthetic_added if rv.synthetic_added is not None else "n/a"), _e(sum(rv.rejected.values()))]
+        [_e(rv.label), _e(count_text(rv.synthetic_added)), _e(sum(rv.rejected.values()))]
         + [_e(rv.rejected.get(k, 0)) for k in reasons]
         for rv in view.rounds
         if rv.round
     ]
     table = _table(["round", "synthetic kept", "rejected"] + [_e(k) for k in reasons], rows) if rows else ""
-    ds = view.data_stats
     split = ""
-    if isinstance(ds, dict) and (ds.get("train") or ds.get("test")):
-        tr, te = ds.get("train"), ds.get("test")
-        tr_n = tr.get("count", tr.get("examples")) if isinstance(tr, dict) else tr
-        te_n = te.get("count", te.get("examples")) if isinstance(te, dict) else te
-        split = f"<p class='note'>Coverage split: {_e(tr_n if tr_n is not None else 'n/a')} train, {_e(te_n if te_n is not None else 'n/a')} test.</p>"
+    if view.split is not None:
+        train, test = view.split
+        split = f"<p class='note'>Coverage split: {_e(count_text(train))} train, {_e(count_text(test))} test.</p>"
     body = (chart + split + table) or "<p class='note'>n/a: no training data recorded yet.</p>"
     return f"<section id='data'><h2>Training data</h2>{body}</section>"
 
 
-JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "judgments", "failed judgments", "most common failure"]
-AGREEMENT_HEAD = ["round", "judges", "metric", "candidates", "Pearson r", "mean abs. difference"]
-
-
-def _judging_rows(view: ReportView) -> list[list[str]]:
-    """Plain-text rows (escape before use): counts of judged and failed per round."""
-    rows = []
-    for rv in view.rounds + view.references:
-        err = rv.judge_errors.most_common(1)
-        counts = [str(rv.counts[k]) if rv.counts.get(k) is not None else "n/a"
-                  for k in ("candidates", "judged", "unjudged", "missing", "judgments", "failed")]
-        rows.append([rv.label, *counts, f"{err[0][0]} (×{err[0][1]})" if err else "—"])
-    return rows
-
-
-def _agreement_rows(view: ReportView) -> list[list[str]]:
-    """Plain-text rows: how far the judges of a panel agree, per round and metric."""
-    return [
-        [rv.label, " vs ".join(str(j) for j in a.get("judges") or []), str(a.get("metric", "n/a")),
-         str(a.get("n", "n/a")), fmt(number(a.get("pearson")), 2), fmt(number(a.get("mean_abs_diff")))]
-        for rv in view.rounds + view.references
-        for a in rv.agreement
-    ]
-
-
 def _html_judging(view: ReportView) -> str:
-    rows = [[_e(c) for c in r] for r in _judging_rows(view)]
+    rows = [[_e(c) for c in r] for r in judging_rows(view)]
     table = _table(JUDGING_HEAD, rows, (0, 7)) if rows else "<p class='note'>n/a</p>"
-    agree = [[_e(c) for c in r] for r in _agreement_rows(view)]
+    agree = [[_e(c) for c in r] for r in agreement_rows(view)]
     panel = "<h3>Judge agreement</h3>" + _table(AGREEMENT_HEAD, agree, (0, 1, 2)) if agree else ""
     return (
         "<section id='judging'><h2>Judging health</h2><p class='note'>A failed judgment is a reply that never parsed as the "
@@ -260,10 +214,6 @@ def _html_judging(view: ReportView) -> str:
         "judgment and is left out of the statistics; “not sent” candidates were never judged.</p>"
         f"{table}{panel}</section>"
     )
-
-
-def _clip(s: str) -> str:
-    return s if len(s) <= TEXT_LIMIT else s[:TEXT_LIMIT] + f" … [{len(s) - TEXT_LIMIT:,} more characters]"
 
 
 def _html_worst(view: ReportView) -> str:
@@ -277,9 +227,9 @@ def _html_worst(view: ReportView) -> str:
         items.append(
             f"<div class='item'><div class='meta'><b>{_e(it.prompt_id)}</b> · sample {it.sample_index} · "
             f"{_e(it.category)} · {_e(scores)}</div><div class='texts'>"
-            f"<div><b>prompt</b><pre>{_e(_clip(it.prompt))}</pre></div>"
-            f"<div><b>reference</b><pre>{_e(_clip(it.reference))}</pre></div>"
-            f"<div><b>candidate</b><pre>{_e(_clip(it.candidate))}</pre></div></div>"
+            f"<div><b>prompt</b><pre>{_e(clip(it.prompt))}</pre></div>"
+            f"<div><b>reference</b><pre>{_e(clip(it.reference))}</pre></div>"
+            f"<div><b>candidate</b><pre>{_e(clip(it.candidate))}</pre></div></div>"
             f"<ul class='reasons'>{reasons}</ul></div>"
         )
     return f"<section id='worst'><h2>{_e(title)}</h2><p class='note'>Sorted by {_e(view.metric)}, lowest first, with the judge's reasons.</p>{''.join(items)}</section>"
@@ -319,105 +269,3 @@ def render_html(view: ReportView) -> str:
         + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"
         + "</main></body></html>\n"
     )
-
-
-# ------------------------------------------------------------------ Markdown
-def _md(v: Any) -> str:
-    """A Markdown table cell: no pipes, no newlines, no raw HTML."""
-    return escape(str(v), quote=False).replace("|", "\\|").replace("\n", " ")
-
-
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return out + [""]
-
-
-def _fence(text: str) -> list[str]:
-    """A code fence longer than any backtick run inside, so untrusted text stays inert."""
-    run = max((len(m) for m in text.replace("\r", "").split("\n") for m in _backtick_runs(m)), default=0)
-    f = "`" * max(3, run + 1)
-    return [f + "text", text, f]
-
-
-def _backtick_runs(line: str) -> list[str]:
-    runs, cur = [], ""
-    for ch in line:
-        if ch == "`":
-            cur += ch
-        elif cur:
-            runs.append(cur)
-            cur = ""
-    return runs + ([cur] if cur else [])
-
-
-def render_markdown(view: ReportView) -> str:
-    """The report as Markdown: the same numbers and texts, without charts."""
-    L = [f"# Migration report: {_md(view.name)}", ""]
-    if view.simulated:
-        L += [f"> **Simulated service LLM.** {_md(_simulated_text(view))}", ""]
-    best = f"r{view.best_round:02d}" if view.best_round is not None else "n/a"
-    L += [
-        f"- state: {_md(view.state)}; stop reason: {_md(view.stop_reason or 'n/a')}",
-        f"- best round: {best} ({_md(view.metric)} {_md(view.statistic)} {fmt(view.best_value, 1)})",
-        f"- pass rule: {_md(_rule_text(view))}",
-        f"- service model: {_md(view.service_model or 'n/a')}; judge: {_md(view.judge_model or 'n/a')}",
-        f"- service spend: {fmt_usd(view.cost.total_usd)} ({view.cost.calls if view.cost.calls is not None else 'n/a'} requests sent)",
-        "",
-        "## Rounds against the target",
-        "",
-    ]
-    head = ["round", "train", "synthetic"] + [f"{mt} {s}" for mt in METRICS for s in ("mean [CI]", "median", "cov@50", "cov@70")] + ["value", "result"]
-    rows = []
-    for rv in view.rounds + view.references:
-        r = [_md(rv.label), _md(rv.train_examples if rv.train_examples is not None else ("" if rv.round is None else "n/a")),
-             _md(rv.synthetic_added if rv.synthetic_added is not None else "")]
-        for mt in METRICS:
-            st = rv.stats.get(mt, {})
-            r += [_md(f"{_stat_text(st, 'mean')} {_ci_text(st)}".strip())] + [_md(_stat_text(st, s)) for s in STATS[1:]]
-        r += [_md(_value_text(rv)) if rv.round is not None else "", _passed_text(rv.passed) if rv.round is not None else ""]
-        rows.append(r)
-    L += _md_table(head, rows) if rows else ["n/a: no round has run yet.", ""]
-    L += ["## Service cost", ""]
-    if view.cost.by_stage:
-        L += _md_table(
-            ["stage", "requests", "cache hits", "failed calls", "input tokens", "output tokens", "cost"],
-            [[_md(s["stage"]), str(int(s["calls"])), str(int(s["cached"])), str(int(s["failed"])), str(int(s["input_tokens"])),
-              str(int(s["output_tokens"])), fmt_usd(s["usd"])] for s in view.cost.by_stage],
-        )
-        running = 0.0
-        cum = []
-        for label, stages in view.cost.by_round:
-            running += sum(stages.values())
-            cum.append([_md(label), fmt_usd(sum(stages.values())), fmt_usd(running)])
-        L += _md_table(["round", "spend", "cumulative"], cum)
-    else:
-        L += [f"total: {fmt_usd(view.cost.total_usd)}", ""]
-    L += ["## Training data", ""]
-    reasons = sorted({k for rv in view.rounds for k in rv.rejected})
-    L += _md_table(
-        ["round", "train examples", "synthetic kept", "rejected"] + [_md(k) for k in reasons],
-        [[_md(rv.label), _md(rv.train_examples if rv.train_examples is not None else "n/a"),
-          _md(rv.synthetic_added if rv.synthetic_added is not None else "n/a"), str(sum(rv.rejected.values()))]
-         + [str(rv.rejected.get(k, 0)) for k in reasons] for rv in view.rounds],
-    )
-    L += ["## Judging health", ""]
-    L += _md_table(JUDGING_HEAD, [[_md(c) for c in r] for r in _judging_rows(view)])
-    if view.rounds and any(rv.agreement for rv in view.rounds + view.references):
-        L += _md_table(AGREEMENT_HEAD, [[_md(c) for c in r] for r in _agreement_rows(view)])
-    if view.worst:
-        L += [f"## Lowest-scoring answers of round r{view.worst_round:02d}", ""]
-        for it in view.worst:
-            scores = ", ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
-            L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}", ""]
-            for name, text in (("prompt", it.prompt), ("reference", it.reference), ("candidate", it.candidate)):
-                L += [f"**{name}**", "", *_fence(_clip(text)), ""]
-            L += [f"- {_md(r)}" for r in it.reasons] + [""]
-    L += ["## Cost projection", ""]
-    if view.projection is not None:
-        L += _md_table(["", ""], [[_md(k), _md(v)] for k, v in cost_mod.summary_rows(view.projection)])
-    else:
-        L += [_md(view.projection_note or "n/a"), ""]
-    if view.problems:
-        L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]
-    return "\n".join(L)

@@ -6,9 +6,9 @@ from collections.abc import Callable
 from html import escape
 
 from llamaduo import cost as cost_mod
-from llamaduo.report import METRIC_COLORS, METRICS, OTHER_COLOR, ReportView, RoundView, fmt
+from llamaduo.artifacts import METRICS
+from llamaduo.report.views import METRIC_COLORS, OTHER_COLOR, ReportView, RoundView, fmt
 
-# ------------------------------------------------------------------ SVG charts
 _FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, DejaVu Sans, sans-serif"'
 
 

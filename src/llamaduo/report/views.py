@@ -1,0 +1,185 @@
+"""What the report shows, as plain dataclasses, and how its numbers read as text.
+
+`collect` fills a `ReportView` from the run directory's typed artifacts; `html` and
+`markdown` only turn it into text. Nothing here reads a file, so the renderers can be tested
+on a hand-built view. `None` always means "not measured" and reads as n/a, never as 0.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from llamaduo import cost as cost_mod
+from llamaduo.artifacts import Agreement, Counts, LedgerRow, Scores
+
+STATS = ("mean", "median", "coverage@50", "coverage@70")
+WORST_N = 5
+TEXT_LIMIT = 1200  # characters of prompt/reference/candidate shown per worst item
+STAGE_COLORS = {"synth": "#f08c00", "judge": "#1971c2", "baseline": "#7048e8", "accept": "#2b8a3e"}
+OTHER_COLOR = "#868e96"
+METRIC_COLORS = {"similarity": "#74c0fc", "precision": "#1864ab"}
+
+
+# ------------------------------------------------------------------ what is shown
+@dataclass
+class RoundView:
+    label: str  # r00, r01, ... or "service baseline" / "served model"
+    round: int | None = None  # None for the service baseline and the served model
+    train_examples: int | None = None
+    synthetic_added: int | None = None
+    scores: Scores | None = None  # None: scores.json missing or unreadable
+    value: float | None = None  # the pass statistic
+    target: float | None = None
+    passed: bool | None = None
+    relative: float | None = None  # local ÷ service baseline, when a baseline was judged
+    candidate_scores: dict[str, list[float]] = field(default_factory=dict)  # metric → sorted candidate means
+    judge_errors: Counter[str] = field(default_factory=Counter)
+    rejected: Counter[str] = field(default_factory=Counter)  # synthesis rejections by reason
+    train_loss: float | None = None
+
+    def stat(self, metric: str, statistic: str) -> float | None:
+        return self.scores.stat(metric, statistic) if self.scores is not None else None
+
+    def ci(self, metric: str) -> list[float] | None:
+        return self.scores.metric(metric).ci if self.scores is not None else None
+
+    @property
+    def counts(self) -> Counts | None:
+        return self.scores.counts if self.scores is not None else None
+
+    @property
+    def agreement(self) -> list[Agreement]:
+        return self.scores.agreement if self.scores is not None else []
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.scores.warnings if self.scores is not None else []
+
+    @property
+    def judge_models(self) -> list[str]:
+        return self.scores.judge_models if self.scores is not None else []
+
+
+@dataclass
+class WorstItem:
+    prompt_id: str
+    sample_index: int
+    category: str
+    prompt: str
+    reference: str
+    candidate: str
+    scores: dict[str, float]
+    reasons: list[str]
+
+
+@dataclass
+class CostView:
+    source: str = "none"  # "service.sqlite", "manifest ledger" or "none"
+    by_round: list[tuple[str, dict[str, float]]] = field(default_factory=list)  # (label, stage → usd)
+    by_stage: dict[str, LedgerRow] = field(default_factory=dict)  # summed over rounds, dearest first
+    total_usd: float | None = None
+    saved_usd: float | None = None
+    calls: int | None = None
+
+
+@dataclass
+class ReportView:
+    name: str
+    state: str = "n/a"
+    stop_reason: str | None = None
+    best_round: int | None = None
+    best_value: float | None = None
+    metric: str = "precision"
+    statistic: str = "mean"
+    target: float | None = None
+    relative_to_service: float | None = None  # the pass rule's ratio when it is relative
+    simulated: bool = False
+    simulator_label: str | None = None
+    service_model: str | None = None
+    judge_model: str | None = None
+    updated_at: str | None = None
+    rounds: list[RoundView] = field(default_factory=list)
+    references: list[RoundView] = field(default_factory=list)  # service baseline, served model
+    cost: CostView = field(default_factory=CostView)
+    worst_round: int | None = None
+    worst: list[WorstItem] = field(default_factory=list)
+    split: tuple[int | None, int | None] | None = None  # coverage train / test sizes, from prepare
+    projection: cost_mod.CostProjection | None = None
+    projection_note: str = ""
+    problems: list[str] = field(default_factory=list)  # unreadable pieces, one line each
+
+
+# ------------------------------------------------------------------ text shared by the renderers
+def fmt(v: float | None, digits: int = 1, suffix: str = "") -> str:
+    return "n/a" if v is None else f"{v:,.{digits}f}{suffix}"
+
+
+def fmt_usd(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    return f"${v:,.4f}" if abs(v) < 1 else f"${v:,.2f}"
+
+
+def count_text(v: int | None) -> str:
+    return "n/a" if v is None else str(v)
+
+
+def stat_text(rv: RoundView, metric: str, statistic: str) -> str:
+    return fmt(rv.stat(metric, statistic), 1, "%" if statistic.startswith("coverage") else "")
+
+
+def ci_text(rv: RoundView, metric: str) -> str:
+    ci = rv.ci(metric)
+    return "" if not ci or len(ci) != 2 else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
+
+
+def rule_text(view: ReportView) -> str:
+    what = f"{view.metric} {view.statistic}"
+    if view.relative_to_service is not None:  # the target is then ratio × the service's own statistic
+        return f"{what} ≥ {view.relative_to_service:.0%} of the service LLM's ({fmt(view.target)})"
+    return f"{what} ≥ {fmt(view.target)}"
+
+
+def value_text(rv: RoundView) -> str:
+    rel = f" ({rv.relative:.0%} of service)" if rv.relative is not None else ""
+    return fmt(rv.value) + rel
+
+
+def simulated_text(view: ReportView) -> str:
+    label = (view.simulator_label or "The service LLM in this run was the offline simulator.").rstrip()
+    end = "" if label.endswith((".", "!", "?")) else "."
+    return f"{label}{end} Scores and costs illustrate the pipeline; they are not a real service model's."
+
+
+def passed_text(p: bool | None) -> str:
+    return "n/a" if p is None else ("pass" if p else "fail")
+
+
+def clip(s: str) -> str:
+    return s if len(s) <= TEXT_LIMIT else s[:TEXT_LIMIT] + f" … [{len(s) - TEXT_LIMIT:,} more characters]"
+
+
+JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "judgments", "failed judgments", "most common failure"]
+AGREEMENT_HEAD = ["round", "judges", "metric", "candidates", "Pearson r", "mean abs. difference"]
+
+
+def judging_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows (escape before use): counts of judged and failed per round."""
+    rows = []
+    for rv in view.rounds + view.references:
+        err = rv.judge_errors.most_common(1)
+        c = rv.counts
+        counts = [count_text(None if c is None else getattr(c, k))
+                  for k in ("candidates", "judged", "unjudged", "missing", "judgments", "failed")]
+        rows.append([rv.label, *counts, f"{err[0][0]} (×{err[0][1]})" if err else "—"])
+    return rows
+
+
+def agreement_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows: how far the judges of a panel agree, per round and metric."""
+    return [
+        [rv.label, " vs ".join(a.judges), a.metric, str(a.n), fmt(a.pearson, 2), fmt(a.mean_abs_diff)]
+        for rv in view.rounds + view.references
+        for a in rv.agreement
+    ]
