@@ -8,9 +8,10 @@ import pytest
 from rich.console import Console
 
 from llamaduo import cost
+from llamaduo.artifacts import TrainResult
 from llamaduo.config import dump_config, from_dict
 from llamaduo.errors import UserError
-from llamaduo.store import RunStore, atomic_write_text, write_json, write_jsonl
+from llamaduo.store import RunStore, atomic_write_text, write_jsonl
 
 
 def simple(**kw) -> cost.CostInputs:
@@ -88,8 +89,11 @@ def make_run(tmp_path, **manifest) -> RunStore:
         ledger={"total": {"calls": 40, "cached": 2, "failed": 0, "input_tokens": 9000, "output_tokens": 4000, "usd": 1.25}},
         **manifest,
     )
-    write_json(store.train_result_path(0), {"tokens_per_s": 500.0})
-    write_json(store.train_result_path(1), {"tokens_per_s": 850.0, "train_loss": 1.2})
+    for r, tps in ((0, 500.0), (1, 850.0)):
+        store.write_train_result(r, TrainResult(
+            adapter_dir=store.adapter_dir(r), method="lora", train_loss=1.2, steps=4, examples=8, tokens=4000,
+            seconds=4000 / tps, tokens_per_s=tps,
+        ))
     return store
 
 

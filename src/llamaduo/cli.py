@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, NoReturn, Optional
+from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
-from llamaduo.config import Config, dump_config
-from llamaduo.config_file import example_yaml, load_config
-from llamaduo.errors import UserError
+from llamaduo.config import dump_config
+from llamaduo.config_file import example_yaml
+from llamaduo.console import SetOpt, call, console, err, fail, load_or_exit, run_dir_config
 
 app = typer.Typer(
     help="llamaduo: move a task from a service LLM to a small local model you own.",
@@ -28,39 +27,6 @@ config_app = typer.Typer(help="Inspect and validate llamaduo.yaml.", no_args_is_
 cache_app = typer.Typer(help="The service-call cache of a run.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(cache_app, name="cache")
-
-console = Console()
-err = Console(stderr=True)
-
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: a.b=value (repeatable).")]  # noqa: UP045
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def fail_with(e: UserError) -> NoReturn:
-    """Detail lines (e.g. every file:line:field problem of a data file), then the one-line summary."""
-    for line in e.details():
-        err.print(line, highlight=False, markup=False, soft_wrap=True)
-    fail(str(e))
-
-
-def _load(path: Path, overrides: list[str] | None) -> Config:
-    return _call(load_config, path, overrides or [])
-
-
-def _run_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
-    from llamaduo.store import RunStore
-
-    store = RunStore(run_dir)
-    if not store.config_path.exists():
-        fail(f"{run_dir}: not a run directory (no config.yaml); create one with 'llamaduo prepare' or 'llamaduo run'")
-    cfg = _load(store.config_path, overrides)
-    # A run directory's config names itself: keep results where they are even if moved.
-    return cfg.model_copy(update={"runs_dir": run_dir.parent, "name": run_dir.name})
-
 
 # ------------------------------------------------------------------------- config
 @app.command()
@@ -78,14 +44,14 @@ def init(directory: Path = typer.Argument(Path("."), help="Folder to write llama
 @config_app.command("validate")
 def config_validate(file: Path, set_: SetOpt = None) -> None:
     """Validate a config file (and --set overrides); exit 2 with the problem on failure."""
-    _load(file, set_)
+    load_or_exit(file, set_)
     console.print(f"{file}: ok")
 
 
 @config_app.command("show")
 def config_show(file: Path, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults filled in, overrides applied)."""
-    cfg = _load(file, set_)
+    cfg = load_or_exit(file, set_)
     console.print(dump_config(cfg), highlight=False, markup=False, end="")
 
 
@@ -117,10 +83,10 @@ def prepare(
     if out is not None:
         out = out.absolute()
         overrides += [f"runs_dir={json.dumps(str(out.parent))}", f"name={json.dumps(out.name)}"]
-    cfg = _load(config, overrides) if config is not None else _call(from_dict, {}, overrides, source="command line")
+    cfg = load_or_exit(config, overrides) if config is not None else call(from_dict, {}, overrides, source="command line")
     if cfg.data.input is None:
         fail("no input: pass --input FILE or set data.input in the config")
-    result = _call(loop.prepare, cfg)
+    result = call(loop.prepare, cfg)
     console.print(prepare_mod.render_stats_table(result.stats))
     for w in result.warnings:
         err.print(f"[yellow]warning:[/] {w}", highlight=False)
@@ -139,8 +105,8 @@ def run(
     """Run the migration loop: train, infer, judge, synthesize, repeat until the target is met."""
     from llamaduo import loop
 
-    cfg = _load(config, set_)
-    result = _call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines))
+    cfg = load_or_exit(config, set_)
+    result = call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines))
     console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}  →  {result.run_dir}")
 
 
@@ -148,16 +114,6 @@ def _display(quiet: bool, json_lines: bool) -> str:
     if json_lines:
         return "json"
     return "quiet" if quiet else "rich"
-
-
-def _call(fn, *args, **kwargs):
-    """Call a library function; turn expected user-facing errors into one line + exit 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        fail_with(e)
-    except KeyboardInterrupt:
-        fail("interrupted; rerun the same command to resume", code=130)
 
 
 RoundOpt = Annotated[Optional[int], typer.Option("--round", help="Round number; default: the latest.")]  # noqa: UP045
@@ -168,8 +124,8 @@ def train(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     """Train one round's adapter over a run directory."""
     from llamaduo import loop
 
-    cfg = _run_config(run_dir, set_)
-    out = _call(loop.run_stage, cfg, "train", round)
+    cfg = run_dir_config(run_dir, set_)
+    out = call(loop.run_stage, cfg, "train", round)
     console.print(f"adapter → {out}")
 
 
@@ -178,8 +134,8 @@ def infer(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     """Generate K candidates per test prompt with one round's adapter."""
     from llamaduo import loop
 
-    cfg = _run_config(run_dir, set_)
-    out = _call(loop.run_stage, cfg, "infer", round)
+    cfg = run_dir_config(run_dir, set_)
+    out = call(loop.run_stage, cfg, "infer", round)
     console.print(f"predictions → {out}")
 
 
@@ -188,8 +144,8 @@ def judge(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     """Judge one round's predictions with the service LLM."""
     from llamaduo import loop
 
-    cfg = _run_config(run_dir, set_)
-    out = _call(loop.run_stage, cfg, "judge", round)
+    cfg = run_dir_config(run_dir, set_)
+    out = call(loop.run_stage, cfg, "judge", round)
     console.print(f"scores → {out}")
 
 
@@ -198,8 +154,8 @@ def synth(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     """Synthesize (and clean) the training data of a round (≥ 1)."""
     from llamaduo import loop
 
-    cfg = _run_config(run_dir, set_)
-    out = _call(loop.run_stage, cfg, "synth", round)
+    cfg = run_dir_config(run_dir, set_)
+    out = call(loop.run_stage, cfg, "synth", round)
     console.print(f"synthetic data → {out}")
 
 
@@ -212,8 +168,9 @@ def report(run_dir: Path) -> None:
     store = RunStore(run_dir)
     if not store.exists():
         fail(f"{run_dir}: not a run directory (no manifest.json)")
-    html, md = _call(report_mod.write_report, store)
-    console.print(f"report → {html}  ({md.name})")
+    call(store.read_manifest)  # a damaged manifest is said in one line, not rendered as a report
+    html, md = call(report_mod.write_report, store)
+    console.print(f"report → {html}  ({md.name})", soft_wrap=True)
 
 
 @app.command()
@@ -221,7 +178,7 @@ def status(run_dir: Path) -> None:
     """Where a run stands: rounds, statistics, spend, stop reason."""
     from llamaduo import views
 
-    console.print(_call(views.status_table, run_dir))
+    console.print(call(views.status_table, run_dir))
 
 
 @app.command()
@@ -229,7 +186,7 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run direc
     """List runs with round, best statistic, spend and state."""
     from llamaduo import views
 
-    console.print(_call(views.runs_table, runs_dir))
+    console.print(call(views.runs_table, runs_dir))
 
 
 @cache_app.command("stats")
@@ -251,8 +208,8 @@ def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     from llamaduo import deploy as deploy_mod
     from llamaduo.store import RunStore
 
-    cfg = _run_config(run_dir, set_)
-    result = _call(deploy_mod.deploy, cfg, RunStore(run_dir), round)
+    cfg = run_dir_config(run_dir, set_)
+    result = call(deploy_mod.deploy, cfg, RunStore(run_dir), round)
     for note in getattr(result, "notes", []) or []:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"deployed round r{result.round:02d} → {result.merged_dir}")
@@ -273,17 +230,17 @@ def serve(
 
     overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
     if config is not None:
-        cfg = _load(config, overrides)
+        cfg = load_or_exit(config, overrides)
     elif RunStore(model_or_run_dir).config_path.exists():
-        cfg = _run_config(model_or_run_dir, overrides)
+        cfg = run_dir_config(model_or_run_dir, overrides)
     else:
         from llamaduo.config import from_dict
 
-        cfg = _call(from_dict, {}, overrides, source="command line")
+        cfg = call(from_dict, {}, overrides, source="command line")
     if not model_or_run_dir.exists():
         fail(f"{model_or_run_dir}: no such model or run directory")
     console.print(f"serving {model_or_run_dir} on http://{host or cfg.serve.host}:{cfg.serve.port if port is None else port}/v1")
-    _call(serve_mod.serve, model_or_run_dir, cfg, host, port)
+    call(serve_mod.serve, model_or_run_dir, cfg, host, port)
 
 
 @app.command()
@@ -299,11 +256,11 @@ def accept(
     from llamaduo.service import ServiceClient
     from llamaduo.store import RunStore
 
-    cfg = _run_config(run_dir, set_)
+    cfg = run_dir_config(run_dir, set_)
     store = RunStore(run_dir)
     client = ServiceClient(cfg.service, db_path=store.service_db)
     try:
-        result = _call(accept_mod.accept, cfg, store, endpoint, client, model=model, round=round)
+        result = call(accept_mod.accept, cfg, store, endpoint, client, model=model, round=round)
     finally:
         client.close()
     console.print(result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2))
@@ -325,7 +282,7 @@ def capture(
     from llamaduo import capture as capture_mod
 
     console.print(f"proxy on http://{host}:{port}/v1 → {upstream}; recording to {out}")
-    _call(capture_mod.capture, upstream, out, host=host, port=port, redact_patterns=redact, category_header=category_header)
+    call(capture_mod.capture, upstream, out, host=host, port=port, redact_patterns=redact, category_header=category_header)
 
 
 @app.command()
@@ -354,20 +311,20 @@ def cost(
     if run_dir is not None:
         store = RunStore(run_dir)
         if save:
-            _call(cost_mod.save_inputs, store, **given)
-        inputs = _call(cost_mod.from_run, store, **given)
+            call(cost_mod.save_inputs, store, **given)
+        inputs = call(cost_mod.from_run, store, **given)
     else:
         if save:
             fail("--save needs a run directory")
         missing = [k for k in ("input_tokens_per_month", "output_tokens_per_month") if k not in given]
         if missing:
             fail("give " + " and ".join("--" + m.replace("_", "-") for m in missing) + " (or a run directory)")
-        inputs = _call(cost_mod.make_inputs, **given)
+        inputs = call(cost_mod.make_inputs, **given)
     console.print(cost_mod.render_table(cost_mod.project(inputs)))
     if run_dir is not None and save:
         from llamaduo import report as report_mod
 
-        html, _ = _call(report_mod.write_report, store)
+        html, _ = call(report_mod.write_report, store)
         console.print(f"saved; report → {html}")
 
 
@@ -387,7 +344,7 @@ def demo(
     from llamaduo.demo import run as demo_mod
 
     keep = sys.stdin.isatty() if serve_ is None else serve_
-    result = _call(
+    result = call(
         demo_mod.run_demo, quick=quick, out=out, display=_display(False, json_lines), fresh=fresh, keep_serving=keep, port=port,
     )
     scores = "  ".join(f"r{i:02d}=" + ("n/a" if v is None else f"{v:.1f}") for i, v in enumerate(result.round_values))

@@ -176,7 +176,7 @@ def make_inputs(**values: Any) -> CostInputs:
 
 def _service_prices(store: RunStore) -> dict[str, Any]:
     """List prices of the run's service model, from its resolved config.yaml."""
-    from llamaduo.config import load_config
+    from llamaduo.config_file import load_config
 
     try:
         service = load_config(store.config_path).service

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llamaduo import judge
+from llamaduo import scoring
 from llamaduo.artifacts import Completion, Judgment, RoundRecord, TrainResult
 from llamaduo.config import Config, ServiceConfig, dump_config, from_dict
 from llamaduo.data import Example, make_example
@@ -82,7 +82,7 @@ def build_run(root: Path, simulated: bool = True) -> RunStore:
     as the loop would leave it: r02 is judged by a two-model panel; a service baseline exists."""
     store, cfg, tests = start_run(root)
     base_preds, base_rows = judged(tests, [BASELINE_PRECISION] * 8)
-    baseline = judge.compute_scores(base_rows, len(base_preds), test=tests)
+    baseline = scoring.compute_scores(base_rows, len(base_preds), test=tests)
     store.write_predictions("baseline", base_preds)
     store.write_judgments("baseline", base_rows)
     store.write_scores("baseline", baseline)
@@ -97,9 +97,9 @@ def build_run(root: Path, simulated: bool = True) -> RunStore:
             )
         store.write_predictions(r, preds)
         store.write_judgments(r, rows)
-        result = judge.compute_scores(rows, len(preds), test=tests)
+        result = scoring.compute_scores(rows, len(preds), test=tests)
         store.write_scores(r, result)
-        decision = judge.evaluate_pass(result, cfg.judge.pass_rule, baseline)
+        decision = scoring.evaluate_pass(result, cfg.judge.pass_rule, baseline)
         store.write_train_result(r, train_result(store, r))
         if r > 0:
             store.write_synthetic(r, [make_example(f"syn {r}-{i}", f"resp {i}") for i in range(12 if r == 1 else 18)])

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from llamaduo import judge, report
+from llamaduo import report, scoring
 from llamaduo.artifacts import Counts, Judgment, RoundRecord, Scores
 from llamaduo.store import RunStore, atomic_write_text
 from tests.report.conftest import build_run, judged, start_run, train_result
@@ -54,12 +54,12 @@ def test_a_round_with_no_judged_candidate_shows_na_not_zero(tmp_path):
               for p in preds]
     store.write_predictions(0, preds)
     store.write_judgments(0, failed)
-    scores = judge.compute_scores(failed, len(preds), test=tests)
+    scores = scoring.compute_scores(failed, len(preds), test=tests)
     assert scores.precision.mean is None and scores.similarity.median is None  # nothing was measured
     store.write_scores(0, scores)
     store.write_train_result(0, train_result(store, 0))
     # As the loop records it: the pass decision carries a 0.0 placeholder for the undefined statistic.
-    decision = judge.evaluate_pass(scores, cfg.judge.pass_rule)
+    decision = scoring.evaluate_pass(scores, cfg.judge.pass_rule)
     store.set_round(RoundRecord(round=0, value=decision.value, passed=False, train_examples=20, decision=decision))
     store.update_manifest(state="finished", best_round=0, best_value=decision.value)
 

@@ -20,11 +20,12 @@ from pydantic import BaseModel, ConfigDict
 
 from llamaduo import cost as cost_mod
 from llamaduo.artifacts import METRICS, Judgment, Ledger, LedgerRow, Manifest
-from llamaduo.config import load_config
+from llamaduo.config_file import load_config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
-from llamaduo.judge import candidate_means, judge_models
+from llamaduo.judge import judge_models
 from llamaduo.report.views import WORST_N, CostView, ReportView, RoundView, WorstItem
+from llamaduo.scoring import candidate_means
 from llamaduo.service.calllog import ledger_from_db
 from llamaduo.store import EvalTarget, RunStore, read_rows
 
