@@ -89,7 +89,7 @@ def test_export_writes_model_tokenizer_template_card_and_modelfile(deployed):
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= names
     assert res.modelfile == store.modelfile_path and res.modelfile.exists()
     assert not [p for p in store.deploy_dir.iterdir() if p.name.startswith(".")]  # no temp dirs left
-    assert store.stage_record("deploy")["round"] == 1
+    assert store.stage_record("deploy").round == 1
 
 
 def test_model_card_names_base_data_scores_and_cost_without_local_paths(deployed, tiny_base):
@@ -146,7 +146,7 @@ def test_gguf_without_converter_is_a_recorded_message_not_a_crash(tiny_base, tmp
     res = deploy(cfg, store)
     assert res.gguf is None and "convert_hf_to_gguf.py" in res.gguf_message and GGUF_HELP in res.gguf_message
     assert (res.merged_dir / "config.json").exists() and "FROM ./merged" in res.modelfile.read_text()
-    assert store.stage_record("deploy")["gguf_message"] == res.gguf_message and res.notes == [res.gguf_message]
+    assert store.stage_record("deploy").gguf_message == res.gguf_message and res.notes == [res.gguf_message]
 
 
 def test_gguf_export_runs_the_converter_on_the_merged_dir(tiny_base, tmp_path, monkeypatch):

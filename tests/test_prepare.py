@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from llamaduo import loop
 from llamaduo.config import Config, from_dict
 from llamaduo.data import DataError, Example, content_id, load_examples, make_example
 from llamaduo.prepare import compute_stats, prepare, render_stats_table, split
@@ -142,7 +143,7 @@ def test_stats_table_lists_each_category_and_the_lengths():
 def test_prepare_writes_the_split_stats_config_and_manifest(tmp_path):
     cfg = config(tmp_path, input=str(EXAMPLES / "coverage_small.jsonl"), test_fraction=0.2)
     store = RunStore(cfg.run_dir)
-    result = prepare(cfg, store)
+    result = loop.prepare(cfg)
     train, test = load_examples(store.train_path), load_examples(store.test_path)
     assert (len(train), len(test)) == (result.train_count, result.test_count) == (32, 8)
     assert Counter(e.category for e in test) == {"rewrite": 2, "extract": 2, "classify": 2, "closed_qa": 2}
@@ -155,30 +156,33 @@ def test_prepare_writes_the_split_stats_config_and_manifest(tmp_path):
     }
     assert "test_fraction: 0.2" in store.config_path.read_text()
     stage = store.stage_record("prepare")
-    assert stage["status"] == "done" and stage["train"] == 32
-    assert store.load_manifest()["seed"] == cfg.seed
+    assert stage.status == "done" and stage.train == 32
+    assert store.read_manifest().seed == cfg.seed
     assert train[0].lineage.origin.startswith("coverage_small.jsonl:")
 
 
 def test_ids_and_files_are_stable_across_runs(tmp_path):
     src = str(EXAMPLES / "coverage_small.jsonl")
-    a, b = RunStore(tmp_path / "a"), RunStore(tmp_path / "b")
-    prepare(config(tmp_path, input=src), a)
-    prepare(config(tmp_path, input=src), b)
+    ca = config(tmp_path, input=src).model_copy(update={"name": "a"})
+    cb = config(tmp_path, input=src).model_copy(update={"name": "b"})
+    loop.prepare(ca)
+    loop.prepare(cb)
+    a, b = RunStore(ca.run_dir), RunStore(cb.run_dir)
     assert a.train_path.read_bytes() == b.train_path.read_bytes()
     assert a.test_path.read_bytes() == b.test_path.read_bytes()
     first = load_examples(a.train_path)[0]
     assert first.id == content_id(first.messages)
-    assert a.stage_record("prepare")["inputs_hash"] == b.stage_record("prepare")["inputs_hash"]
+    assert a.stage_record("prepare").inputs_hash == b.stage_record("prepare").inputs_hash
 
 
 def test_inputs_hash_follows_the_input_content_and_the_seed(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", RECORDS)
 
     def prepared_hash(name: str, seed: int = 0) -> str:
-        store = RunStore(tmp_path / name)
-        prepare(from_dict({"data": {"input": str(src), "test_fraction": 0.5}, "seed": seed}), store)
-        return store.stage_record("prepare")["inputs_hash"]
+        cfg = from_dict({"data": {"input": str(src), "test_fraction": 0.5}, "seed": seed,
+                         "runs_dir": str(tmp_path), "name": name})
+        loop.prepare(cfg)  # recorded by the stage engine, as `llamaduo run` records it
+        return RunStore(cfg.run_dir).stage_record("prepare").inputs_hash
 
     h0 = prepared_hash("r0")
     assert prepared_hash("r1", seed=1) != h0
