@@ -49,7 +49,7 @@ def make_config(tmp_path, svc, tiny_model, **over):
         "loop": {"max_rounds": 3},
     }
     for k, v in over.items():
-        tree[k].update(v) if isinstance(v, dict) else tree.__setitem__(k, v)
+        tree.setdefault(k, {}).update(v) if isinstance(v, dict) else tree.__setitem__(k, v)
     return from_dict(tree)
 
 
@@ -215,3 +215,31 @@ def test_changing_structured_output_reruns_the_judge_naming_it(tmp_path, fake_se
     loop.run(changed, display=events.append)
     inval = {e["stage"]: e["changed"] for e in events if e.get("event") == "invalidated"}
     assert inval == {"r00/judge": ["service"]}
+
+
+def test_mlflow_tracking_holds_every_round_once_with_metrics_settings_and_report(tmp_path, fake_service, tiny_model):
+    from mlflow.tracking import MlflowClient
+
+    from llamaduo.tracking import tracking_uri
+
+    fake_service.responder = responder
+    cfg = make_config(tmp_path, fake_service, tiny_model, loop={"max_rounds": 2}, tracking={"backend": "mlflow"})
+    loop.run(cfg, display="quiet")
+    loop.run(cfg, display="quiet")  # resumed: nothing new to log
+    client = MlflowClient(tracking_uri(cfg))
+    exp = client.get_experiment_by_name("llamaduo")
+    runs = client.search_runs([exp.experiment_id])
+    rounds = sorted((r for r in runs if r.data.tags.get("llamaduo.kind") == "round"),
+                    key=lambda r: int(r.data.tags["llamaduo.round"]))
+    parent = next(r for r in runs if r.data.tags.get("llamaduo.kind") == "run")
+    assert [r.data.tags["llamaduo.round"] for r in rounds] == ["0", "1"]
+    manifest = RunStore(cfg.run_dir).read_manifest()
+    for r in rounds:
+        rec = manifest.rounds[f"r{int(r.data.tags['llamaduo.round']):02d}"]
+        assert r.data.metrics["value"] == rec.value and "precision_mean" in r.data.metrics
+        assert r.data.params["train.learning_rate"] == str(cfg.train.learning_rate)
+        assert "inputs.train" in r.data.params and r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert {a.path for a in client.list_artifacts(r.info.run_id, "report")} == {"report/report.html", "report/report.md"}
+    history = client.get_metric_history(parent.info.run_id, "value")
+    assert sorted(m.step for m in history) == [0, 1]
+    assert parent.data.tags["llamaduo.stop_reason"] == manifest.stop_reason

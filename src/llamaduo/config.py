@@ -242,6 +242,16 @@ class LoopConfig(Strict):
     max_wall_s: float | None = Field(None, gt=0, description="Wall-clock limit for the whole run in seconds.")
 
 
+class TrackingConfig(Strict):
+    backend: Literal["none", "mlflow"] = Field(
+        "none", description="Experiment tracking: 'mlflow' logs every round's settings, data, scores, cost and report."
+    )
+    uri: str | None = Field(
+        None, description="MLflow tracking URI; None = a local file store, runs_dir/mlruns."
+    )
+    experiment: str | None = Field(None, description="MLflow experiment name; None = 'llamaduo'.")
+
+
 # --------------------------------------------------------------------------- deploy
 class DeployConfig(Strict):
     formats: list[Literal["hf", "gguf", "ollama"]] = Field(
@@ -276,6 +286,7 @@ class Config(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning.")
     infer: InferConfig = Field(default_factory=InferConfig, description="Batch inference on the test split.")
     loop: LoopConfig = Field(default_factory=LoopConfig, description="Rounds and stop rules.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Experiment tracking (MLflow).")
     deploy: DeployConfig = Field(default_factory=DeployConfig, description="Export.")
     serve: ServeConfig = Field(default_factory=ServeConfig, description="OpenAI-compatible server.")
 

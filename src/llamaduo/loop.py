@@ -22,6 +22,7 @@ from llamaduo.prepare import PrepareResult
 from llamaduo.progress import Bar, Display, make_display
 from llamaduo.stages import Run
 from llamaduo.store import RunStore
+from llamaduo.tracking import NullTracker, make_tracker
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
@@ -81,6 +82,15 @@ def write_report(store: RunStore, show: Display) -> None:
         show({"event": "warning", "message": f"report not written: {type(e).__name__}: {e}"})
 
 
+def _tracked(show: Display, what: str, fn, *args):
+    """Experiment tracking is a side channel: its failure is a warning, never a stopped run."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        show({"event": "warning", "message": f"tracking ({what}) failed: {type(e).__name__}: {e}"})
+        return None
+
+
 def prepare(cfg: Config, display: Display | str = "quiet") -> PrepareResult:
     """`llamaduo prepare`: validate, split and describe the data, recorded so that `run` skips it."""
     run_ = Run(cfg, make_display(display) if isinstance(display, str) else display)
@@ -110,6 +120,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
         run_.write_config()
         store.init_manifest(cfg.seed)
         store.update_manifest(state="running", stop_reason=None)
+        tracker = _tracked(show, "start", make_tracker, cfg, store) or NullTracker()
         rounds: list[RoundRecord] = []
         best: tuple[float, int] | None = None
         since_best = 0
@@ -158,6 +169,8 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
                 )
                 failed_judge = judge_failed(cfg, scores)
                 write_report(store, show)
+                train = store.read_train_result(r) if store.train_result_path(r).exists() else None
+                _tracked(show, f"round {r}", tracker.round, record, scores, train, ledger, upstream)
                 if failed_judge is not None:
                     # Nothing after this round is paid for on a judge whose word cannot be read.
                     stop_reason = "judge_failed"
@@ -183,6 +196,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
         store.update_manifest(state="finished", stop_reason=stop_reason, best_round=best_round, best_value=best_value)
         show({"event": "stop", "reason": stop_reason, "best_round": best_round, "value": best_value})
         write_report(store, show)
+        _tracked(show, "finish", tracker.finish, stop_reason, best_round, best_value)
         return LoopResult(
             run_dir=store.root, stop_reason=stop_reason, best_round=best_round, best_value=best_value, rounds=rounds
         )
