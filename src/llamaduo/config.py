@@ -133,6 +133,11 @@ class JudgeConfig(Strict):
         0.5, ge=0, le=1,
         description="Stop the loop (judge_failed) when fewer than this share of judge replies are valid judgments.",
     )
+    require_kappa: float | None = Field(
+        None, ge=-1, le=1,
+        description="If set, a round passes only when `llamaduo calibrate` found the judge's pass/fail agreeing with "
+        "people's labels at Cohen's kappa ≥ this (calibration.json); None = no calibration required.",
+    )
 
 
 # ---------------------------------------------------------------------------- synth

@@ -240,6 +240,7 @@ def _worst_items(
                 candidate=pred.text if pred else "n/a",
                 scores={mt: means[mt][key] for mt in METRICS if key in means[mt]},
                 reasons=reasons.get(key, []),
+                length_cut=pred is not None and pred.finish_reason == "length",
             )
         )
     return r, items

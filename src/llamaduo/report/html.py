@@ -15,6 +15,7 @@ from llamaduo.artifacts import METRICS
 from llamaduo.report.charts import data_stacks, svg_histogram, svg_rounds, svg_stacked
 from llamaduo.report.views import (
     AGREEMENT_HEAD,
+    CUT_TEXT,
     JUDGING_HEAD,
     STAGE_COLORS,
     STATS,
@@ -205,7 +206,7 @@ def _html_data(view: ReportView) -> str:
 
 def _html_judging(view: ReportView) -> str:
     rows = [[_e(c) for c in r] for r in judging_rows(view)]
-    table = _table(JUDGING_HEAD, rows, (0, 7)) if rows else "<p class='note'>n/a</p>"
+    table = _table(JUDGING_HEAD, rows, (0, len(JUDGING_HEAD) - 1)) if rows else "<p class='note'>n/a</p>"
     agree = [[_e(c) for c in r] for r in agreement_rows(view)]
     panel = "<h3>Judge agreement</h3>" + _table(AGREEMENT_HEAD, agree, (0, 1, 2)) if agree else ""
     return (
@@ -224,9 +225,10 @@ def _html_worst(view: ReportView) -> str:
     for it in view.worst:
         scores = " · ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
         reasons = "".join(f"<li>{_e(r)}</li>" for r in it.reasons) or "<li>n/a</li>"
+        cut = f" · <span class='pill fail'>{_e(CUT_TEXT)}</span>" if it.length_cut else ""
         items.append(
             f"<div class='item'><div class='meta'><b>{_e(it.prompt_id)}</b> · sample {it.sample_index} · "
-            f"{_e(it.category)} · {_e(scores)}</div><div class='texts'>"
+            f"{_e(it.category)} · {_e(scores)}{cut}</div><div class='texts'>"
             f"<div><b>prompt</b><pre>{_e(clip(it.prompt))}</pre></div>"
             f"<div><b>reference</b><pre>{_e(clip(it.reference))}</pre></div>"
             f"<div><b>candidate</b><pre>{_e(clip(it.candidate))}</pre></div></div>"

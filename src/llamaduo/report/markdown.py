@@ -9,6 +9,7 @@ from llamaduo import cost as cost_mod
 from llamaduo.artifacts import METRICS
 from llamaduo.report.views import (
     AGREEMENT_HEAD,
+    CUT_TEXT,
     JUDGING_HEAD,
     STATS,
     ReportView,
@@ -126,7 +127,8 @@ def _md_worst(view: ReportView) -> list[str]:
     L = [f"## Lowest-scoring answers of round r{view.worst_round:02d}", ""]
     for it in view.worst:
         scores = ", ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
-        L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}", ""]
+        cut = f" — **{CUT_TEXT}**" if it.length_cut else ""
+        L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}{cut}", ""]
         for name, text in (("prompt", it.prompt), ("reference", it.reference), ("candidate", it.candidate)):
             L += [f"**{name}**", "", *_fence(clip(text)), ""]
         L += [f"- {_md(r)}" for r in it.reasons] + [""]

@@ -71,6 +71,7 @@ class WorstItem:
     candidate: str
     scores: dict[str, float]
     reasons: list[str]
+    length_cut: bool = False  # the token limit cut the candidate off (finish_reason "length")
 
 
 @dataclass
@@ -160,7 +161,9 @@ def clip(s: str) -> str:
     return s if len(s) <= TEXT_LIMIT else s[:TEXT_LIMIT] + f" … [{len(s) - TEXT_LIMIT:,} more characters]"
 
 
-JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "judgments", "failed judgments", "most common failure"]
+JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "cut by the token limit", "judgments",
+                "failed judgments", "most common failure"]
+CUT_TEXT = "cut by the token limit"  # the marker of a candidate that ended at infer.max_new_tokens
 AGREEMENT_HEAD = ["round", "judges", "metric", "candidates", "Pearson r", "mean abs. difference"]
 
 
@@ -171,7 +174,7 @@ def judging_rows(view: ReportView) -> list[list[str]]:
         err = rv.judge_errors.most_common(1)
         c = rv.counts
         counts = [count_text(None if c is None else getattr(c, k))
-                  for k in ("candidates", "judged", "unjudged", "missing", "judgments", "failed")]
+                  for k in ("candidates", "judged", "unjudged", "missing", "length_cut", "judgments", "failed")]
         rows.append([rv.label, *counts, f"{err[0][0]} (×{err[0][1]})" if err else "—"])
     return rows
 
