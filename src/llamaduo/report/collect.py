@@ -128,6 +128,7 @@ def collect(store: RunStore) -> ReportView:
     tests = rd.get(store.test_path, lambda: {ex.id: ex for ex in load_examples(store.test_path)}, {})
     view.worst_round, view.worst = _worst_items(rd, view, judgments, tests)
     _fill_projection(rd, view)
+    view.calibration = rd.get(store.calibration_path, store.read_calibration, None)
     return view
 
 

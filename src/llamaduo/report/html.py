@@ -15,12 +15,16 @@ from llamaduo.artifacts import METRICS
 from llamaduo.report.charts import data_stacks, svg_histogram, svg_rounds, svg_stacked
 from llamaduo.report.views import (
     AGREEMENT_HEAD,
+    CALIBRATION_HEAD,
     CUT_TEXT,
     JUDGING_HEAD,
+    PROBE_HEAD,
     STAGE_COLORS,
     STATS,
     ReportView,
     agreement_rows,
+    calibration_rows,
+    calibration_text,
     ci_text,
     clip,
     count_text,
@@ -28,6 +32,7 @@ from llamaduo.report.views import (
     fmt_usd,
     judging_rows,
     passed_text,
+    probe_rows,
     rule_text,
     simulated_text,
     stat_text,
@@ -217,6 +222,22 @@ def _html_judging(view: ReportView) -> str:
     )
 
 
+def _html_judge_card(view: ReportView) -> str:
+    cal = view.calibration
+    head = "<section id='judge-card'><h2>Judge card</h2>"
+    if cal is None:
+        return (head + "<p class='note'>n/a: the judge is not calibrated. Label candidates with <code>llamaduo review "
+                "RUN_DIR</code>, then run <code>llamaduo calibrate RUN_DIR</code> (agreement with people and bias probes)."
+                "</p></section>")
+    note = re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(calibration_text(cal)))
+    agree = _table(CALIBRATION_HEAD, [[_e(c) for c in r] for r in calibration_rows(cal)]) if cal.judges else ""
+    rows = [[_e(c) for c in r[:-1]] + [_pill(None if r[-1] == "n/a" else r[-1] == "pass")] for r in probe_rows(cal)]
+    probes = ("<h3>Bias probes</h3><p class='note'>Known answers through the run's judge: the reference must score high, "
+              "an empty answer low; padding and an instruction to award 100 must not gain; swapping reference and "
+              "candidate must not move similarity much.</p>" + _table(PROBE_HEAD, rows, (0, 1, 5))) if cal.probes else ""
+    return f"{head}<p class='note'>{note}</p>{agree}{probes}</section>"
+
+
 def _html_worst(view: ReportView) -> str:
     title = f"Lowest-scoring answers of round r{view.worst_round:02d}" if view.worst_round is not None else "Lowest-scoring answers"
     if not view.worst:
@@ -266,6 +287,7 @@ def render_html(view: ReportView) -> str:
         + _html_cost(view)
         + _html_data(view)
         + _html_judging(view)
+        + _html_judge_card(view)
         + _html_worst(view)
         + _html_projection(view)
         + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"

@@ -9,11 +9,15 @@ from llamaduo import cost as cost_mod
 from llamaduo.artifacts import METRICS
 from llamaduo.report.views import (
     AGREEMENT_HEAD,
+    CALIBRATION_HEAD,
     CUT_TEXT,
     JUDGING_HEAD,
+    PROBE_HEAD,
     STATS,
     ReportView,
     agreement_rows,
+    calibration_rows,
+    calibration_text,
     ci_text,
     clip,
     count_text,
@@ -21,6 +25,7 @@ from llamaduo.report.views import (
     fmt_usd,
     judging_rows,
     passed_text,
+    probe_rows,
     rule_text,
     simulated_text,
     stat_text,
@@ -121,6 +126,19 @@ def _md_judging(view: ReportView) -> list[str]:
     return L
 
 
+def _md_judge_card(view: ReportView) -> list[str]:
+    L = ["## Judge card", ""]
+    cal = view.calibration
+    if cal is None:
+        return L + ["n/a: the judge is not calibrated; label with `llamaduo review RUN_DIR`, then run `llamaduo calibrate RUN_DIR`.", ""]
+    L += [_md(calibration_text(cal)), ""]
+    if cal.judges:
+        L += _md_table(CALIBRATION_HEAD, [[_md(c) for c in r] for r in calibration_rows(cal)])
+    if cal.probes:
+        L += ["### Bias probes", ""] + _md_table(PROBE_HEAD, [[_md(c) for c in r] for r in probe_rows(cal)])
+    return L
+
+
 def _md_worst(view: ReportView) -> list[str]:
     if not view.worst:
         return []
@@ -144,7 +162,7 @@ def _md_projection(view: ReportView) -> list[str]:
 
 def render_markdown(view: ReportView) -> str:
     """The report as Markdown: the same numbers and texts, without charts."""
-    L = _md_header(view) + _md_rounds(view) + _md_cost(view) + _md_data(view) + _md_judging(view)
+    L = _md_header(view) + _md_rounds(view) + _md_cost(view) + _md_data(view) + _md_judging(view) + _md_judge_card(view)
     L += _md_worst(view) + _md_projection(view)
     if view.problems:
         L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llamaduo import cost as cost_mod
-from llamaduo.artifacts import Agreement, Counts, LedgerRow, Scores
+from llamaduo.artifacts import Agreement, Calibration, Counts, LedgerRow, Scores
 
 STATS = ("mean", "median", "coverage@50", "coverage@70")
 WORST_N = 5
@@ -109,6 +109,7 @@ class ReportView:
     projection: cost_mod.CostProjection | None = None
     projection_note: str = ""
     problems: list[str] = field(default_factory=list)  # unreadable pieces, one line each
+    calibration: Calibration | None = None  # the judge card: agreement with people and bias probes
 
 
 # ------------------------------------------------------------------ text shared by the renderers
@@ -186,3 +187,37 @@ def agreement_rows(view: ReportView) -> list[list[str]]:
         for rv in view.rounds + view.references
         for a in rv.agreement
     ]
+
+
+CALIBRATION_HEAD = ["judge", "scored by people", "Spearman ρ", "95% CI", "pass/fail labels", "Cohen's κ", "95% CI", "agreement"]
+PROBE_HEAD = ["probe", "judge", "items", "similarity", "precision", "check", "value", "result"]
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def calibration_rows(cal: Calibration) -> list[list[str]]:
+    """Plain-text rows: each judge's agreement with people's labels."""
+    return [
+        [j.judge, str(j.scored), fmt(j.spearman, 2), _ci(j.spearman_ci), str(j.classified), fmt(j.kappa, 2),
+         _ci(j.kappa_ci), "n/a" if j.agreement is None else f"{j.agreement:.0%}"]
+        for j in cal.judges
+    ]
+
+
+def probe_rows(cal: Calibration) -> list[list[str]]:
+    """Plain-text rows: each bias probe's scores and its check (result last: pass / FAIL / n/a)."""
+    return [
+        [p.probe, p.judge, str(p.items), fmt(p.similarity), fmt(p.precision), p.check, fmt(p.value),
+         "n/a" if p.passed is None else ("pass" if p.passed else "FAIL")]
+        for p in cal.probes
+    ]
+
+
+def calibration_text(cal: Calibration) -> str:
+    """One line on what the card rests on: labels matched, the pass threshold, the probes' cost."""
+    cost = f"probes cost {fmt_usd(cal.cost.usd)} ({cal.cost.calls} calls; reruns are cache hits)" if cal.probes else "no probes run"
+    labels = (f"{cal.matched} of {cal.labels} people's labels matched a judged candidate ({cal.metric}, a candidate "
+              f"passes at {cal.threshold:g})") if cal.labels else "no people's labels yet (label with `llamaduo review`)"
+    return f"{labels}; {cost}; calibrated {cal.at or 'n/a'}."
