@@ -84,3 +84,20 @@ def test_judge_calls_to_a_real_server_finish_and_unusable_replies_are_recorded(l
     assert text.ok and isinstance(text.raw, str)
     rows = sqlite3.connect(tmp_path / "service.sqlite").execute("SELECT status FROM calls").fetchall()
     assert rows and all(s in ("ok", "failed", "cached") or s.startswith(("http_", "timeout", "malformed")) for (s,) in rows)
+
+
+def test_the_judges_structured_request_is_accepted_and_parsed_by_llama_cpp(llama_server, tmp_path):
+    """json_schema is refused by llama.cpp; the client switches to json_object with a schema, which the
+    server turns into a grammar, so even a base model's reply parses as a judgment."""
+    cfg = ServiceConfig(
+        base_url=llama_server, model="gemma-270m", api_key_env="LLAMADUO_UNSET", structured_output="json_schema",
+        timeout_s=120, max_retries=2, backoff_base_s=0.1, json_retries=1, concurrency=1,
+    )
+    client = ServiceClient(cfg, db_path=tmp_path / "service.sqlite")
+    msgs = [{"role": "user", "content": "Score the answer 'Paris' to 'What is the capital of France?' as JSON."}]
+    replies = client.run([client.chat_json(msgs, JudgeReply, max_tokens=200, sample_index=i, stage="judge") for i in range(2)])
+    assert all(r.ok and 1 <= r.parsed.precision.score <= 100 for r in replies), [(r.error, r.raw) for r in replies]
+    rows = sqlite3.connect(tmp_path / "service.sqlite").execute("SELECT status, error FROM calls").fetchall()
+    refused = [e for s, e in rows if s == "unsupported_format"]
+    assert len(refused) == 1 and "json_schema" in refused[0]  # the full body of the server's refusal
+    client.close()
