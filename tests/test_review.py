@@ -120,7 +120,7 @@ def test_a_reviewer_labels_three_items_in_chromium_and_they_survive_a_reload(run
 
             # The filter narrows the list.
             page.select_option("#category", "math")
-            page.wait_for_function("document.querySelectorAll('.item').length === 4")
+            sync_api.expect(page.locator(".item")).to_have_count(4)  # (no wait_for_function: the page's CSP forbids eval)
             assert not problems, problems
         finally:
             browser.close()
