@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from llamaduo import judge_commands
 from llamaduo.config import dump_config
 from llamaduo.config_file import example_yaml
 from llamaduo.console import SetOpt, call, console, err, fail, load_or_exit, run_dir_config
@@ -369,6 +370,9 @@ def demo(
         finally:
             result.handle.stop()
         console.print("stopped serving")
+
+
+judge_commands.register(app)  # review, calibrate, probe
 
 
 def main() -> None:

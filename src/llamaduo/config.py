@@ -89,8 +89,11 @@ class ServiceConfig(Strict):
     timeout_s: float = Field(60.0, gt=0, description="Per-call timeout in seconds.")
     backoff_base_s: float = Field(1.0, gt=0, description="First backoff delay; doubles per retry, with jitter.")
     backoff_max_s: float = Field(60.0, gt=0, description="Cap on one backoff delay.")
-    structured_output: Literal["json_schema", "json_object", "prompt"] = Field(
-        "json_object", description="How JSON replies are requested from the provider."
+    structured_output: Literal["json_schema", "json_object", "json_object_schema", "prompt"] = Field(
+        "json_object",
+        description="How JSON replies are requested: json_schema (strict schema; switches to json_object_schema by "
+        "itself when the server says json_schema is unsupported), json_object_schema (json_object with a `schema` "
+        "key, as llama.cpp's server constrains it), json_object (no schema sent), prompt (the prompt alone).",
     )
     prices: dict[str, Price] = Field(
         default_factory=lambda: {k: Price(**v) for k, v in DEFAULT_PRICES.items()},
@@ -132,6 +135,11 @@ class JudgeConfig(Strict):
     min_valid: float = Field(
         0.5, ge=0, le=1,
         description="Stop the loop (judge_failed) when fewer than this share of judge replies are valid judgments.",
+    )
+    require_kappa: float | None = Field(
+        None, ge=-1, le=1,
+        description="If set, a round passes only when `llamaduo calibrate` found the judge's pass/fail agreeing with "
+        "people's labels at Cohen's kappa ≥ this (calibration.json); None = no calibration required.",
     )
 
 

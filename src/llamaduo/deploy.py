@@ -305,6 +305,13 @@ def model_card(cfg: Config, store: RunStore, r: int) -> str:
                 f"| {metric} | {_fmt(st.mean)} | {_fmt(st.median)} | {_fmt(st.coverage_50)} "
                 f"| {_fmt(st.coverage_70)} | {ci_txt} |"
             )
+        c = scores.counts
+        if any(scores.metric(mt).mean is None for mt in METRICS):
+            # A statistic with no valid judgment is n/a, never 0; say why, with what the judge said.
+            lines += ["", f"n/a: {c.failed} of {c.judgments} judgments failed (no valid judgment)."]
+            if scores.failed_reply:
+                reply = scores.failed_reply[:300].replace("`", "'").replace("\n", " ")
+                lines.append(f"One raw judge reply: `{reply}`")
     else:
         lines.append("No judged scores for this round.")
     total = m.ledger.total if m.ledger else LedgerRow()

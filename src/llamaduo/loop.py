@@ -36,10 +36,15 @@ class LoopResult(BaseModel):
     rounds: list[RoundRecord]
 
 
-def decide(cfg: Config, scores: Scores, baseline: Scores | None):
-    from llamaduo.scoring import evaluate_pass
+def decide(cfg: Config, scores: Scores, baseline: Scores | None, store: RunStore | None = None):
+    from llamaduo.scoring import evaluate_pass, require_kappa
 
-    return evaluate_pass(scores, cfg.judge.pass_rule, baseline)
+    decision = evaluate_pass(scores, cfg.judge.pass_rule, baseline)
+    if cfg.judge.require_kappa is None:
+        return decision
+    # judge.require_kappa: only a judge calibrated against people may pass a round
+    cal = store.read_calibration() if store is not None and store.calibration_path.exists() else None
+    return require_kappa(decision, cal, cfg.judge.require_kappa)
 
 
 def judge_failed(cfg: Config, scores: Scores) -> str | None:
@@ -136,7 +141,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
                 upstream = run_.train(r, upstream)
                 upstream = run_.infer(r, upstream)
                 upstream, scores = run_.judge(r, upstream)
-                decision = decide(cfg, scores, baseline)
+                decision = decide(cfg, scores, baseline, store)
                 value = decision.value
                 for w in scores.warnings:
                     show({"event": "warning", "round": r, "message": w})

@@ -19,7 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from llamaduo.artifacts import METRICS, Agreement, Counts, Judgment, MetricStats, PassDecision, Scores
+from llamaduo.artifacts import (
+    METRICS,
+    Agreement,
+    Calibration,
+    Counts,
+    Judgment,
+    MetricStats,
+    PassDecision,
+    Scores,
+)
 from llamaduo.config import Config, PassRule
 from llamaduo.data import Example
 from llamaduo.errors import UserError
@@ -226,3 +235,18 @@ def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None
     passed = value >= target
     return PassDecision(passed=passed, value=value, target=target, statistic=rule.statistic, metric=rule.metric,
                         relative=relative, reason=f"{label} {value:.2f} {'≥' if passed else '<'} {target:g}")
+
+
+def require_kappa(decision: PassDecision, calibration: Calibration | None, required: float) -> PassDecision:
+    """`judge.require_kappa`: the round cannot pass unless the judge agreed with people at κ ≥ `required`."""
+    deciding = calibration.deciding() if calibration is not None else None
+    if deciding is None:
+        why = "no calibration against people yet (label with `llamaduo review`, then run `llamaduo calibrate`)"
+    elif deciding.kappa is None:
+        why = f"Cohen's kappa of the judge ({deciding.judge}) against people is not measured (n/a)"
+    elif deciding.kappa < required:
+        why = f"the judge ({deciding.judge}) agrees with people at kappa {deciding.kappa:.2f} < {required:g}"
+    else:
+        return decision.model_copy(update={"reason": f"{decision.reason}; judge calibrated (kappa {deciding.kappa:.2f})"})
+    return decision.model_copy(update={
+        "passed": False, "reason": f"{decision.reason}; cannot pass: {why} (judge.require_kappa {required:g})"})

@@ -79,7 +79,8 @@ class Run:
         from llamaduo import judge as judge_mod
 
         return {
-            "judge": self.cfg.judge.model_dump(mode="json"),
+            # require_kappa changes the pass rule, not the request: changing it must not rerun the judge
+            "judge": self.cfg.judge.model_dump(mode="json", exclude={"require_kappa"}),
             "model": self.cfg.judge_model,
             "service": self.service_request_settings(),
             "template": judge_mod.judge_template(self.cfg).hash,

@@ -27,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from llamaduo.artifacts import (
     MANIFEST_VERSION,
+    Calibration,
     Completion,
     Judgment,
     Ledger,
@@ -241,6 +242,16 @@ class RunStore:
     def log_path(self) -> Path:
         return self.root / "run.log"
 
+    @property
+    def labels_path(self) -> Path:  # people's labels: `review` writes them (under labels_lock), `calibrate` reads them
+        return self.root / "labels.jsonl"
+
+    labels_lock = property(lambda self: self.root / ".labels.lock")  # held while labels.jsonl is rewritten
+
+    @property
+    def calibration_path(self) -> Path:
+        return self.root / "calibration.json"
+
     def round_dir(self, r: int) -> Path:
         return self.root / "rounds" / f"r{r:02d}"
 
@@ -324,6 +335,12 @@ class RunStore:
 
     def read_train_result(self, r: int) -> TrainResult:
         return read_model(self.train_result_path(r), TrainResult, self._rerun(r, "train"))
+
+    def write_calibration(self, cal: Calibration) -> None:
+        write_json(self.calibration_path, cal.model_dump(mode="json"))
+
+    def read_calibration(self) -> Calibration:
+        return read_model(self.calibration_path, Calibration, f"rerun `llamaduo calibrate {self.root}`")
 
     # ---- manifest
     def read_manifest(self) -> Manifest:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from llamaduo.artifacts import Calibration
 from llamaduo.errors import UserError
 from llamaduo.store import RunStore
 
@@ -59,3 +60,33 @@ def runs_table(runs_dir: Path) -> Any:
             m.stop_reason or "-",
         )
     return t
+
+
+def _stat(v: float | None, ci: list[float] | None = None) -> str:
+    return ("n/a" if v is None else f"{v:.2f}") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def calibration_table(cal: Calibration) -> Any:
+    """`llamaduo calibrate` / `probe`: agreement with people per judge, then the bias probes."""
+    from rich.console import Group
+    from rich.table import Table
+
+    parts = []
+    if cal.judges:
+        t = Table(title=f"judge vs people: {cal.matched} of {cal.labels} labels matched; {cal.metric}, pass at {cal.threshold:g}")
+        for col in ("judge", "scored", "Spearman ρ [95% CI]", "pass/fail", "Cohen's κ [95% CI]", "agreement"):
+            t.add_column(col, justify="left" if col == "judge" else "right")
+        for j in cal.judges:
+            t.add_row(j.judge, str(j.scored), _stat(j.spearman, j.spearman_ci), str(j.classified),
+                      _stat(j.kappa, j.kappa_ci), "n/a" if j.agreement is None else f"{j.agreement:.0%}")
+        parts.append(t)
+    if cal.probes:
+        t = Table(title=f"bias probes on {cal.probe_items} test items; cost ${cal.cost.usd:.4f} "
+                        f"({cal.cost.calls} calls, {cal.cost.cached} cached)")
+        for col in ("probe", "judge", "items", "similarity", "precision", "check", "value", "result"):
+            t.add_column(col, justify="right" if col in ("items", "similarity", "precision", "value") else "left")
+        for p in cal.probes:
+            result = "n/a" if p.passed is None else ("pass" if p.passed else "[red]FAIL[/]")
+            t.add_row(p.probe, p.judge, str(p.items), _num(p.similarity), _num(p.precision), p.check, _num(p.value), result)
+        parts.append(t)
+    return Group(*parts)

@@ -75,7 +75,7 @@ def test_a_round_with_no_judged_candidate_shows_na_not_zero(tmp_path):
     assert md_row == "| r00 | 20 | 0 | " + "n/a | " * 9 + "fail |"
     assert "precision mean n/a" in md and "0.0" not in md_row
     # The counts were measured: eight candidates, none judged, eight failed judgments.
-    assert "| r00 | 8 | 0 | 8 | 0 | 8 | 8 | timeout (×8) |" in md
+    assert "| r00 | 8 | 0 | 8 | 0 | 0 | 8 | 8 | timeout (×8) |" in md
 
 
 def test_empty_scores_model_reads_as_na(tmp_path):

@@ -7,6 +7,7 @@ the client must record that and carry on, never crash.
 
 from __future__ import annotations
 
+import json
 import socket
 import sqlite3
 import subprocess
@@ -84,3 +85,28 @@ def test_judge_calls_to_a_real_server_finish_and_unusable_replies_are_recorded(l
     assert text.ok and isinstance(text.raw, str)
     rows = sqlite3.connect(tmp_path / "service.sqlite").execute("SELECT status FROM calls").fetchall()
     assert rows and all(s in ("ok", "failed", "cached") or s.startswith(("http_", "timeout", "malformed")) for (s,) in rows)
+
+
+def test_the_judges_structured_request_is_accepted_and_parsed_by_llama_cpp(llama_server, tmp_path):
+    """json_schema is refused by llama.cpp (a 500 saying "validation error"); the client switches to
+    json_object with a schema, which the server turns into a grammar: every reply is then a JSON object
+    of the judgment's shape. (llama-cpp-python's grammar ignores the schema's 1-100 bounds, so a base
+    model may still write a score out of range: that judgment fails validation, it is never scored.)"""
+    cfg = ServiceConfig(
+        base_url=llama_server, model="gemma-270m", api_key_env="LLAMADUO_UNSET", structured_output="json_schema",
+        timeout_s=120, max_retries=2, backoff_base_s=0.1, json_retries=1, concurrency=1,
+    )
+    client = ServiceClient(cfg, db_path=tmp_path / "service.sqlite")
+    msgs = [{"role": "user", "content": "Score the answer 'Paris' to 'What is the capital of France?' as JSON."}]
+    replies = client.run([client.chat_json(msgs, JudgeReply, max_tokens=200, sample_index=i, stage="judge") for i in range(3)])
+    for r in replies:
+        assert r.raw is not None and (r.ok or "invalid JSON for JudgeReply" in r.error), r
+        reply = json.loads(r.raw, strict=False)  # the grammar's shape: both criteria, each a score and a reason
+        assert set(reply) == {"similarity", "precision"} and all(set(v) == {"score", "reason"} for v in reply.values())
+        if r.ok:
+            assert 1 <= r.parsed.precision.score <= 100
+    rows = sqlite3.connect(tmp_path / "service.sqlite").execute("SELECT status, error FROM calls").fetchall()
+    refused = [e for s, e in rows if s == "unsupported_format"]
+    assert len(refused) == 1 and "'input': 'json_schema'" in refused[0]  # the server's whole refusal, not its first line
+    assert all(s in ("ok", "unsupported_format", "failed") for s, _ in rows)
+    client.close()

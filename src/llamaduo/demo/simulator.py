@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-Responder = Callable[[dict[str, Any]], "str | dict[str, Any]"]
+Responder = Callable[[dict[str, Any]], "str | dict[str, Any] | ErrorReply"]
+
+
+@dataclass
+class ErrorReply:
+    """What a responder returns to answer with an HTTP error (e.g. a server refusing a request field)."""
+
+    status: int
+    message: str
 
 
 @dataclass
@@ -345,6 +353,9 @@ class SimulatedService:
                     elif fault.kind == "bad_content":
                         content = fault.text
                 reply = svc.responder(body) if content is None else content
+                if isinstance(reply, ErrorReply):
+                    self._error(reply.status, reply.message)
+                    return
                 if isinstance(reply, dict):
                     self._send(200, json.dumps(reply).encode())
                     return

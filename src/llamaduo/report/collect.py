@@ -128,6 +128,7 @@ def collect(store: RunStore) -> ReportView:
     tests = rd.get(store.test_path, lambda: {ex.id: ex for ex in load_examples(store.test_path)}, {})
     view.worst_round, view.worst = _worst_items(rd, view, judgments, tests)
     _fill_projection(rd, view)
+    view.calibration = rd.get(store.calibration_path, store.read_calibration, None)
     return view
 
 
@@ -240,6 +241,7 @@ def _worst_items(
                 candidate=pred.text if pred else "n/a",
                 scores={mt: means[mt][key] for mt in METRICS if key in means[mt]},
                 reasons=reasons.get(key, []),
+                length_cut=pred is not None and pred.finish_reason == "length",
             )
         )
     return r, items

@@ -15,11 +15,16 @@ from llamaduo.artifacts import METRICS
 from llamaduo.report.charts import data_stacks, svg_histogram, svg_rounds, svg_stacked
 from llamaduo.report.views import (
     AGREEMENT_HEAD,
+    CALIBRATION_HEAD,
+    CUT_TEXT,
     JUDGING_HEAD,
+    PROBE_HEAD,
     STAGE_COLORS,
     STATS,
     ReportView,
     agreement_rows,
+    calibration_rows,
+    calibration_text,
     ci_text,
     clip,
     count_text,
@@ -27,6 +32,7 @@ from llamaduo.report.views import (
     fmt_usd,
     judging_rows,
     passed_text,
+    probe_rows,
     rule_text,
     simulated_text,
     stat_text,
@@ -205,7 +211,7 @@ def _html_data(view: ReportView) -> str:
 
 def _html_judging(view: ReportView) -> str:
     rows = [[_e(c) for c in r] for r in judging_rows(view)]
-    table = _table(JUDGING_HEAD, rows, (0, 7)) if rows else "<p class='note'>n/a</p>"
+    table = _table(JUDGING_HEAD, rows, (0, len(JUDGING_HEAD) - 1)) if rows else "<p class='note'>n/a</p>"
     agree = [[_e(c) for c in r] for r in agreement_rows(view)]
     panel = "<h3>Judge agreement</h3>" + _table(AGREEMENT_HEAD, agree, (0, 1, 2)) if agree else ""
     return (
@@ -216,6 +222,22 @@ def _html_judging(view: ReportView) -> str:
     )
 
 
+def _html_judge_card(view: ReportView) -> str:
+    cal = view.calibration
+    head = "<section id='judge-card'><h2>Judge card</h2>"
+    if cal is None:
+        return (head + "<p class='note'>n/a: the judge is not calibrated. Label candidates with <code>llamaduo review "
+                "RUN_DIR</code>, then run <code>llamaduo calibrate RUN_DIR</code> (agreement with people and bias probes)."
+                "</p></section>")
+    note = re.sub(r"`([^`]+)`", r"<code>\1</code>", _e(calibration_text(cal)))
+    agree = _table(CALIBRATION_HEAD, [[_e(c) for c in r] for r in calibration_rows(cal)]) if cal.judges else ""
+    rows = [[_e(c) for c in r[:-1]] + [_pill(None if r[-1] == "n/a" else r[-1] == "pass")] for r in probe_rows(cal)]
+    probes = ("<h3>Bias probes</h3><p class='note'>Known answers through the run's judge: the reference must score high, "
+              "an empty answer low; padding and an instruction to award 100 must not gain; swapping reference and "
+              "candidate must not move similarity much.</p>" + _table(PROBE_HEAD, rows, (0, 1, 5))) if cal.probes else ""
+    return f"{head}<p class='note'>{note}</p>{agree}{probes}</section>"
+
+
 def _html_worst(view: ReportView) -> str:
     title = f"Lowest-scoring answers of round r{view.worst_round:02d}" if view.worst_round is not None else "Lowest-scoring answers"
     if not view.worst:
@@ -224,9 +246,10 @@ def _html_worst(view: ReportView) -> str:
     for it in view.worst:
         scores = " · ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
         reasons = "".join(f"<li>{_e(r)}</li>" for r in it.reasons) or "<li>n/a</li>"
+        cut = f" · <span class='pill fail'>{_e(CUT_TEXT)}</span>" if it.length_cut else ""
         items.append(
             f"<div class='item'><div class='meta'><b>{_e(it.prompt_id)}</b> · sample {it.sample_index} · "
-            f"{_e(it.category)} · {_e(scores)}</div><div class='texts'>"
+            f"{_e(it.category)} · {_e(scores)}{cut}</div><div class='texts'>"
             f"<div><b>prompt</b><pre>{_e(clip(it.prompt))}</pre></div>"
             f"<div><b>reference</b><pre>{_e(clip(it.reference))}</pre></div>"
             f"<div><b>candidate</b><pre>{_e(clip(it.candidate))}</pre></div></div>"
@@ -264,6 +287,7 @@ def render_html(view: ReportView) -> str:
         + _html_cost(view)
         + _html_data(view)
         + _html_judging(view)
+        + _html_judge_card(view)
         + _html_worst(view)
         + _html_projection(view)
         + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"

@@ -9,10 +9,15 @@ from llamaduo import cost as cost_mod
 from llamaduo.artifacts import METRICS
 from llamaduo.report.views import (
     AGREEMENT_HEAD,
+    CALIBRATION_HEAD,
+    CUT_TEXT,
     JUDGING_HEAD,
+    PROBE_HEAD,
     STATS,
     ReportView,
     agreement_rows,
+    calibration_rows,
+    calibration_text,
     ci_text,
     clip,
     count_text,
@@ -20,6 +25,7 @@ from llamaduo.report.views import (
     fmt_usd,
     judging_rows,
     passed_text,
+    probe_rows,
     rule_text,
     simulated_text,
     stat_text,
@@ -120,13 +126,27 @@ def _md_judging(view: ReportView) -> list[str]:
     return L
 
 
+def _md_judge_card(view: ReportView) -> list[str]:
+    L = ["## Judge card", ""]
+    cal = view.calibration
+    if cal is None:
+        return L + ["n/a: the judge is not calibrated; label with `llamaduo review RUN_DIR`, then run `llamaduo calibrate RUN_DIR`.", ""]
+    L += [_md(calibration_text(cal)), ""]
+    if cal.judges:
+        L += _md_table(CALIBRATION_HEAD, [[_md(c) for c in r] for r in calibration_rows(cal)])
+    if cal.probes:
+        L += ["### Bias probes", ""] + _md_table(PROBE_HEAD, [[_md(c) for c in r] for r in probe_rows(cal)])
+    return L
+
+
 def _md_worst(view: ReportView) -> list[str]:
     if not view.worst:
         return []
     L = [f"## Lowest-scoring answers of round r{view.worst_round:02d}", ""]
     for it in view.worst:
         scores = ", ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
-        L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}", ""]
+        cut = f" — **{CUT_TEXT}**" if it.length_cut else ""
+        L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}{cut}", ""]
         for name, text in (("prompt", it.prompt), ("reference", it.reference), ("candidate", it.candidate)):
             L += [f"**{name}**", "", *_fence(clip(text)), ""]
         L += [f"- {_md(r)}" for r in it.reasons] + [""]
@@ -142,7 +162,7 @@ def _md_projection(view: ReportView) -> list[str]:
 
 def render_markdown(view: ReportView) -> str:
     """The report as Markdown: the same numbers and texts, without charts."""
-    L = _md_header(view) + _md_rounds(view) + _md_cost(view) + _md_data(view) + _md_judging(view)
+    L = _md_header(view) + _md_rounds(view) + _md_cost(view) + _md_data(view) + _md_judging(view) + _md_judge_card(view)
     L += _md_worst(view) + _md_projection(view)
     if view.problems:
         L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]

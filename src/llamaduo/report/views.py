@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from llamaduo import cost as cost_mod
-from llamaduo.artifacts import Agreement, Counts, LedgerRow, Scores
+from llamaduo.artifacts import Agreement, Calibration, Counts, LedgerRow, Scores
 
 STATS = ("mean", "median", "coverage@50", "coverage@70")
 WORST_N = 5
@@ -71,6 +71,7 @@ class WorstItem:
     candidate: str
     scores: dict[str, float]
     reasons: list[str]
+    length_cut: bool = False  # the token limit cut the candidate off (finish_reason "length")
 
 
 @dataclass
@@ -108,6 +109,7 @@ class ReportView:
     projection: cost_mod.CostProjection | None = None
     projection_note: str = ""
     problems: list[str] = field(default_factory=list)  # unreadable pieces, one line each
+    calibration: Calibration | None = None  # the judge card: agreement with people and bias probes
 
 
 # ------------------------------------------------------------------ text shared by the renderers
@@ -160,7 +162,9 @@ def clip(s: str) -> str:
     return s if len(s) <= TEXT_LIMIT else s[:TEXT_LIMIT] + f" … [{len(s) - TEXT_LIMIT:,} more characters]"
 
 
-JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "judgments", "failed judgments", "most common failure"]
+JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "cut by the token limit", "judgments",
+                "failed judgments", "most common failure"]
+CUT_TEXT = "cut by the token limit"  # the marker of a candidate that ended at infer.max_new_tokens
 AGREEMENT_HEAD = ["round", "judges", "metric", "candidates", "Pearson r", "mean abs. difference"]
 
 
@@ -171,7 +175,7 @@ def judging_rows(view: ReportView) -> list[list[str]]:
         err = rv.judge_errors.most_common(1)
         c = rv.counts
         counts = [count_text(None if c is None else getattr(c, k))
-                  for k in ("candidates", "judged", "unjudged", "missing", "judgments", "failed")]
+                  for k in ("candidates", "judged", "unjudged", "missing", "length_cut", "judgments", "failed")]
         rows.append([rv.label, *counts, f"{err[0][0]} (×{err[0][1]})" if err else "—"])
     return rows
 
@@ -183,3 +187,37 @@ def agreement_rows(view: ReportView) -> list[list[str]]:
         for rv in view.rounds + view.references
         for a in rv.agreement
     ]
+
+
+CALIBRATION_HEAD = ["judge", "scored by people", "Spearman ρ", "95% CI", "pass/fail labels", "Cohen's κ", "95% CI", "agreement"]
+PROBE_HEAD = ["probe", "judge", "items", "similarity", "precision", "check", "value", "result"]
+
+
+def _ci(ci: list[float] | None) -> str:
+    return "n/a" if not ci else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def calibration_rows(cal: Calibration) -> list[list[str]]:
+    """Plain-text rows: each judge's agreement with people's labels."""
+    return [
+        [j.judge, str(j.scored), fmt(j.spearman, 2), _ci(j.spearman_ci), str(j.classified), fmt(j.kappa, 2),
+         _ci(j.kappa_ci), "n/a" if j.agreement is None else f"{j.agreement:.0%}"]
+        for j in cal.judges
+    ]
+
+
+def probe_rows(cal: Calibration) -> list[list[str]]:
+    """Plain-text rows: each bias probe's scores and its check (result last: pass / FAIL / n/a)."""
+    return [
+        [p.probe, p.judge, str(p.items), fmt(p.similarity), fmt(p.precision), p.check, fmt(p.value),
+         "n/a" if p.passed is None else ("pass" if p.passed else "FAIL")]
+        for p in cal.probes
+    ]
+
+
+def calibration_text(cal: Calibration) -> str:
+    """One line on what the card rests on: labels matched, the pass threshold, the probes' cost."""
+    cost = f"probes cost {fmt_usd(cal.cost.usd)} ({cal.cost.calls} calls; reruns are cache hits)" if cal.probes else "no probes run"
+    labels = (f"{cal.matched} of {cal.labels} people's labels matched a judged candidate ({cal.metric}, a candidate "
+              f"passes at {cal.threshold:g})") if cal.labels else "no people's labels yet (label with `llamaduo review`)"
+    return f"{labels}; {cost}; calibrated {cal.at or 'n/a'}."

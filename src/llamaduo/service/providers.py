@@ -54,6 +54,8 @@ class OpenAIProvider:
 
     def __init__(self, cfg: ServiceConfig):
         self.cfg = cfg
+        # json_schema becomes json_object_schema once the server says it does not take json_schema
+        self.schema_form = cfg.structured_output
 
     def connect(self, api_key: str) -> Any:
         import openai
@@ -62,9 +64,11 @@ class OpenAIProvider:
 
     def params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
-        if schema is not None and self.cfg.structured_output == "json_object":
+        if schema is not None and self.schema_form == "json_object":
             params["response_format"] = {"type": "json_object"}
-        elif schema is not None and self.cfg.structured_output == "json_schema":
+        elif schema is not None and self.schema_form == "json_object_schema":
+            params["response_format"] = {"type": "json_object", "schema": strict_schema(schema)}
+        elif schema is not None and self.schema_form == "json_schema":
             params["response_format"] = {
                 "type": "json_schema",
                 "json_schema": {"name": schema.__name__, "schema": strict_schema(schema), "strict": True},
@@ -72,7 +76,18 @@ class OpenAIProvider:
         return params
 
     async def send(self, sdk: Any, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[str, int, int]:
-        resp = await self.guard(sdk.chat.completions.create(model=model, messages=messages, **params))
+        fmt = params.get("response_format") or {}
+        if fmt.get("type") == "json_schema" and self.schema_form == "json_object_schema":  # switched meanwhile
+            params = {**params, "response_format": {"type": "json_object", "schema": fmt["json_schema"]["schema"]}}
+        try:
+            resp = await self.guard(sdk.chat.completions.create(model=model, messages=messages, **params))
+        except ServiceFault as fault:
+            if fmt.get("type") == "json_schema" and _rejects_json_schema(fault):
+                self.schema_form = "json_object_schema"
+                # Retryable: the retry sends the same schema as json_object + schema, which llama.cpp takes.
+                raise ServiceFault("unsupported_format", f"{fault.message} [json_schema unsupported here: "
+                                   "switching to json_object with a schema]", fault.http_status) from fault
+            raise
         if not getattr(resp, "choices", None):
             raise ServiceFault("malformed", "Malformed: reply has no choices")
         text = resp.choices[0].message.content or ""
@@ -83,6 +98,11 @@ class OpenAIProvider:
         import openai
 
         return await _guard(call, (openai.APIError,))
+
+
+def _rejects_json_schema(fault: ServiceFault) -> bool:
+    """The server refused the request because of response_format json_schema (400/422, or llama.cpp's 500)."""
+    return fault.http_status in (400, 415, 422, 500, 501) and "json_schema" in fault.message
 
 
 class AnthropicProvider:

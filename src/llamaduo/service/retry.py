@@ -28,7 +28,8 @@ class ServiceFault(Exception):
 
     @property
     def retryable(self) -> bool:
-        return self.status != "client_error"  # a 4xx other than 408/409/429 will not change
+        # a 4xx other than 408/409/429, or a 5xx that says the request is invalid, will not change
+        return self.status not in ("client_error", "invalid_request")
 
 
 def fault_from(e: BaseException) -> ServiceFault:
@@ -38,9 +39,14 @@ def fault_from(e: BaseException) -> ServiceFault:
     retry_after = parse_retry_after(headers)
     name = type(e).__name__
     msg = f"{name}: {str(e).splitlines()[0][:300]}" if str(e) else name
+    body = error_body(e)
+    if body and body not in msg:
+        msg = f"{msg} | body: {body}"  # the provider's whole error: the first line alone often says nothing
     if isinstance(e, TimeoutError) or "Timeout" in name:
         return ServiceFault("timeout", msg)
     if isinstance(status_code, int):
+        if status_code >= 500 and INVALID_REQUEST.search(msg):
+            return ServiceFault("invalid_request", msg, status_code)  # e.g. llama.cpp's 500 on a request it cannot validate
         if status_code == 429 or status_code >= 500 or status_code in (408, 409):
             return ServiceFault(f"http_{status_code}", msg, status_code, retry_after)
         if 400 <= status_code < 500:
@@ -48,6 +54,20 @@ def fault_from(e: BaseException) -> ServiceFault:
     if "Connection" in name or isinstance(e, ConnectionError):
         return ServiceFault("connection_error", msg)
     return ServiceFault("malformed", msg)
+
+
+INVALID_REQUEST = re.compile(r"validation error|invalid[ _]request|unrecognized request argument", re.I)
+ERROR_BODY_LIMIT = 4000
+
+
+def error_body(e: BaseException) -> str:
+    """The text of an HTTP error's response body (what the provider said), on one line; '' if none."""
+    response = getattr(e, "response", None)
+    try:
+        text = response.text if response is not None else ""
+    except Exception:  # a streamed body that was never read
+        text = ""
+    return " ".join(str(text or "").split())[:ERROR_BODY_LIMIT]
 
 
 def parse_retry_after(headers: Any) -> float | None:
