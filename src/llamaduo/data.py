@@ -25,8 +25,8 @@ class Lineage(BaseModel):
     """Where an example came from: the coverage file, or a synthesis call."""
 
     model_config = ConfigDict(extra="forbid")
-    source: Literal["coverage", "synthetic", "capture"] = "coverage"
-    origin: str | None = None  # input file + line/row for coverage data
+    source: Literal["coverage", "synthetic", "capture", "shadow"] = "coverage"  # shadow: live traffic
+    origin: str | None = None  # input file + line/row for coverage data; "shadow:<pair id>" for traffic
     round: int | None = None
     seed_id: str | None = None
     generator: str | None = None

@@ -182,6 +182,11 @@ class RunStore:
         return self.root / "service.sqlite"
 
     @property
+    def monitor_db(self) -> Path:
+        """Live monitoring: shadow pairs, their judgments, windows, drift events, shadow spend."""
+        return self.root / "monitor.sqlite"
+
+    @property
     def baseline_dir(self) -> Path:
         """Service-LLM answers to the test prompts, judged like a round (performance matching)."""
         return self.root / "baseline"
@@ -271,6 +276,10 @@ class RunStore:
 
     def rejected_path(self, r: int) -> Path:
         return self.round_dir(r) / "rejected.jsonl"
+
+    def traffic_path(self, r: int, part: Literal["train", "test", "rejected"] = "train") -> Path:
+        """Round r's examples from live traffic (`run --from-shadow`): train, held-out test, rejected."""
+        return self.round_dir(r) / f"traffic_{part}.jsonl"
 
     def train_result_path(self, r: int) -> Path:
         return self.round_dir(r) / "train.json"
