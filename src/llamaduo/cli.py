@@ -222,6 +222,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,  # noqa: UP045
     fallback: Annotated[bool, typer.Option("--fallback", help="Forward to the service LLM when the local model fails or is slow.")] = False,
+    shadow: Annotated[Optional[float], typer.Option("--shadow", help="Share of requests shadowed and judged (0-1).")] = None,  # noqa: UP045
     set_: SetOpt = None,
 ) -> None:
     """Serve a deployed model (or a run directory's) behind an OpenAI-compatible API."""
@@ -229,6 +230,7 @@ def serve(
     from llamaduo.store import RunStore
 
     overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
+    overrides += [f"serve.shadow_rate={shadow}"] if shadow is not None else []
     if config is not None:
         cfg = load_or_exit(config, overrides)
     elif RunStore(model_or_run_dir).config_path.exists():

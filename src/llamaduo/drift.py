@@ -111,7 +111,8 @@ class DriftMonitor:
     def _close(self, pairs: list[Pair], start: float | None, end: float | None) -> Window:
         value, ci = window_stat([float(self._score(p)) for p in pairs], self.statistic)  # type: ignore[arg-type]
         event = self._decide(value, ci)
-        state = "drifted" if self.state.drifted else "ok"
+        drifted = event[0] == "drift" if event is not None else self.state.drifted
+        state = "drifted" if drifted else "ok"  # the state after this window
         wid = self.store.add_window([p.id for p in pairs], start_ts=start, end_ts=end, metric=self.metric,
                                     statistic=self.statistic, value=value, ci=ci, target=self.target, state=state)
         if event is not None:

@@ -259,8 +259,13 @@ def build_app(model_or_run_dir: Path, cfg: Config):
 
         store = RunStore(model_or_run_dir)
         fallback = ServiceClient(cfg.service, db_path=store.service_db if store.exists() else None)
+    shadow = drift = None
+    if cfg.serve.shadow_rate > 0:
+        from llamaduo.shadow import for_run
+
+        shadow, drift = for_run(cfg, model_or_run_dir)
     app = create_app(local_generator(model, tokenizer), cfg.serve, name, fallback, defaults=cfg.infer,
-                     fallback_model=cfg.service.model)
+                     fallback_model=cfg.service.model, shadow=shadow, drift=drift)
     return app, name
 
 

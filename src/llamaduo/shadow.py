@@ -88,6 +88,7 @@ class ShadowSender:
         self.queue: queue.Queue[ShadowItem] = queue.Queue(maxsize=sv.shadow_queue if max_queue is None else max_queue)
         self.counts: Counter[str] = Counter()  # offered, sampled, sent, judged, unjudged, failed, dropped:<reason>
         self.spend_usd = store.spend_total()
+        self.probing = 0  # local answers still being generated for `probe`
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -121,8 +122,10 @@ class ShadowSender:
         """Queue the local answer a (sampled) request gets once `future` (its batcher job) is done,
         with the service answer the client was given; used while drifted, so recovery can be seen."""
         messages, max_tokens = _request_parts(request)
+        self.probing += 1
 
         def done(f: Any) -> None:
+            self.probing -= 1  # on the event loop, like the increment
             if f.cancelled() or f.exception() is not None or not f.result():
                 return
             self.enqueue(messages, str(getattr(f.result()[0], "text", f.result()[0])), model=model,
@@ -147,7 +150,7 @@ class ShadowSender:
     def drain(self, timeout_s: float = 60.0) -> bool:
         """Wait until every queued item is answered and judged (tests, benchmarks, shutdown)."""
         deadline = time.monotonic() + timeout_s
-        while self.queue.unfinished_tasks:
+        while self.queue.unfinished_tasks or self.probing:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
@@ -271,3 +274,32 @@ class ShadowSender:
             if stage in by_stage:
                 self.store.set_spend(stage, float(by_stage[stage].get("usd", 0.0)))
         self.spend_usd = self.store.spend_total()
+
+
+def for_run(cfg: Config, run_dir: Any) -> tuple[ShadowSender, DriftMonitor]:
+    """The shadow sender and drift monitor of a served run directory (its stores, client and tracker)."""
+    from llamaduo.drift import DriftMonitor
+    from llamaduo.errors import UserError
+    from llamaduo.service import ServiceClient
+    from llamaduo.store import RunStore
+    from llamaduo.tracking import NullTracker, make_tracker
+
+    store = RunStore(run_dir)
+    if not store.exists():
+        raise UserError(f"serve.shadow_rate needs a run directory (its judge protocol and monitoring store); "
+                        f"{run_dir} is not one")
+    target = None
+    rule = cfg.judge.pass_rule
+    if rule.relative_to_service is not None and store.scores_path("baseline").exists():
+        base = store.read_scores("baseline").stat(rule.metric, rule.statistic)
+        target = rule.relative_to_service * base if base is not None else None
+    try:
+        tracker = make_tracker(cfg, store)
+    except Exception as e:  # tracking is a side channel
+        log.warning("tracking not available for monitoring windows: %s: %s", type(e).__name__, e)
+        tracker = NullTracker()
+    monitor_store = MonitorStore(store.monitor_db)
+    drift = DriftMonitor(cfg, monitor_store, tracker=tracker, target=target)
+    # Its own client: the server's event loop has the fallback's (an SDK connection is per loop).
+    client = ServiceClient(cfg.service, db_path=store.service_db)
+    return ShadowSender(cfg, client, monitor_store, drift=drift), drift
