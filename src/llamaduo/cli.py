@@ -373,6 +373,11 @@ def demo(
         console.print("stopped serving")
 
 
+from llamaduo.monitor_cli import monitor as _monitor  # noqa: E402  (the command lives with its module)
+
+app.command("monitor")(_monitor)
+
+
 def main() -> None:
     from llamaduo.progress import silence_third_party_progress
 

@@ -24,6 +24,7 @@ from llamaduo.config_file import load_config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
 from llamaduo.judge import judge_models
+from llamaduo.monitor import production_view
 from llamaduo.report.views import WORST_N, CostView, ReportView, RoundView, WorstItem
 from llamaduo.scoring import candidate_means
 from llamaduo.service.calllog import ledger_from_db
@@ -128,6 +129,7 @@ def collect(store: RunStore) -> ReportView:
     tests = rd.get(store.test_path, lambda: {ex.id: ex for ex in load_examples(store.test_path)}, {})
     view.worst_round, view.worst = _worst_items(rd, view, judgments, tests)
     _fill_projection(rd, view)
+    view.production = rd.get(store.monitor_db, lambda: production_view(store), None)
     return view
 
 
