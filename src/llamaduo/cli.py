@@ -101,12 +101,13 @@ def run(
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard the existing run directory and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final line.")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="Progress as JSON lines (for CI logs).")] = False,
+    from_shadow: Annotated[bool, typer.Option("--from-shadow", help="Add a round trained on shadowed live traffic.")] = False,
 ) -> None:
     """Run the migration loop: train, infer, judge, synthesize, repeat until the target is met."""
     from llamaduo import loop
 
     cfg = load_or_exit(config, set_)
-    result = call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines))
+    result = call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines), from_shadow=from_shadow)
     console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}  →  {result.run_dir}")
 
 
