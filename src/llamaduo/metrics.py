@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
@@ -46,6 +46,12 @@ class ServeMetrics:
         self.tokens_out = Counter("llamaduo_tokens_out", "Completion tokens of answered requests.", ["model"], registry=r)
         self.fallbacks = Counter("llamaduo_fallbacks", "Requests answered by the service LLM, by reason.",
                                  ["reason"], registry=r)
+        self.in_flight = 0  # chat-completion requests being answered now (the event loop's count)
+        Gauge("llamaduo_requests_in_flight", "Chat-completion requests being answered.",
+              registry=r).set_function(lambda: self.in_flight)
+
+    def busy(self) -> bool:
+        return self.in_flight > 0
 
     def watch(self, batcher: Any = None, shadow: Any = None, drift: Any = None) -> None:
         """Series read from their owners at scrape time."""
@@ -120,8 +126,10 @@ class MetricsMiddleware:
                         seen["model"] = self.service_model
             await send(message)
 
+        self.metrics.in_flight += 1
         try:
             await self.app(scope, receive, wrapped)
         finally:
+            self.metrics.in_flight -= 1
             self.metrics.requests.labels(seen["model"], str(seen["status"])).inc()
             self.metrics.latency.labels(seen["model"]).observe(time.perf_counter() - t0)

@@ -94,6 +94,8 @@ def create_app(
     batcher = Batcher(generator, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
     metrics = metrics or ServeMetrics()
     metrics.watch(batcher, shadow, drift)
+    if shadow is not None:
+        shadow.busy = metrics.busy  # shadow work waits while requests are being answered
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

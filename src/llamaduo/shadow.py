@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import queue
 import random
 import threading
@@ -89,6 +90,8 @@ class ShadowSender:
         self.counts: Counter[str] = Counter()  # offered, sampled, sent, judged, unjudged, failed, dropped:<reason>
         self.spend_usd = store.spend_total()
         self.probing = 0  # local answers still being generated for `probe`
+        # Shadow work yields to live requests: the server sets this to "requests in flight".
+        self.busy: Callable[[], bool] = lambda: False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -162,7 +165,15 @@ class ShadowSender:
             self._thread.join(timeout=timeout_s)
 
     # ---- the worker thread
+    def _wait_idle(self) -> None:
+        """Shadow work runs in the server's idle time, so it does not compete with generation for the
+        CPU (or the interpreter lock); under sustained full load the queue fills and drops, counted."""
+        while self.busy() and not self._stop.is_set():
+            time.sleep(0.005)
+
     def _work(self) -> None:
+        with contextlib.suppress(OSError, AttributeError):  # a lower CPU priority where the OS has one per thread
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
         while not self._stop.is_set():
             try:
                 items = [self.queue.get(timeout=0.05)]
@@ -174,6 +185,7 @@ class ShadowSender:
                 except queue.Empty:
                     break
             try:
+                self._wait_idle()
                 self.process(items)
             except Exception:  # the worker must outlive any one bad batch
                 log.exception("shadow batch failed")
@@ -201,6 +213,7 @@ class ShadowSender:
             self._answer(todo)
         self._record_spend()
         if not self.over_budget():
+            self._wait_idle()
             self._judge(ids)
             self._record_spend()
         if self.drift is not None:
