@@ -156,7 +156,7 @@ def main() -> int:
     ap.add_argument("--model", default="tiny", help="'tiny' (built in a temp dir) or a model directory")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=256, help="requests sent to each server")
-    ap.add_argument("--slices", type=int, default=4, help="alternating slices the requests are sent in")
+    ap.add_argument("--slices", type=int, default=8, help="alternating slices the requests are sent in (load drifts)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--judgments", type=int, default=2, help="judge calls per shadowed request (judge M)")
     args = ap.parse_args()

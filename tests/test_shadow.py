@@ -71,3 +71,17 @@ def test_a_service_that_is_down_does_not_touch_client_responses(tmp_path):
     assert shadow.dropped()["queue_full"] > 0
     shadow.stop()
     assert all(p.status in ("pending", "failed") for p in store.pairs())
+
+
+def test_shadow_work_stops_at_the_shadow_budget_and_counts_what_it_dropped(tmp_path):
+    from llamaduo.shadow import ShadowItem
+
+    answers = service_answers()
+    with SimulatedService(responder(answers)) as svc:
+        cfg = config(svc, tmp_path, shadow_max_usd=1e-9)
+        shadow, store, _ = sender(cfg, tmp_path, rate=1.0)
+        items = [ShadowItem([{"role": "user", "content": task_a(n)[0]}], task_a(n)[1], "m", float(n)) for n in range(4)]
+        shadow.process(items[:2])  # the first batch is paid for and crosses the budget
+        shadow.process(items[2:])
+    assert shadow.spend_usd >= 1e-9 and len(store.pairs()) == 2
+    assert shadow.dropped() == {"budget": 2}
