@@ -8,7 +8,8 @@ import pytest
 
 from llamaduo.config import Config
 from llamaduo.data import make_example
-from llamaduo.store import RunStore, write_jsonl
+from llamaduo.files import write_jsonl
+from llamaduo.store import RunStore
 
 
 def accept_run(root: Path) -> tuple[Config, RunStore, dict[str, str]]:

@@ -13,9 +13,10 @@ import pytest
 from llamaduo import calibrate, loop, scoring
 from llamaduo.artifacts import Calibration, JudgeAgreement, Judgment, Label, PassDecision, Scores
 from llamaduo.config import from_dict
+from llamaduo.files import write_jsonl
 from llamaduo.ingest import DataError
 from llamaduo.labels import merge_labels, read_labels
-from llamaduo.store import RunStore, write_jsonl
+from llamaduo.store import RunStore
 
 JUDGE = [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]  # judge's precision of candidates 0..9 (prompt i // 2, sample i % 2)
 HUMAN_RANK = [2, 1, 4, 3, 6, 5, 8, 7, 10, 9]  # adjacent pairs swapped: Σd² = 10

@@ -11,7 +11,8 @@ from llamaduo import cost
 from llamaduo.artifacts import TrainResult
 from llamaduo.config import dump_config, from_dict
 from llamaduo.errors import UserError
-from llamaduo.store import RunStore, atomic_write_text, write_jsonl
+from llamaduo.files import atomic_write_text, write_jsonl
+from llamaduo.store import RunStore
 
 
 def simple(**kw) -> cost.CostInputs:

@@ -14,8 +14,9 @@ from llamaduo.data import make_example
 from llamaduo.demo.tiny import build_tiny_model
 from llamaduo.deploy import GGUF_HELP, LLAMA_CPP_ENV, chat_wrappers, deploy, stop_tokens
 from llamaduo.errors import UserError
+from llamaduo.files import write_json, write_jsonl
 from llamaduo.models import load_model
-from llamaduo.store import RunStore, write_json, write_jsonl
+from llamaduo.store import RunStore
 
 LEDGER = {"total": {"calls": 120, "cached": 20, "failed": 0, "input_tokens": 50000, "output_tokens": 9000, "usd": 0.0129}}
 SCORES = {

@@ -7,7 +7,8 @@ import json
 from llamaduo.artifacts import Completion, Judgment
 from llamaduo.config import dump_config, from_dict
 from llamaduo.data import make_example
-from llamaduo.store import RunStore, atomic_write_text, write_jsonl
+from llamaduo.files import atomic_write_text, write_jsonl
+from llamaduo.store import RunStore
 from tests.conftest import overlap_judge, service_config
 from tests.test_cli import run
 

@@ -10,7 +10,8 @@ import pytest
 from llamaduo import loop, stages
 from llamaduo.config import from_dict
 from llamaduo.demo.task import coverage_records, simulator_responder
-from llamaduo.store import RunStore, read_json
+from llamaduo.files import read_json
+from llamaduo.store import RunStore
 from tests.conftest import overlap_judge
 
 

@@ -7,7 +7,8 @@ from llamaduo.artifacts import Judgment
 from llamaduo.config import Config
 from llamaduo.data import make_example
 from llamaduo.deploy import model_card
-from llamaduo.store import RunStore, write_jsonl
+from llamaduo.files import write_jsonl
+from llamaduo.store import RunStore
 
 
 def test_a_round_without_valid_judgments_reads_na_with_the_failures_in_the_model_card(tmp_path):

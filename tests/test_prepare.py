@@ -10,8 +10,9 @@ import pytest
 from llamaduo import loop
 from llamaduo.config import Config, from_dict
 from llamaduo.data import DataError, Example, content_id, load_examples, make_example
+from llamaduo.files import read_json
 from llamaduo.prepare import compute_stats, prepare, render_stats_table, split
-from llamaduo.store import RunStore, read_json
+from llamaduo.store import RunStore
 from tests.test_data import RECORDS, broken_file, write_jsonl
 
 EXAMPLES = Path(__file__).parents[1] / "examples"

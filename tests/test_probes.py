@@ -11,8 +11,9 @@ import pytest
 from llamaduo import probes
 from llamaduo.config import from_dict
 from llamaduo.data import make_example
+from llamaduo.files import write_jsonl
 from llamaduo.service import ServiceClient
-from llamaduo.store import RunStore, write_jsonl
+from llamaduo.store import RunStore
 from tests.conftest import overlap_judge, service_config
 
 TESTS = [

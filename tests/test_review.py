@@ -13,9 +13,10 @@ from llamaduo import calibrate
 from llamaduo.artifacts import Completion, Judgment
 from llamaduo.config import dump_config, from_dict
 from llamaduo.data import make_example
+from llamaduo.files import atomic_write_text, write_jsonl
 from llamaduo.labels import read_labels
 from llamaduo.review import ReviewServer
-from llamaduo.store import RunStore, atomic_write_text, write_jsonl
+from llamaduo.store import RunStore
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 SCRIPT = "<script>window.pwned = 1</script><img src=x onerror='window.pwned = 2'>"

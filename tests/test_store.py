@@ -7,8 +7,9 @@ import pytest
 
 from llamaduo.artifacts import Completion, Manifest, MetricStats, RoundRecord, Scores, StageKey
 from llamaduo.errors import UserError
+from llamaduo.files import atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
 from llamaduo.hashing import hash_obj
-from llamaduo.store import RunStore, atomic_write_text, read_json, read_jsonl, write_json, write_jsonl
+from llamaduo.store import RunStore
 
 
 def test_layout_names_are_fixed_and_zero_padded(tmp_path):
@@ -100,9 +101,9 @@ def test_atomic_write_leaves_old_file_intact_when_the_writer_is_killed(tmp_path)
     # A child process starts writing a large file and is killed mid-write.
     code = (
         "import os, sys\n"
-        "from llamaduo.store import atomic_write_bytes\n"
+        "from llamaduo.files import atomic_write_bytes\n"
         "class Slow(bytes): pass\n"
-        "import llamaduo.store as st\n"
+        "import llamaduo.files as st\n"
         "orig = os.replace\n"
         "def never(*a): os.kill(os.getpid(), 9)\n"
         "os.replace = never\n"

@@ -21,8 +21,9 @@ from llamaduo.data import Example, load_examples
 from llamaduo.deploy import pick_round
 from llamaduo.errors import UserError
 from llamaduo.evaluate import evaluate
+from llamaduo.files import write_json
 from llamaduo.scoring import evaluate_pass
-from llamaduo.store import RunStore, write_json
+from llamaduo.store import RunStore
 
 if TYPE_CHECKING:
     from llamaduo.service import Client

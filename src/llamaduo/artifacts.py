@@ -27,14 +27,15 @@ class _Artifact(BaseModel):
 ROUND_STEPS = ("synth", "train", "infer", "judge")
 """The steps of one round, in order. Round 0 has no synth: it trains on the coverage data."""
 
-_KEY_RE = re.compile(r"^r(\d{2,})/(synth|train|infer|judge)$")
+_KEY_RE = re.compile(r"^r(\d{2,})/(synth|traffic|train|infer|judge)$")
 
 
 class StageKey(BaseModel):
     """`prepare`, `baseline`, `deploy`, or one round's step (`r01/train`)."""
 
     model_config = ConfigDict(frozen=True)
-    name: Literal["prepare", "baseline", "deploy", "synth", "train", "infer", "judge"]
+    # traffic: a round's new data from live traffic (`run --from-shadow`), in synth's place
+    name: Literal["prepare", "baseline", "deploy", "synth", "traffic", "train", "infer", "judge"]
     round: int | None = None
 
     def __str__(self) -> str:
@@ -53,12 +54,11 @@ class StageKey(BaseModel):
         """The stage whose output this one consumes (its inputs hash includes that stage's)."""
         if self.round is None:
             return None if self.name == "prepare" else StageKey(name="prepare")
-        i = ROUND_STEPS.index(self.name)
-        if self.name == "synth":
+        if self.name in ("synth", "traffic"):
             return StageKey.step("judge", self.round - 1)
         if self.name == "train" and self.round == 0:
             return StageKey(name="prepare")
-        return StageKey.step(ROUND_STEPS[i - 1], self.round)
+        return StageKey.step(ROUND_STEPS[ROUND_STEPS.index(self.name) - 1], self.round)
 
 
 # ------------------------------------------------------------- rows and results

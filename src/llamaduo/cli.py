@@ -33,7 +33,7 @@ app.add_typer(cache_app, name="cache")
 @app.command()
 def init(directory: Path = typer.Argument(Path("."), help="Folder to write llamaduo.yaml into.")) -> None:
     """Write a commented example llamaduo.yaml."""
-    from llamaduo.store import atomic_write_text
+    from llamaduo.files import atomic_write_text
 
     target = directory / "llamaduo.yaml"
     if target.exists():
@@ -102,12 +102,13 @@ def run(
     fresh: Annotated[bool, typer.Option("--fresh", help="Discard the existing run directory and start over.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="Only warnings and the final line.")] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="Progress as JSON lines (for CI logs).")] = False,
+    from_shadow: Annotated[bool, typer.Option("--from-shadow", help="Add a round trained on shadowed live traffic.")] = False,
 ) -> None:
     """Run the migration loop: train, infer, judge, synthesize, repeat until the target is met."""
     from llamaduo import loop
 
     cfg = load_or_exit(config, set_)
-    result = call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines))
+    result = call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines), from_shadow=from_shadow)
     console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}  →  {result.run_dir}")
 
 
@@ -223,6 +224,7 @@ def serve(
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,  # noqa: UP045
     fallback: Annotated[bool, typer.Option("--fallback", help="Forward to the service LLM when the local model fails or is slow.")] = False,
+    shadow: Annotated[Optional[float], typer.Option("--shadow", help="Share of requests shadowed and judged (0-1).")] = None,  # noqa: UP045
     set_: SetOpt = None,
 ) -> None:
     """Serve a deployed model (or a run directory's) behind an OpenAI-compatible API."""
@@ -230,6 +232,7 @@ def serve(
     from llamaduo.store import RunStore
 
     overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
+    overrides += [f"serve.shadow_rate={shadow}"] if shadow is not None else []
     if config is not None:
         cfg = load_or_exit(config, overrides)
     elif RunStore(model_or_run_dir).config_path.exists():
@@ -373,6 +376,9 @@ def demo(
 
 
 judge_commands.register(app)  # review, calibrate, probe
+from llamaduo.monitor_cli import monitor as _monitor  # noqa: E402  (the command lives with its module)
+
+app.command("monitor")(_monitor)
 
 
 def main() -> None:

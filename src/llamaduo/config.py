@@ -278,6 +278,19 @@ class ServeConfig(Strict):
     batch_wait_ms: float = Field(10.0, ge=0, description="How long to gather a batch.")
     fallback: bool = Field(False, description="Forward to the service LLM when the local model fails or is slow.")
     latency_budget_s: float | None = Field(None, gt=0, description="Fallback when local generation exceeds this.")
+    shadow_rate: float = Field(
+        0.0, ge=0, le=1, description="Share of live requests also sent to the service LLM off the request path and judged."
+    )
+    shadow_max_usd: float | None = Field(None, gt=0, description="Budget in USD for shadow answers and their judging.")
+    shadow_queue: int = Field(1000, ge=1, description="Shadow work waiting at most; beyond it new work is dropped and counted.")
+    shadow_batch: int = Field(16, ge=1, description="Stored pairs answered and judged together by the shadow worker.")
+    monitor_window: int = Field(50, ge=2, description="Judged shadow pairs per monitoring window (drift is decided per window).")
+    monitor_window_s: float | None = Field(
+        None, gt=0, description="Monitoring windows by time instead: seconds per window; None = by count."
+    )
+    shadow_test_share: float = Field(
+        0.2, ge=0, lt=1, description="Share of live traffic `run --from-shadow` holds out to extend the test split."
+    )
 
 
 # ---------------------------------------------------------------------------- root

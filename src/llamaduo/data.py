@@ -25,8 +25,8 @@ class Lineage(BaseModel):
     """Where an example came from: the coverage file, or a synthesis call."""
 
     model_config = ConfigDict(extra="forbid")
-    source: Literal["coverage", "synthetic", "capture"] = "coverage"
-    origin: str | None = None  # input file + line/row for coverage data
+    source: Literal["coverage", "synthetic", "capture", "shadow"] = "coverage"  # shadow: live traffic
+    origin: str | None = None  # input file + line/row for coverage data; "shadow:<pair id>" for traffic
     round: int | None = None
     seed_id: str | None = None
     generator: str | None = None
@@ -81,9 +81,9 @@ def make_example(
 
 
 def load_examples(path: Path) -> list[Example]:
-    """Read a run-directory JSONL of examples (written by `store.write_jsonl`); a damaged line is a
+    """Read a run-directory JSONL of examples (written by `files.write_jsonl`); a damaged line is a
     one-line error naming the file and line."""
-    from llamaduo.store import read_rows
+    from llamaduo.files import read_rows
 
     return read_rows(path, Example, "the run's data is damaged: rerun `llamaduo prepare` (or `llamaduo run`)")
 

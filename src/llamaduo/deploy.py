@@ -26,11 +26,9 @@ from llamaduo.artifacts import METRICS, LedgerRow
 from llamaduo.config import Config, ModelConfig
 from llamaduo.data import load_examples
 from llamaduo.errors import UserError
+from llamaduo.files import atomic_write_text
 from llamaduo.hashing import hash_dir, hash_obj
-from llamaduo.store import (
-    RunStore,
-    atomic_write_text,
-)
+from llamaduo.store import RunStore
 
 if TYPE_CHECKING:
     pass

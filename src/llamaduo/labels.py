@@ -19,8 +19,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from llamaduo.artifacts import Label
+from llamaduo.files import read_jsonl, write_jsonl
 from llamaduo.ingest import DataError, Problem
-from llamaduo.store import RunStore, read_jsonl, write_jsonl
+from llamaduo.store import RunStore
 
 _THREADS = threading.Lock()  # flock is per open file; threads of one process also need to queue
 

@@ -107,8 +107,11 @@ def prepare(cfg: Config, display: Display | str = "quiet") -> PrepareResult:
 
 
 # --------------------------------------------------------------------------- run
-def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", client: Client | None = None) -> LoopResult:
-    """Run (or resume) the migration loop in `cfg.run_dir` until a stop rule fires."""
+def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", client: Client | None = None,
+        from_shadow: bool = False) -> LoopResult:
+    """Run (or resume) the migration loop in `cfg.run_dir` until a stop rule fires. `from_shadow`:
+    add a round after the last one whose data is shadowed live traffic (`traffic`), whatever the
+    earlier rounds' stop reason was."""
     from llamaduo.service import BudgetExceeded
 
     show = make_display(display) if isinstance(display, str) else display
@@ -118,6 +121,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
             raise UserError(f"{store.root}: exists but is not a run directory; not deleting it")
         shutil.rmtree(store.root)
     store.read_manifest()  # a damaged manifest stops here, in one line, before anything is paid for
+    first_new = _traffic_round(store) if from_shadow else None
     run_ = Run(cfg, show, client, bars=Bar.factory())
     t_start = time.monotonic()
     try:
@@ -133,11 +137,13 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
         try:
             baseline = run_.baseline(h)
             upstream = h
-            for r in range(cfg.loop.max_rounds):
+            for r in range(max(cfg.loop.max_rounds, (first_new or 0) + 1)):
                 added = 0
                 if r > 0:
-                    upstream = run_.synth(r, upstream)
-                    added = store.read_manifest().stage(StageKey.step("synth", r)).kept or 0
+                    # a traffic round stays one on every resume
+                    step = "traffic" if r == first_new or store.stage_record(StageKey.step("traffic", r)) else "synth"
+                    upstream = run_.traffic(r, upstream) if step == "traffic" else run_.synth(r, upstream)
+                    added = store.read_manifest().stage(StageKey.step(step, r)).kept or 0
                 upstream = run_.train(r, upstream)
                 upstream = run_.infer(r, upstream)
                 upstream, scores = run_.judge(r, upstream)
@@ -176,6 +182,8 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
                 write_report(store, show)
                 train = store.read_train_result(r) if store.train_result_path(r).exists() else None
                 _tracked(show, f"round {r}", tracker.round, record, scores, train, ledger, upstream)
+                if first_new is not None and r < first_new:
+                    continue  # replayed on the way to the traffic round: its stop rules were applied before
                 if failed_judge is not None:
                     # Nothing after this round is paid for on a judge whose word cannot be read.
                     stop_reason = "judge_failed"
@@ -207,6 +215,16 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
         )
     finally:
         run_.close()
+
+
+def _traffic_round(store: RunStore) -> int:
+    """The round `--from-shadow` adds: the one after the last recorded round."""
+    rounds = [rec.round for rec in store.read_manifest().round_records()]
+    if not rounds:
+        raise UserError(f"{store.root}: --from-shadow needs a run with a finished round; run `llamaduo run` first")
+    if not store.monitor_db.exists():
+        raise UserError(f"{store.root}: no monitoring data; serve with `llamaduo serve RUN_DIR --shadow RATE` first")
+    return max(rounds) + 1
 
 
 # ----------------------------------------------------------- single stages (CLI)

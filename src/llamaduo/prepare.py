@@ -174,7 +174,7 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
     import shutil
 
     from llamaduo.config import dump_config
-    from llamaduo.store import atomic_write_text, write_json, write_jsonl
+    from llamaduo.files import atomic_write_text, write_json, write_jsonl
 
     if cfg.data.input is None:
         raise DataError([Problem(source="config", field="data.input", message="not set")], "config")

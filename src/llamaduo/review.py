@@ -28,10 +28,11 @@ from llamaduo.calibrate import candidate_threshold
 from llamaduo.config import Config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
+from llamaduo.files import read_jsonl
 from llamaduo.judge import format_instruction
 from llamaduo.labels import merge_labels
 from llamaduo.scoring import candidate_means
-from llamaduo.store import RunStore, read_jsonl
+from llamaduo.store import RunStore
 
 HOST = "127.0.0.1"
 MAX_REASONS = 6

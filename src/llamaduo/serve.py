@@ -42,7 +42,10 @@ from llamaduo.errors import UserError
 from llamaduo.fallback import from_service as fallback_answer
 
 if TYPE_CHECKING:
+    from llamaduo.drift import DriftMonitor
+    from llamaduo.metrics import ServeMetrics
     from llamaduo.service import Client
+    from llamaduo.shadow import ShadowSender
 
 log = logging.getLogger("llamaduo.serve")
 
@@ -66,15 +69,22 @@ def create_app(
     *,
     defaults: InferConfig | None = None,
     fallback_model: str | None = None,
+    shadow: "ShadowSender | None" = None,
+    drift: "DriftMonitor | None" = None,
+    metrics: "ServeMetrics | None" = None,
 ):
     """The FastAPI app. `defaults` fills sampling fields a request leaves out (the run's infer config).
 
     `fallback_client` is a `service.ServiceClient` (anything with an async `chat_text`); it is
-    used only when `cfg.fallback` is true.
+    used only when `cfg.fallback` is true. `shadow` (a started-by-lifespan `ShadowSender`) is offered
+    every locally answered request; while `drift` says drifted and fallback is on, the service answers
+    (a sampled share still runs locally, off the request path, for the judge). `metrics` backs `GET /metrics`.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from llamaduo.metrics import MetricsMiddleware, ServeMetrics
 
     defaults = defaults or InferConfig()
     key = _bearer_key(cfg)
@@ -82,16 +92,25 @@ def create_app(
     if fallback is not None:
         fallback_model = fallback_model or getattr(getattr(fallback, "cfg", None), "model", None) or "service"
     batcher = Batcher(generator, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
+    metrics = metrics or ServeMetrics()
+    metrics.watch(batcher, shadow, drift)
+    if shadow is not None:
+        shadow.busy = metrics.busy  # shadow work waits while requests are being answered
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        if shadow is not None:
+            shadow.start()
         try:
             yield
         finally:
             await batcher.stop()
+            if shadow is not None:
+                await asyncio.to_thread(shadow.stop)
 
     app = FastAPI(title="llamaduo", lifespan=lifespan)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, model=model_name, service_model=fallback_model or "service")
     app.state.batcher = batcher
     app.state.fallbacks = 0
 
@@ -123,9 +142,15 @@ def create_app(
 
     async def from_service(req: ChatRequest, reason: str) -> list[Choice]:
         app.state.fallbacks += 1
+        metrics.fallback(reason)
         return await fallback_answer(fallback, fallback_model, req, reason)
 
     async def answer(req: ChatRequest) -> tuple[list[Choice], bool]:
+        if fallback is not None and drift is not None and drift.drifted:
+            choices = await from_service(req, f"drift: {drift.state.reason}")
+            if shadow is not None and shadow.sample():  # the judge keeps watching the local model
+                shadow.probe(batcher.submit(req).future, req, choices[0].text, model_name)
+            return choices, True
         job = batcher.submit(req)
         budget = cfg.latency_budget_s if fallback is not None else None
         try:
@@ -152,9 +177,13 @@ def create_app(
         try:
             check_auth(request)
             req = parse_chat_request(await read_body(request), cfg, defaults)
+            t0 = time.perf_counter()
             choices, used_fallback = await answer(req)
         except APIError as e:
             return error(e)
+        metrics.answered(fallback_model if used_fallback else model_name, choices, time.perf_counter() - t0)
+        if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
+            shadow.offer(req, choices[0].text, model=model_name, latency_ms=(time.perf_counter() - t0) * 1000)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(clock())
         name = fallback_model if used_fallback else model_name
@@ -163,6 +192,14 @@ def create_app(
             events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return JSONResponse(completion_body(rid, created, name, choices, used_fallback), headers=headers)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from fastapi.responses import Response
+
+        from llamaduo.metrics import CONTENT_TYPE
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -224,8 +261,13 @@ def build_app(model_or_run_dir: Path, cfg: Config):
 
         store = RunStore(model_or_run_dir)
         fallback = ServiceClient(cfg.service, db_path=store.service_db if store.exists() else None)
+    shadow = drift = None
+    if cfg.serve.shadow_rate > 0:
+        from llamaduo.shadow import for_run
+
+        shadow, drift = for_run(cfg, model_or_run_dir)
     app = create_app(local_generator(model, tokenizer), cfg.serve, name, fallback, defaults=cfg.infer,
-                     fallback_model=cfg.service.model)
+                     fallback_model=cfg.service.model, shadow=shadow, drift=drift)
     return app, name
 
 

@@ -16,11 +16,12 @@ from llamaduo.config import Config, dump_config
 from llamaduo.data import Example, load_examples
 from llamaduo.engine import Decision, Engine, Outcome
 from llamaduo.errors import UserError
+from llamaduo.files import atomic_write_text, write_jsonl
 from llamaduo.hashing import hash_dir, hash_file
 from llamaduo.prepare import PrepareResult
 from llamaduo.progress import Display, make_display
 from llamaduo.reporting import BarFactory, bar_for
-from llamaduo.store import RunStore, atomic_write_text
+from llamaduo.store import RunStore
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
@@ -90,13 +91,22 @@ class Run:
     def train_set(self, r: int) -> list[Example]:
         examples = load_examples(self.store.train_path)
         for k in range(1, r + 1):
-            p = self.store.synthetic_path(k)
-            if p.exists():
-                examples += load_examples(p)
+            for p in (self.store.synthetic_path(k), self.store.traffic_path(k)):
+                if p.exists():
+                    examples += load_examples(p)
         return examples
 
-    def test_set(self) -> list[Example]:
-        return load_examples(self.store.test_path)
+    def traffic_tests(self, r: int | None) -> list[Path]:
+        """Held-out live prompts that extend the test split from their round on (`run --from-shadow`)."""
+        paths = [self.store.traffic_path(k, "test") for k in range(1, (r or 0) + 1)]
+        return [p for p in paths if p.exists()]
+
+    def test_set(self, r: int | None = None) -> list[Example]:
+        """The test split; from a traffic round on (r given), extended by its held-out live prompts."""
+        examples = load_examples(self.store.test_path)
+        for p in self.traffic_tests(r):
+            examples += load_examples(p)
+        return examples
 
     # ---- prepare
     def prepare_components(self) -> dict[str, Any]:
@@ -160,7 +170,7 @@ class Run:
                 cfg, self.client, load_examples(store.train_path), synth_count(cfg, r), r, rng,
                 weights=self._category_weights(r - 1), bars=self.bars,
             )
-            kept, rejected = dedup.clean(res.examples, existing, self.test_set(), cfg)
+            kept, rejected = dedup.clean(res.examples, existing, self.test_set(r), cfg)
             rejected = list(res.rejected) + list(rejected)
             store.write_rejected(r, rejected)
             store.write_synthetic(r, kept)
@@ -169,6 +179,29 @@ class Run:
 
         outputs = [store.synthetic_path(r), store.rejected_path(r)]
         return self.engine.run(StageKey.step("synth", r), components, outputs, work)
+
+    # ---- traffic (a round's data from shadowed live requests, in synth's place)
+    def traffic(self, r: int, upstream: str) -> str:
+        from llamaduo import dedup, traffic
+
+        cfg, store = self.cfg, self.store
+        pairs = traffic.live_pairs(store)
+        share = cfg.serve.shadow_test_share
+        components = {"upstream": upstream, "pairs": traffic.pairs_hash(pairs), "dedup": cfg.dedup.model_dump(mode="json"),
+                      "share": str(share), "seed": str(cfg.seed)}
+
+        def work(_: Decision) -> Outcome:
+            train, test = traffic.split_traffic(pairs, r, cfg.seed, share, traffic.used_origins(store, r))
+            # Decontaminated against the test split as it will be judged from this round on.
+            kept, rejected = dedup.clean(train, self.train_set(r - 1), self.test_set(r - 1) + test, cfg)
+            write_jsonl(store.traffic_path(r, "train"), kept)
+            write_jsonl(store.traffic_path(r, "test"), test)
+            write_jsonl(store.traffic_path(r, "rejected"), rejected)
+            return Outcome(f"{len(kept)} live examples kept, {len(rejected)} rejected, {len(test)} held out to extend the test split",
+                           {"kept": len(kept), "rejected": len(rejected), "test": len(test)})
+
+        outputs = [store.traffic_path(r, part) for part in ("train", "test", "rejected")]  # type: ignore[arg-type]
+        return self.engine.run(StageKey.step("traffic", r), components, outputs, work)
 
     def _category_weights(self, prev: int) -> dict[str, float] | None:
         """Weight seeds toward the categories that scored lowest last round."""
@@ -222,10 +255,12 @@ class Run:
             "test": hash_file(store.test_path),
             "seed": str(cfg.seed),
         }
+        if self.traffic_tests(r):  # only then: rounds judged before live prompts keep their hash
+            components["traffic_test"] = [hash_file(p) for p in self.traffic_tests(r)]
 
         def work(_: Decision) -> Outcome:
             completions = infer_mod.run_inference(
-                cfg, self.test_set(), store.adapter_dir(r), progress=bar_for(self.bars, "generating")
+                cfg, self.test_set(r), store.adapter_dir(r), progress=bar_for(self.bars, "generating")
             )
             store.write_predictions(r, completions)
             new_tokens = sum(c.new_tokens for c in completions)
@@ -241,7 +276,7 @@ class Run:
         components = {"upstream": upstream, **self.judge_request_components()}
 
         def work(_: Decision) -> Outcome:
-            ev = evaluate(cfg, self.client, store, r, self.test_set(), bars=self.bars)
+            ev = evaluate(cfg, self.client, store, r, self.test_set(r), bars=self.bars)
             return Outcome(f"{ev.scores.counts.judgments} judgments")
 
         outputs = [store.judgments_path(r), store.scores_path(r)]

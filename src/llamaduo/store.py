@@ -12,18 +12,17 @@ naming the file, the field and what to rerun — never a traceback, never a gues
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from llamaduo.artifacts import (
     MANIFEST_VERSION,
@@ -39,57 +38,9 @@ from llamaduo.artifacts import (
     TrainResult,
 )
 from llamaduo.errors import UserError
+from llamaduo.files import read_model, read_rows, write_json, write_jsonl
 
 _TRACKED_PACKAGES = ("llamaduo", "torch", "transformers", "trl", "peft", "accelerate", "openai", "datasets", "vllm")
-
-
-# ------------------------------------------------------------------ atomic file I/O
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def write_jsonl(path: Path, rows: Iterable[Any]) -> int:
-    """Write rows (dicts or pydantic models) as JSONL atomically; returns the count."""
-    lines = []
-    for row in rows:
-        if hasattr(row, "model_dump"):
-            row = row.model_dump(mode="json", exclude_none=True)
-        lines.append(json.dumps(row, ensure_ascii=False, default=str))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return len(lines)
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            if line.strip():
-                out.append(json.loads(line))
-    return out
 
 
 def package_versions() -> dict[str, str]:
@@ -100,50 +51,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-# ------------------------------------------------------------------- typed reads
-M = TypeVar("M", bound=BaseModel)
-EvalTarget = int | Literal["baseline", "accept"]
-"""A judged set of candidates: round r, the service baseline, or the served artifact (`accept`)."""
-
-
-def _problem(e: ValidationError) -> str:
-    first = e.errors()[0]
-    loc = ".".join(str(x) for x in first.get("loc", ()))
-    return (f"field '{loc}': " if loc else "") + first.get("msg", "invalid")
-
-
-def read_model(path: Path, model: type[M], rerun: str) -> M:
-    """One JSON file as `model`; a missing, corrupt or foreign file is a one-line UserError."""
-    try:
-        return model.model_validate_json(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; {rerun}") from None
-    except ValidationError as e:
-        raise UserError(f"{path}: {_problem(e)}; {rerun}") from None
-    except OSError as e:
-        raise UserError(f"{path}: cannot read ({e.strerror}); {rerun}") from None
-
-
-def read_rows(path: Path, model: type[M], rerun: str) -> list[M]:
-    """A JSONL file as rows of `model`, each problem named by its line."""
-    out: list[M] = []
-    try:
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        out.append(model.model_validate_json(line))
-                    except ValidationError as e:
-                        raise UserError(f"{path}:{n}: {_problem(e)}; {rerun}") from None
-    except FileNotFoundError:
-        raise UserError(f"{path}: missing; {rerun}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8; {rerun}") from None
-    return out
-
-
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+EvalTarget = int | Literal["baseline", "accept"]
+"""A judged set of candidates: round r, the service baseline, or the served artifact (`accept`)."""
 
 
 # --------------------------------------------------------------------- run directory
@@ -181,6 +94,11 @@ class RunStore:
     @property
     def service_db(self) -> Path:
         return self.root / "service.sqlite"
+
+    @property
+    def monitor_db(self) -> Path:
+        """Live monitoring: shadow pairs, their judgments, windows, drift events, shadow spend."""
+        return self.root / "monitor.sqlite"
 
     @property
     def baseline_dir(self) -> Path:
@@ -239,10 +157,6 @@ class RunStore:
         return self.root / "report.md"
 
     @property
-    def log_path(self) -> Path:
-        return self.root / "run.log"
-
-    @property
     def labels_path(self) -> Path:  # people's labels: `review` writes them (under labels_lock), `calibrate` reads them
         return self.root / "labels.jsonl"
 
@@ -283,6 +197,10 @@ class RunStore:
     def rejected_path(self, r: int) -> Path:
         return self.round_dir(r) / "rejected.jsonl"
 
+    def traffic_path(self, r: int, part: Literal["train", "test", "rejected"] = "train") -> Path:
+        """Round r's examples from live traffic (`run --from-shadow`): train, held-out test, rejected."""
+        return self.round_dir(r) / f"traffic_{part}.jsonl"
+
     def train_result_path(self, r: int) -> Path:
         return self.round_dir(r) / "train.json"
 
@@ -294,9 +212,6 @@ class RunStore:
 
     def exists(self) -> bool:
         return self.manifest_path.exists()
-
-    def iter_round_files(self) -> Iterator[Path]:
-        yield from sorted((self.root / "rounds").rglob("*"))
 
     # ---- typed artifacts
     def _rerun(self, target: EvalTarget, what: str) -> str:

@@ -8,8 +8,9 @@ from llamaduo import scoring
 from llamaduo.artifacts import Completion, Judgment, RoundRecord, TrainResult
 from llamaduo.config import Config, ServiceConfig, dump_config, from_dict
 from llamaduo.data import Example, make_example
+from llamaduo.files import atomic_write_text, write_jsonl
 from llamaduo.service import ServiceClient
-from llamaduo.store import RunStore, atomic_write_text, write_jsonl
+from llamaduo.store import RunStore
 
 SCRIPT = "<script>alert(1)</script>"
 

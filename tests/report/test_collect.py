@@ -9,7 +9,8 @@ import pytest
 
 from llamaduo import report, scoring
 from llamaduo.artifacts import Counts, Judgment, RoundRecord, Scores
-from llamaduo.store import RunStore, atomic_write_text
+from llamaduo.files import atomic_write_text
+from llamaduo.store import RunStore
 from tests.report.conftest import build_run, judged, start_run, train_result
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from llamaduo.files import atomic_write_text
 from llamaduo.report.collect import collect
 from llamaduo.report.html import render_html
 from llamaduo.report.markdown import render_markdown
 from llamaduo.report.views import ReportView
-from llamaduo.store import RunStore, atomic_write_text
+from llamaduo.store import RunStore
 
 __all__ = ["ReportView", "collect", "render_html", "render_markdown", "write_report"]
 

@@ -23,11 +23,13 @@ from llamaduo.artifacts import METRICS, Judgment, Ledger, LedgerRow, Manifest
 from llamaduo.config_file import load_config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
+from llamaduo.files import read_rows
 from llamaduo.judge import judge_models
+from llamaduo.monitor import production_view
 from llamaduo.report.views import WORST_N, CostView, ReportView, RoundView, WorstItem
 from llamaduo.scoring import candidate_means
 from llamaduo.service.calllog import ledger_from_db
-from llamaduo.store import EvalTarget, RunStore, read_rows
+from llamaduo.store import EvalTarget, RunStore
 
 T = TypeVar("T")
 # What an unreadable file raises: our readers' UserError; JSON and validation errors (both
@@ -129,6 +131,7 @@ def collect(store: RunStore) -> ReportView:
     view.worst_round, view.worst = _worst_items(rd, view, judgments, tests)
     _fill_projection(rd, view)
     view.calibration = rd.get(store.calibration_path, store.read_calibration, None)
+    view.production = rd.get(store.monitor_db, lambda: production_view(store), None)
     return view
 
 

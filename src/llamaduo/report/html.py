@@ -271,6 +271,32 @@ def _html_projection(view: ReportView) -> str:
     )
 
 
+def _html_production(view: ReportView) -> str:
+    p = view.production
+    if p is None:
+        return ""
+    spend = "n/a" if p.spend_usd is None else f"${p.spend_usd:.4f}"
+    rows = [[str(w.id), str(w.n), fmt(w.value), f"[{fmt(w.ci_low)}, {fmt(w.ci_high)}]", fmt(w.target, 0), _e(w.state)]
+            for w in p.windows]
+    table = _table(["window", "pairs", _e(f"{view.statistic} {view.metric}"), "95% CI", "target", "state"], rows) if rows else ""
+    events = "".join(f"<li>{_e(e.kind)}: {_e(e.reason)}</li>" for e in p.events)
+    items = []
+    for it in p.worst:
+        prompt = next((m["content"] for m in reversed(it.messages) if m["role"] == "user"), "")
+        reasons = "".join(f"<li>{_e(r)}</li>" for r in it.reasons.values() if r) or "<li>n/a</li>"
+        items.append(
+            f"<div class='item'><div class='meta'><b>live pair {it.id}</b> · score {_e(fmt(it.score))}</div>"
+            f"<div class='texts'><div><b>prompt</b><pre>{_e(clip(prompt))}</pre></div>"
+            f"<div><b>service answer</b><pre>{_e(clip(it.service_answer or ''))}</pre></div>"
+            f"<div><b>local answer</b><pre>{_e(clip(it.local_answer))}</pre></div></div>"
+            f"<ul class='reasons'>{reasons}</ul></div>"
+        )
+    state = "drifted" if p.drifted else "ok"
+    return (f"<section id='production'><h2>Production (shadowed live traffic)</h2><p class='note'>State: <b>{state}</b>"
+            f"{' (' + _e(p.reason) + ')' if p.reason else ''}; {p.pairs.get('judged', 0)} pairs judged; shadow spend "
+            f"{_e(spend)}.</p>{table}{'<ul>' + events + '</ul>' if events else ''}{''.join(items)}</section>")
+
+
 def render_html(view: ReportView) -> str:
     """The whole report as one self-contained HTML page: no scripts, no external resources."""
     problems = "".join(f"<li>{_e(p)}</li>" for p in view.problems)
@@ -290,6 +316,7 @@ def render_html(view: ReportView) -> str:
         + _html_judge_card(view)
         + _html_worst(view)
         + _html_projection(view)
+        + _html_production(view)
         + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"
         + "</main></body></html>\n"
     )

@@ -160,10 +160,31 @@ def _md_projection(view: ReportView) -> list[str]:
     return L + [_md(view.projection_note or "n/a"), ""]
 
 
+def _md_production(view: ReportView) -> list[str]:
+    p = view.production
+    if p is None:
+        return []
+    spend = "n/a" if p.spend_usd is None else f"${p.spend_usd:.4f}"
+    L = ["## Production (shadowed live traffic)", "",
+         f"State: **{'drifted' if p.drifted else 'ok'}**" + (f" ({_md(p.reason)})" if p.reason else "")
+         + f"; {p.pairs.get('judged', 0)} pairs judged; shadow spend {spend}.", ""]
+    rows = [[str(w.id), str(w.n), fmt(w.value), f"[{fmt(w.ci_low)}, {fmt(w.ci_high)}]", fmt(w.target, 0), w.state]
+            for w in p.windows]
+    L += _md_table(["window", "pairs", f"{view.statistic} {view.metric}", "95% CI", "target", "state"], rows) if rows else []
+    L += [f"- {_md(e.kind)}: {_md(e.reason)}" for e in p.events] + ([""] if p.events else [])
+    for it in p.worst:
+        prompt = next((m["content"] for m in reversed(it.messages) if m["role"] == "user"), "")
+        L += [f"### live pair {it.id}: score {fmt(it.score)}", ""]
+        for name, text in (("prompt", prompt), ("service answer", it.service_answer or ""), ("local answer", it.local_answer)):
+            L += [f"**{name}**", "", *_fence(clip(text)), ""]
+        L += [f"- {_md(r)}" for r in it.reasons.values() if r] + [""]
+    return L
+
+
 def render_markdown(view: ReportView) -> str:
     """The report as Markdown: the same numbers and texts, without charts."""
     L = _md_header(view) + _md_rounds(view) + _md_cost(view) + _md_data(view) + _md_judging(view) + _md_judge_card(view)
-    L += _md_worst(view) + _md_projection(view)
+    L += _md_worst(view) + _md_projection(view) + _md_production(view)
     if view.problems:
         L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]
     return "\n".join(L)

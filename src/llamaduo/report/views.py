@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llamaduo import cost as cost_mod
 from llamaduo.artifacts import Agreement, Calibration, Counts, LedgerRow, Scores
+
+if TYPE_CHECKING:
+    from llamaduo.monitor import ProductionView
 
 STATS = ("mean", "median", "coverage@50", "coverage@70")
 WORST_N = 5
@@ -110,6 +114,7 @@ class ReportView:
     projection_note: str = ""
     problems: list[str] = field(default_factory=list)  # unreadable pieces, one line each
     calibration: Calibration | None = None  # the judge card: agreement with people and bias probes
+    production: ProductionView | None = None  # monitor.ProductionView once live traffic was shadowed; None: no section
 
 
 # ------------------------------------------------------------------ text shared by the renderers
