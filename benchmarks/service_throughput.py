@@ -13,6 +13,7 @@ half with a 5xx.
 - reference: the scheduler of the original LlamaDuo code, re-implemented from its description:
   4 workers; batches of floor((rpm/60) / (1/20) / workers) jobs launched together; after a
   batch, sleep 60 / batch seconds; a request that gets a 429 or 5xx is not retried (it fails).
+  It sends through the same HTTP transport as ours.
 
 Requests: with `--tpm`, a seeded shuffle of short judge-like requests (~100 prompt tokens,
 max_tokens 64) and long synthesis-like ones (~260 prompt tokens, max_tokens 512), the share of
@@ -46,12 +47,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from llamaduo.config import ServiceConfig
 from llamaduo.demo.simulator import Latency, SimulatorProcess, rate_limit_tokens
 from llamaduo.progress import Bar
 from llamaduo.service import ServiceClient
+from llamaduo.service.retry import ServiceFault
+from llamaduo.service.transport import LeanHTTP, openai_headers
 
 REFERENCE_WORKERS = 4
 TPM_SHARE = 0.95  # the token limit allows this share of the request limit for the mix
@@ -161,23 +162,27 @@ def reference_batch_size(rpm: int, workers: int = REFERENCE_WORKERS) -> int:
 async def _reference(base_url: str, mix: list[tuple[str, int]], rpm: int) -> tuple[list[int], float]:
     batch = reference_batch_size(rpm)
     pause = 60 / batch
-    limits = httpx.Limits(max_connections=batch, max_keepalive_connections=batch)
+    # The same HTTP transport as ours, so that the comparison is of the schedulers alone (with
+    # httpx's pool at hundreds of connections the reference would also be CPU-bound).
+    http = LeanHTTP(base_url, openai_headers("not-needed"), 120.0)
     codes: list[int] = []
-    async with httpx.AsyncClient(base_url=base_url, timeout=120.0, limits=limits) as http:
 
-        async def job(content: str, max_tokens: int) -> int:
-            body = {"model": "simulated", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
-            try:
-                return (await http.post("/chat/completions", json=body)).status_code
-            except httpx.HTTPError:
-                return 0
+    async def job(content: str, max_tokens: int) -> int:
+        body = {"model": "simulated", "messages": [{"role": "user", "content": content}], "max_tokens": max_tokens}
+        try:
+            await http.post_json("/chat/completions", body)
+            return 200
+        except ServiceFault as fault:
+            return fault.http_status or 0
 
-        t0 = time.monotonic()
-        for start in range(0, len(mix), batch):
-            codes += await asyncio.gather(*(job(*r) for r in mix[start:start + batch]))
-            if start + batch < len(mix):
-                await asyncio.sleep(pause)
-        return codes, time.monotonic() - t0
+    t0 = time.monotonic()
+    for start in range(0, len(mix), batch):
+        codes += await asyncio.gather(*(job(*r) for r in mix[start:start + batch]))
+        if start + batch < len(mix):
+            await asyncio.sleep(pause)
+    wall = time.monotonic() - t0
+    await http.aclose()
+    return codes, wall
 
 
 def run_reference(args: argparse.Namespace, mix: list[tuple[str, int]], latency: Latency) -> Side:

@@ -157,14 +157,14 @@ async def _run(
     """Re-attach to recorded batches holding these requests, submit the rest, wait for all.
     Returns (output line by request hash, error by request hash, batch by request hash, batches)."""
     t0 = client.clock()
-    hashes = sorted(lines)
     results: dict[str, dict[str, Any]] = {}
     errors: dict[str, str] = {}
     by_hash: dict[str, _Job] = {}
     jobs: list[_Job] = []
-    for h in hashes:
-        if len(lines[h]) > client.cfg.batch_max_bytes:
-            errors[h] = f"request of {len(lines[h])} bytes is over service.batch_max_bytes ({client.cfg.batch_max_bytes})"
+    for h, line in lines.items():
+        if len(line) > client.cfg.batch_max_bytes:
+            errors[h] = f"request of {len(line)} bytes is over service.batch_max_bytes ({client.cfg.batch_max_bytes})"
+    hashes = sorted(h for h in lines if h not in errors)  # what batches can carry, in hash order
     # Batches recorded by an earlier run that died: a batch whose range holds exactly the hashes
     # it was submitted with is these requests' batch; one whose range holds others too (the
     # inputs changed since) is waited for, and what it turns out not to hold is sent after it.
@@ -180,7 +180,7 @@ async def _run(
         (claimed if exact else unsure).update(inside)
         if exact:
             by_hash.update(dict.fromkeys(inside, job))
-    fresh = [h for h in hashes if h not in claimed and h not in unsure and h not in errors]
+    fresh = [h for h in hashes if h not in claimed and h not in unsure]
     order = {h: i for i, h in enumerate(lines)}  # `lines` is in input order; each file keeps it
     try:
         for chunk in split(fresh, lines, client.cfg.batch_max_requests, client.cfg.batch_max_bytes):

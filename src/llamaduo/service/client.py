@@ -135,15 +135,15 @@ class ServiceClient:
         # its max_tokens (OpenAI's rule), so that is what is booked and, later, settled.
         max_tokens = int(params.get("max_tokens", 0))
         prompt_chars = self._prompt_chars_estimate(messages)
-        est = math.ceil(prompt_chars * self._prompt_seen_sum / self._prompt_est_sum) + max_tokens
-        tries, t0 = 0, time.monotonic()
+        tries, t0, est = 0, time.monotonic(), 0
 
         async def attempt(n: int) -> tuple[str, int, int]:
-            nonlocal tries, t0
+            nonlocal tries, t0, est
             tries = n
             # The slot is booked while holding the semaphore, so a request never waits for a
             # worker after its paced time (which would bunch requests up past the limit).
             async with sem:
+                est = math.ceil(prompt_chars * self._prompt_seen_sum / self._prompt_est_sum) + max_tokens
                 wait = self.pacer.reserve(est)
                 while wait > 0:
                     await self.sleep(wait)
