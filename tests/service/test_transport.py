@@ -1,7 +1,10 @@
 """The lean HTTP transport for chat calls, against scripted loopback servers: framing, keep-alive, faults."""
 
 import asyncio
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 
 import pytest
@@ -16,8 +19,9 @@ class Scripted:
     """A loopback TCP server that answers each request with the next scripted raw response
     (None: close the connection without answering). Counts connections accepted."""
 
-    def __init__(self, responses, close_after_each=False):
+    def __init__(self, responses, close_after_each=False, tls=None):
         self.responses = list(responses)
+        self.tls = tls
         self.close_after_each = close_after_each
         self.connections = 0
         self.requests: list[bytes] = []
@@ -36,6 +40,12 @@ class Scripted:
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, conn):
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError:  # a client that does not trust us hangs up mid-handshake
+                conn.close()
+                return
         buf = b""
         with conn:
             while self.responses:
@@ -170,3 +180,21 @@ def test_a_proxy_named_in_the_environment_routes_calls_through_httpx(monkeypatch
     assert isinstance(connect("https://api.example.com/v1", {}, 5.0, 8), ShardedHTTP)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
     assert isinstance(connect("https://api.example.com/v1", {}, 5.0, 8), LeanHTTP)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl to make a certificate")
+def test_https_endpoints_are_reached_over_verified_tls(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    srv = Scripted([ok(), ok()], tls=server_ctx)
+    url = f"https://127.0.0.1:{srv.port}/v1"
+    replies = post(LeanHTTP(url, {}, 5.0, ssl_context=ssl.create_default_context(cafile=str(cert))), n=2)
+    assert [r["choices"][0]["message"]["content"] for r in replies] == ["hi", "hi"] and srv.connections == 1
+    with pytest.raises(ServiceFault) as untrusted:  # the default trust store does not know this certificate
+        post(LeanHTTP(url, {}, 5.0))
+    assert untrusted.value.status == "connection_error"
+    srv.close()
