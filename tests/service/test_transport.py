@@ -198,3 +198,10 @@ def test_https_endpoints_are_reached_over_verified_tls(tmp_path):
         post(LeanHTTP(url, {}, 5.0))
     assert untrusted.value.status == "connection_error"
     srv.close()
+
+
+def test_an_http_1_0_reply_without_a_length_is_read_to_the_end_of_the_connection():
+    srv = Scripted([b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK_BODY, ok()], close_after_each=True)
+    first, second = post(LeanHTTP(srv.url, {}, 5.0), n=2)
+    assert first == second and srv.connections == 2  # not kept alive
+    srv.close()

@@ -260,9 +260,10 @@ class CallLog:
         with self.lock:
             self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, *also: tuple[str, tuple[Any, ...]]) -> None:
+        """Commit the waiting writes, and the statements `also`, in one transaction."""
         self._flush_scheduled = False
-        if not self._pending:
+        if not self._pending and not also:
             return
         pending, self._pending = self._pending, []
         now = time.time()
@@ -278,6 +279,8 @@ class CallLog:
                             row = {k: v for k, v in row.items() if k != "raw_reply"}
                     cols = ",".join(row)
                     self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({','.join('?' * len(row))})", tuple(row.values()))
+                for sql, args in also:
+                    self.conn.execute(sql, args)
         except BaseException:
             self._pending = pending + self._pending  # rolled back: kept for the next commit
             raise
@@ -287,12 +290,10 @@ class CallLog:
     def add_batch(self, record: BatchRecord) -> None:
         """Record a submitted batch at once, so a process that dies next still knows its id."""
         with self.lock:
-            self._flush()
-            with self.conn:
-                self.conn.execute(
-                    f"INSERT INTO batches ({_BATCH_COLS}) VALUES ({','.join('?' * len(BatchRecord.__dataclass_fields__))})",
-                    tuple(record.__dict__.values()),
-                )
+            self._flush((
+                f"INSERT INTO batches ({_BATCH_COLS}) VALUES ({','.join('?' * len(BatchRecord.__dataclass_fields__))})",
+                tuple(record.__dict__.values()),
+            ))
 
     def open_batches(self, model: str) -> list[BatchRecord]:
         """Batches of `model` submitted but whose results were never logged."""
@@ -308,11 +309,7 @@ class CallLog:
         """The provider's latest status for a batch; `done` once its results are all logged
         (committed with the writes still waiting, so the results and the mark land together)."""
         with self.lock:
-            self._flush()
-            with self.conn:
-                self.conn.execute(
-                    "UPDATE batches SET status=?, done_ts=? WHERE batch_id=?", (status, time.time() if done else None, batch_id)
-                )
+            self._flush(("UPDATE batches SET status=?, done_ts=? WHERE batch_id=?", (status, time.time() if done else None, batch_id)))
 
     def batches(self) -> list[BatchRecord]:
         with self.lock:
