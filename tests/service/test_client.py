@@ -227,6 +227,7 @@ def test_a_bug_in_a_schema_validator_raises_and_is_not_repaired(fake_service, tm
     with pytest.raises(KeyError):
         client.run([client.chat_json([{"role": "user", "content": "x"}], Buggy)])
     assert fake_service.count == 1
+    assert [(r[0], r[3]) for r in rows(tmp_path / "s.sqlite")] == [("ok", GOOD)]  # the paid call is still in the log
 
 
 def test_run_reports_the_total_and_each_completion_to_the_progress_reporter(fake_service, tmp_path):

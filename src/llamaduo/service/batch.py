@@ -307,11 +307,17 @@ def _reply(
     tin, tout = int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
     cost = client.cost(model, tin, tout) * client.cfg.batch_discount
     client.budget.spend(cost, tin + tout)
-    parsed, perr = parse_reply(text, schema) if schema is not None else (None, None)
     row = dict(
-        ts=time.time(), attempt=1, status="ok" if perr is None else "invalid_json", http_status=200, latency_ms=latency_ms,
-        input_tokens=tin, output_tokens=tout, cost_usd=cost, raw_reply=text, error=perr, **base,
+        ts=time.time(), attempt=1, status="ok", http_status=200, latency_ms=latency_ms,
+        input_tokens=tin, output_tokens=tout, cost_usd=cost, raw_reply=text, **base,
     )
+    try:
+        parsed, perr = parse_reply(text, schema) if schema is not None else (None, None)
+    except BaseException:  # a bug in a validator: the paid reply is still logged
+        client.log.record_reply(row, None)
+        raise
+    if perr is not None:
+        row.update(status="invalid_json", error=perr)
     client.log.record_reply(row, (model, text, tin, tout, cost) if perr is None else None)
     return ServiceReply(
         ok=perr is None, parsed=parsed, raw=text, error=perr, model=model,

@@ -218,7 +218,12 @@ class ServiceClient:
                 total.error = error
                 return total
             total.raw = text
-            parsed, perr = parse_reply(text, schema)
+            try:
+                parsed, perr = parse_reply(text, schema)
+            except BaseException:  # a bug in a validator: the attempt is still logged, with its reply
+                if row is not None:
+                    self.log.record_reply(row, None)
+                raise
             if row is not None:  # only replies that parsed are worth replaying
                 self.log.record_reply(row, (model, text, tin, tout, cost) if parsed is not None else None)
             if parsed is not None:
