@@ -107,6 +107,12 @@ class ServiceConfig(Strict):
     batch_discount: float = Field(
         0.5, gt=0, le=1, description="Price factor applied to Batch API calls (OpenAI bills batches at half price)."
     )
+    batch_max_requests: int = Field(
+        50_000, ge=1, description="Most requests in one provider batch (OpenAI: 50,000); larger jobs are split into several."
+    )
+    batch_max_bytes: int = Field(
+        200_000_000, ge=1, description="Largest input file of one provider batch in bytes (OpenAI: 200 MB); larger jobs are split."
+    )
 
 
 # ---------------------------------------------------------------------------- judge

@@ -178,3 +178,113 @@ def test_spent_budget_stops_a_batch_before_it_is_submitted(fake_service, tmp_pat
     with pytest.raises(BudgetExceeded):
         batch(client, [judge_request(1)])
     assert fake_service.count == sent and len(fake_service.batches) == 1
+
+
+def counting(responder):
+    """The responder, counting each request line it answers."""
+    seen: list[str] = []
+
+    def answer(req):
+        seen.append(req["messages"][0]["content"])
+        return responder(req)
+
+    return answer, seen
+
+
+def test_split_cuts_consecutive_hash_runs_by_count_and_by_bytes():
+    from llamaduo.service.batch import split
+
+    lines = {f"h{i}": b"x" * (10 if i != 5 else 40) for i in range(8)}
+    hashes = sorted(lines)
+    assert split(hashes, lines, max_requests=3, max_bytes=10_000) == [hashes[0:3], hashes[3:6], hashes[6:8]]
+    by_bytes = split(hashes, lines, max_requests=100, max_bytes=30)
+    assert by_bytes == [["h0", "h1", "h2"], ["h3", "h4", "h6"], ["h7"]]
+    assert [c for c in by_bytes if "h5" in c] == []  # 40 bytes: no batch can carry it
+    assert all(sum(len(lines[h]) for h in c) <= 30 for c in by_bytes) and sum(map(len, by_bytes)) == 7
+    assert [h for c in by_bytes for h in c] == [h for h in hashes if h != "h5"]  # in order, each once
+
+
+def test_a_job_over_the_request_limit_runs_as_several_recorded_batches(fake_service, tmp_path):
+    fake_service.responder, seen = counting(overlap_judge)
+    fake_service.batch_max_requests = 3  # the simulator refuses a larger batch, as the provider would
+    client = client_for(fake_service, tmp_path, batch_max_requests=3)
+    reqs = [judge_request(i) for i in range(8)]
+    replies = batch(client, reqs)
+    assert all(r.ok for r in replies) and len(seen) == 8
+    assert [len(lines) for lines in uploaded_lines(fake_service)] == [3, 3, 2]
+    assert len({r.extra["batch_id"] for r in replies}) == 3
+    records = client.log.batches()
+    assert [b.requests for b in records] == [3, 3, 2] and all(b.status == "completed" and b.done_ts for b in records)
+    ranges = [(b.first_hash, b.last_hash) for b in records]
+    assert sorted(r.extra["request_hash"] for r in replies) == sorted(
+        line["custom_id"] for lines in uploaded_lines(fake_service) for line in lines)
+    assert all(a[1] < b[0] for a, b in zip(sorted(ranges)[:-1], sorted(ranges)[1:], strict=True))  # disjoint hash ranges
+
+
+def test_a_job_over_the_byte_limit_is_split_by_bytes(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    reqs = [judge_request(i) for i in range(6)]
+    one = len(json.dumps({"custom_id": "0" * 64, "method": "POST", "url": "/v1/chat/completions", "body": {
+        "model": "fake-model", "messages": reqs[0][0], "temperature": 0.7, "max_tokens": 64,
+        "response_format": {"type": "json_object"}}})) + 1
+    limit = 2 * one + 5  # two lines fit, three do not
+    fake_service.batch_max_bytes = limit
+    client = client_for(fake_service, tmp_path, batch_max_bytes=limit)
+    replies = batch(client, reqs)
+    assert all(r.ok for r in replies)
+    assert [len(lines) for lines in uploaded_lines(fake_service)] == [2, 2, 2]
+    assert all(b.bytes <= limit for b in client.log.batches())
+
+
+def test_a_request_no_batch_can_carry_fails_alone(fake_service, tmp_path):
+    fake_service.responder = overlap_judge
+    client = client_for(fake_service, tmp_path, batch_max_bytes=600)
+    reqs = [judge_request(0), judge_request(1, "x" * 1000)]
+    ok, big = batch(client, reqs)
+    assert ok.ok and not big.ok and "over service.batch_max_bytes" in big.error
+    assert [len(lines) for lines in uploaded_lines(fake_service)] == [1]
+
+
+def test_a_run_that_died_after_two_of_three_batches_resumes_them_and_submits_only_the_third(fake_service, tmp_path):
+    fake_service.responder, seen = counting(overlap_judge)
+    fake_service.batch_polls_to_complete = 2
+    reqs = [judge_request(i) for i in range(7)]
+    client = client_for(fake_service, tmp_path, batch_max_requests=3)
+    submitted = []
+
+    def die_after_the_second(record):
+        submitted.append(record.batch_id)
+        if len(submitted) == 2:
+            raise KeyboardInterrupt("the process dies here")
+
+    client.on_batch_submitted = die_after_the_second
+    with pytest.raises(KeyboardInterrupt):
+        batch(client, reqs)
+    assert len(fake_service.batches) == 2 and seen == []
+    client.close()
+
+    rerun = client_for(fake_service, tmp_path, batch_max_requests=3)  # a new process, the same call log
+    replies = batch(rerun, reqs)
+    assert len(fake_service.batches) == 3  # the two recorded ones re-attached, one new
+    assert all(r.ok for r in replies)
+    assert sorted(seen) == sorted(m[0]["content"] for m, _, _ in reqs)  # every request answered once
+    assert {r.extra["batch_id"] for r in replies} == set(fake_service.batches)
+    assert [b.batch_id for b in rerun.log.batches()][:2] == submitted
+    assert all(b.done_ts for b in rerun.log.batches()) and rerun.log.open_batches("fake-model") == []
+    again = batch(rerun, reqs)
+    assert all(r.cached for r in again) and len(fake_service.batches) == 3
+
+
+def test_several_batches_are_priced_at_the_batch_discount_and_cached_per_request(fake_service, tmp_path):
+    fake_service.responder = lambda req: "plain text answer"
+    client = client_for(fake_service, tmp_path, batch_discount=0.5, batch_max_requests=2)
+    reqs = [([{"role": "user", "content": f"say something {i}"}], None, {"sample_index": 0}) for i in range(5)]
+    replies = batch(client, reqs)
+    assert len(fake_service.batches) == 3
+    for reply in replies:
+        full = (reply.input_tokens * 1.0 + reply.output_tokens * 2.0) / 1e6
+        assert reply.cost_usd == pytest.approx(full * 0.5) and reply.cost_usd > 0
+    assert client.ledger()["total"]["usd"] == pytest.approx(sum(r.cost_usd for r in replies), abs=1e-6)
+    for m, _, _meta in reqs:  # each request's answer replays alone, for a normal call
+        [normal] = client.run([client.chat_text(m, model="fake-model", temperature=0.7, max_tokens=64)])
+        assert normal.cached and normal.raw == "plain text answer"

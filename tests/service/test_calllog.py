@@ -120,3 +120,135 @@ def test_a_call_log_from_a_newer_release_is_refused_with_a_clear_error(tmp_path)
     conn.close()
     with pytest.raises(UserError, match="newer than this llamaduo"):
         CallLog(db)
+
+
+def fill(log, n):
+    """n calls through the client's write path, inside an event loop (grouped commits)."""
+    import asyncio
+
+    async def go():
+        for i in range(n):
+            base = {"ts": float(i), "stage": ("judge", "synth")[i % 2], "round": i % 7, "provider": "openai",
+                    "model": ("gpt-4o-mini", "gpt-4o", None)[i % 3], "request_hash": f"h{i:08d}", "sample_index": i % 5}
+            if i % 10 == 0:
+                log.record(**base, attempt=1, status="http_429", http_status=429, error="slow down")
+            elif i % 10 == 1:
+                log.record(**base, attempt=0, status="cached", saved_usd=0.001, input_tokens=3, output_tokens=2)
+            elif i % 10 == 2:
+                log.record(**base, attempt=3, status="failed", error="gave up")
+            else:
+                log.record_reply({**base, "attempt": 1, "status": "ok", "input_tokens": i % 13, "output_tokens": i % 7,
+                                  "cost_usd": i * 1e-6, "raw_reply": f"reply {i}"}, (base["model"], f"reply {i}", i % 13, i % 7, i * 1e-6))
+            if i % 1000 == 999:
+                await asyncio.sleep(0)
+
+    asyncio.run(go())
+    log.flush()
+
+
+def summed_ledger(conn):
+    """The ledger as the first releases computed it: summed over every call."""
+    conn.execute("CREATE TEMP VIEW scan AS SELECT * FROM calls")
+    q = ("SELECT stage, round, COUNT(*) FILTER (WHERE status!='cached'), COUNT(*) FILTER (WHERE status='cached'),"
+         " COUNT(*) FILTER (WHERE status='failed'), COALESCE(SUM(CASE WHEN status!='cached' THEN input_tokens END),0),"
+         " COALESCE(SUM(CASE WHEN status!='cached' THEN output_tokens END),0), ROUND(COALESCE(SUM(cost_usd),0), 6),"
+         " ROUND(COALESCE(SUM(saved_usd),0), 6) FROM scan GROUP BY stage, round ORDER BY stage, round")
+    return [tuple(r) for r in conn.execute(q)]
+
+
+def plan(conn, sql, args=()):
+    return " | ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
+
+
+def test_cache_lookups_and_ledger_upkeep_use_their_indexes_in_a_20k_row_log(tmp_path):
+    log = CallLog(tmp_path / "s.sqlite")
+    fill(log, 20_000)
+    conn = log.conn
+    assert conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0] == 20_000
+    lookup = plan(conn, "SELECT raw_reply, input_tokens, output_tokens, cost_usd FROM cache WHERE request_hash=?", ("h1",))
+    assert "SEARCH cache USING PRIMARY KEY (request_hash=?)" in lookup
+    upkeep = plan(conn, "UPDATE ledger SET paid = paid + 1 WHERE stage IS ? AND round IS ? AND model IS ?", ("judge", 1, None))
+    assert "USING INDEX ledger_key" in upkeep and "SCAN" not in upkeep
+    # The ledger never reads `calls`: its query plans touch only the small `ledger` table.
+    ledger_sql = "SELECT stage, round, SUM(paid) FROM ledger GROUP BY stage, round ORDER BY stage, round"
+    assert "calls" not in plan(conn, ledger_sql)
+    assert log.cached("h00000003") == ("reply 3", 3, 3, 3e-06) and log.cached("nope") is None
+    assert conn.execute("SELECT COUNT(*) FROM ledger").fetchone()[0] == 2 * 7 * 3
+    log.close()
+
+
+def test_the_ledger_kept_by_the_trigger_matches_a_sum_over_every_call(tmp_path):
+    log = CallLog(tmp_path / "s.sqlite")
+    fill(log, 3000)
+    log.record(ts=1.0, status="ok", cost_usd=0.5, input_tokens=1)  # no stage, round or model at all
+    ledger = log.ledger()
+    expected = summed_ledger(log.conn)
+    got = [(*(k.split("/r")[0], int(k.split("/r")[1]) if "/r" in k else None), v["calls"], v["cached"], v["failed"],
+            v["input_tokens"], v["output_tokens"], v["usd"], v["saved_usd"]) for k, v in ledger["by_stage"].items()]
+    assert [(("None" if s is None else s), *rest) for s, *rest in expected] == got
+    assert log.totals() == pytest.approx((sum(r[7] for r in expected), sum(r[5] + r[6] for r in expected)))
+    assert sorted(log.models_answered()) == ["gpt-4o", "gpt-4o-mini"]
+    log.close()
+
+
+def test_writes_made_in_one_event_loop_pass_share_one_commit(tmp_path):
+    import asyncio
+
+    log = CallLog(tmp_path / "s.sqlite")
+    commits = []
+    log.conn.set_trace_callback(lambda sql: commits.append(sql) if sql.strip().upper() == "COMMIT" else None)
+
+    async def go():
+        for i in range(50):
+            log.record_reply({"ts": 0.0, "request_hash": f"h{i}", "status": "ok", "raw_reply": "r"}, ("m", "r", 1, 1, 0.0))
+        assert log.cached("h7") == ("r", 1, 1, 0.0)  # visible before its commit
+        await asyncio.sleep(0)
+        assert len(commits) == 1
+        log.record(ts=0.0, status="cached")
+        await asyncio.sleep(0)
+
+    asyncio.run(go())
+    assert len(commits) == 2
+    log.record(ts=0.0, status="cached")  # outside a loop: committed at once
+    assert len(commits) == 3
+    log.close()
+
+
+def test_a_second_reply_for_a_cached_hash_keeps_its_own_text_in_its_call(tmp_path):
+    log = CallLog(tmp_path / "s.sqlite")
+    for text in ("first", "second"):  # two identical requests answered concurrently
+        log.record_reply({"ts": 0.0, "request_hash": "h", "status": "ok", "raw_reply": text}, ("m", text, 1, 1, 0.0))
+    assert log.cached("h")[0] == "first"
+    assert [r for (r,) in log.conn.execute("SELECT raw_reply FROM call_replies ORDER BY id")] == ["first", "second"]
+    log.close()
+
+
+def test_a_version_1_log_is_migrated_without_losing_a_reply_or_a_cent(tmp_path):
+    db = tmp_path / "service.sqlite"
+    conn = sqlite3.connect(db)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    for i in range(200):
+        status = ("ok", "cached", "http_500")[i % 3]
+        conn.execute("INSERT INTO calls (ts, stage, round, model, request_hash, status, input_tokens, output_tokens, cost_usd,"
+                     " saved_usd, raw_reply) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                     (i, "judge", i % 4, "gpt-4o", f"h{i}", status, 10, 5, 0.01 if status == "ok" else 0,
+                      0.01 if status == "cached" else 0, f"r{i}" if status == "ok" else None))
+        if status == "ok" and i % 2 == 0:  # half the good replies were cached (as an earlier client would)
+            conn.execute("INSERT INTO cache VALUES (?, 'gpt-4o', ?, 10, 5, 0.01, ?)", (f"h{i}", f"r{i}", i))
+    conn.commit()
+    before = summed_ledger(conn)
+    replies = conn.execute("SELECT id, raw_reply FROM calls ORDER BY id").fetchall()
+    conn.close()
+    log = CallLog(db)
+    assert version(db) == SCHEMA_VERSION
+    assert summed_ledger(log.conn) == before
+    assert [tuple(r) for r in log.conn.execute("SELECT id, raw_reply FROM call_replies ORDER BY id")] == replies
+    kept = log.conn.execute("SELECT COUNT(*) FROM calls WHERE raw_reply IS NOT NULL").fetchone()[0]
+    assert kept == 33  # the 67 good replies less the 34 the cache holds
+    assert log.cached("h0") == ("r0", 10, 5, 0.01) and log.conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE name='calls_hash'").fetchone() is None
+    totals = log.totals()
+    log.close()
+    assert totals == pytest.approx((0.67, (67 + 66) * 15))  # every attempt but the cache hits

@@ -227,6 +227,7 @@ def test_a_bug_in_a_schema_validator_raises_and_is_not_repaired(fake_service, tm
     with pytest.raises(KeyError):
         client.run([client.chat_json([{"role": "user", "content": "x"}], Buggy)])
     assert fake_service.count == 1
+    assert [(r[0], r[3]) for r in rows(tmp_path / "s.sqlite")] == [("ok", GOOD)]  # the paid call is still in the log
 
 
 def test_run_reports_the_total_and_each_completion_to_the_progress_reporter(fake_service, tmp_path):
@@ -267,3 +268,70 @@ def test_cache_keys_are_those_earlier_releases_wrote(tmp_path):
     assert text.request_hash("gpt-4o-mini", msgs, text.params(0.7, 512, None), 3) == (
         "5521cc10a0787e7910d7dde78174bf2fef70750d8d941debed00cba729b0883b"
     )
+
+
+def test_an_isolated_429_delays_only_its_own_retry(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    fake_service.inject(Fault.rate_limit(0.2))  # Retry-After, but no rate limit said to be spent
+    client = ServiceClient(service_config(fake_service, concurrency=4), db_path=tmp_path / "s.sqlite")
+    replies = ask(client, n=4)
+    assert all(r.ok for r in replies) and sorted(r.attempts for r in replies) == [1, 1, 1, 2]
+    assert client.pacer.not_before == float("-inf")  # nobody else was held
+
+
+def test_a_429_that_says_the_limit_is_spent_holds_every_worker(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    fake_service.inject(Fault("rate_limit", 429, headers={"Retry-After": "0.2", "x-ratelimit-remaining-requests": "0"}))
+    client = ServiceClient(service_config(fake_service), db_path=tmp_path / "s.sqlite")
+    t0 = time.monotonic()
+    [reply] = ask(client)
+    assert reply.ok and client.pacer.not_before > t0
+
+
+def test_three_429s_in_a_row_hold_every_worker_even_without_limit_headers(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    fake_service.inject(*[Fault.rate_limit(0.05)] * 3)
+    client = ServiceClient(service_config(fake_service, concurrency=1), db_path=tmp_path / "s.sqlite")
+    t0 = time.monotonic()
+    [reply] = ask(client)
+    assert reply.ok and reply.attempts == 4 and client.pacer.not_before > t0
+
+
+def test_token_pacing_books_prompt_and_max_tokens_and_spaces_a_mixed_stage(tmp_path):
+    from llamaduo.demo.simulator import SimulatedService
+
+    with SimulatedService(lambda req: "fine", rpm_limit=1200, tpm_limit=60_000) as svc:
+        client = ServiceClient(service_config(svc, rpm=1200, tpm=60_000, concurrency=8), db_path=tmp_path / "s.sqlite")
+        msgs = [{"role": "user", "content": "say something"}]
+        sizes = [8, 400] * 10
+        t0 = time.monotonic()
+        replies = client.run([client.chat_text(msgs, max_tokens=m, sample_index=i) for i, m in enumerate(sizes)])
+        elapsed = time.monotonic() - t0
+        stats = svc.stats()
+    assert all(r.ok for r in replies) and stats["limited_rpm"] == stats["limited_tpm"] == 0
+    weights = sum(m + 12 for m in sizes)  # each prompt counts 12 tokens, plus its max_tokens
+    assert elapsed >= (weights - 600) / (0.98 * 1000) - 0.2  # the burst, then 98 % of 1,000 tokens/s
+    assert client.pacer.waits["tokens"] > 0
+
+
+def test_a_resumed_stage_sends_only_the_calls_it_had_not_finished(fake_service, tmp_path):
+    fake_service.responder = lambda req: GOOD
+    db = tmp_path / "s.sqlite"
+    ask(ServiceClient(service_config(fake_service), db_path=db), n=30)  # the part done before the stop
+    again = ask(ServiceClient(service_config(fake_service), db_path=db), n=50)
+    assert fake_service.count == 50 and sum(r.cached for r in again) == 30 and all(r.ok for r in again)
+
+
+def test_a_good_reply_is_stored_once_and_an_unusable_one_stays_with_its_call(fake_service, tmp_path):
+    import sqlite3
+
+    fake_service.responder = lambda req: GOOD
+    fake_service.inject(Fault.bad_content("not json at all"))
+    db = tmp_path / "s.sqlite"
+    [reply] = ask(ServiceClient(service_config(fake_service), db_path=db))
+    assert reply.ok
+    conn = sqlite3.connect(db)
+    assert [r for (r,) in conn.execute("SELECT raw_reply FROM calls ORDER BY id")] == ["not json at all", None]
+    assert [r for (r,) in conn.execute("SELECT raw_reply FROM call_replies ORDER BY id")] == ["not json at all", GOOD]
+    assert [r for (r,) in conn.execute("SELECT raw_reply FROM cache")] == [GOOD, GOOD]  # the repaired answer under both keys
+    conn.close()

@@ -35,3 +35,24 @@ def test_429_holds_every_worker_until_retry_after():
     pacer = Pacer(rpm=600, tpm=None, clock=lambda: now[0])
     pacer.back_off(2.0)
     assert pacer.reserve(est_tokens=1) >= 2.0 and pacer.wait_left() == 2.0
+
+
+def test_requests_held_back_by_the_token_limit_still_keep_the_request_spacing():
+    now = [0.0]
+    pacer = Pacer(rpm=600, tpm=6000, clock=lambda: now[0])  # 9.8 requests/s, burst 6; 98 tokens/s
+    sends = [pacer.reserve(est_tokens=3000)] + [pacer.reserve(est_tokens=1) for _ in range(50)]
+    assert sends[0] > 25  # the big one waits for its tokens...
+    # ...and the small ones queued behind it do not go out in one bunch when it does.
+    worst = max(bisect.bisect_left(sends, t + 1.0) - i for i, t in enumerate(sends))
+    assert worst <= 6 + 10
+    assert pacer.waits["tokens"] >= 1 and pacer.waits["requests"] >= 40
+
+
+def test_a_refused_request_gives_its_whole_booking_back():
+    now = [0.0]
+    pacer = Pacer(rpm=60, tpm=600, clock=lambda: now[0])
+    assert pacer.reserve(est_tokens=5) == 0.0
+    second = pacer.reserve(est_tokens=5)
+    assert second > 0
+    pacer.release(5)  # answered 429/5xx: the service counted none of it
+    assert pacer.reserve(est_tokens=5) == second

@@ -2,108 +2,43 @@
 
 `POST /v1/chat/completions` answers in the OpenAI shape; `POST /v1/messages` in the shape of
 Anthropic's native Messages API. The Batch API flow is there too (`POST /v1/files`,
-`GET /v1/files/{id}/content`, `POST /v1/batches`, `GET /v1/batches/{id}`): a batch completes
-after `batch_polls_to_complete` polls, its output lines answered by the same responder.
-It plays the service LLM in the test suite (with faults on demand: 429 with Retry-After,
-5xx, slow replies, malformed or truncated JSON) and in `llamaduo demo`, where it is labelled
-as a simulator. It binds 127.0.0.1 only and records every request it receives.
+`GET /v1/files/{id}/content`, `POST /v1/batches`, `GET /v1/batches/{id}`): each batch, any
+number of them at once, completes after `batch_polls_to_complete` polls of it, its output lines
+answered by the same responder; one over `batch_max_requests` lines or `batch_max_bytes` bytes
+fails validation as OpenAI's would.
+It plays the service LLM in the test suite (faults on demand, see `faults`) and in `llamaduo demo`,
+where it is labelled as a simulator; for load tests it draws latencies, answers a share with 429s
+and 5xx, and enforces RPM/TPM limits (`sim_process` runs it in a child). Binds 127.0.0.1 only.
 """
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import json
+import random
 import threading
 import time
 import uuid
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from llamaduo.demo.faults import (  # noqa: F401  (Fault, ErrorReply, Latency: what callers hand the simulator)
+    ErrorReply,
+    Fault,
+    Latency,
+    _multipart,
+    chat_completion,
+    estimate_tokens,
+    rate_limit_tokens,
+)
+
 Responder = Callable[[dict[str, Any]], "str | dict[str, Any] | ErrorReply"]
-
-
-@dataclass
-class ErrorReply:
-    """What a responder returns to answer with an HTTP error (e.g. a server refusing a request field)."""
-
-    status: int
-    message: str
-
-
-@dataclass
-class Fault:
-    """One injected misbehaviour, consumed by the next request."""
-
-    kind: str
-    status: int = 200
-    seconds: float = 0.0
-    text: str = ""
-    headers: dict[str, str] = field(default_factory=dict)
-
-    @staticmethod
-    def rate_limit(retry_after_s: float = 1.0) -> Fault:
-        return Fault("rate_limit", 429, headers={"Retry-After": f"{retry_after_s:g}"})
-
-    @staticmethod
-    def server_error(status: int = 500) -> Fault:
-        return Fault("server_error", status)
-
-    @staticmethod
-    def timeout(seconds: float) -> Fault:
-        return Fault("timeout", seconds=seconds)
-
-    @staticmethod
-    def malformed() -> Fault:
-        return Fault("malformed")
-
-    @staticmethod
-    def truncated_json() -> Fault:
-        return Fault("bad_content", text='{"similarity": {"score": 8')
-
-    @staticmethod
-    def bad_content(text: str) -> Fault:
-        return Fault("bad_content", text=text)
 
 
 class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # the default listen backlog (5) resets bursts of connections
     daemon_threads = True
-
-
-def estimate_tokens(text: str) -> int:
-    return len(text) // 4 + 1
-
-
-def chat_completion(body: dict[str, Any], reply: str) -> dict[str, Any]:
-    """The OpenAI chat.completion object answering `body` with `reply`."""
-    prompt = json.dumps(body.get("messages", []))
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": body.get("model", "simulated"),
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}],
-        "usage": {
-            "prompt_tokens": estimate_tokens(prompt),
-            "completion_tokens": estimate_tokens(reply),
-            "total_tokens": estimate_tokens(prompt) + estimate_tokens(reply),
-        },
-    }
-
-
-def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
-    """Form fields of a multipart/form-data body: name -> (filename, bytes)."""
-    msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-        f"Content-Type: {content_type}\r\n\r\n".encode() + raw
-    )
-    return {
-        part.get_param("name", header="content-disposition"): (part.get_filename(), part.get_payload(decode=True))
-        for part in msg.iter_parts()
-    }
 
 
 class SimulatedService:
@@ -116,18 +51,42 @@ class SimulatedService:
         port: int = 0,
         latency_s: float = 0.0,
         rpm_limit: int | None = None,
+        tpm_limit: int | None = None,
+        latency: Latency | str | None = None,
+        fault_rate: float = 0.0,
+        fault_retry_after_s: float = 1.0,
+        seed: int = 0,
+        record: bool = True,
+        batch_max_requests: int | None = None,
+        batch_max_bytes: int | None = None,
     ):
         self.responder = responder
         self.latency_s = latency_s
+        self.latency = Latency.parse(latency) if isinstance(latency, str) else latency or Latency.fixed(latency_s)
         self.rpm_limit = rpm_limit
+        self.tpm_limit = tpm_limit
+        # A share `fault_rate` of chat requests is refused at once, half with a 429 carrying
+        # Retry-After (a hiccup: the limit is not spent, so no x-ratelimit-remaining-* is 0),
+        # half with a 5xx. Refused requests, like those over a limit, count in no window.
+        self.fault_rate = fault_rate
+        self.fault_retry_after_s = fault_retry_after_s
+        self.record = record  # False keeps no copy of each request (long load tests)
+        self.batch_max_requests = batch_max_requests
+        self.batch_max_bytes = batch_max_bytes
         self.requests: list[dict[str, Any]] = []
         self.batch_polls_to_complete = 1
         self.files: dict[str, bytes] = {}  # uploaded and produced JSONL, by file id
         self.batches: dict[str, dict[str, Any]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.counts = {"received": 0, "ok": 0, "limited_rpm": 0, "limited_tpm": 0, "injected_429": 0, "injected_5xx": 0}
+        self.first_ok_at: float | None = None  # arrival (monotonic) of the first and last request answered 200
+        self.last_ok_at: float | None = None
+        self._rng = random.Random(seed)
         self._faults: deque[Fault] = deque()
         self._window: deque[float] = deque()
+        self._token_window: deque[tuple[float, int]] = deque()
+        self._window_tokens = 0
         self._lock = threading.Lock()
         self._server = _Server((host, port), self._handler())
         self._thread: threading.Thread | None = None
@@ -164,7 +123,16 @@ class SimulatedService:
     @property
     def count(self) -> int:
         with self._lock:
-            return len(self.requests)
+            return len(self.requests) if self.record else self.counts["received"]
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of what was received and answered, for load tests."""
+        with self._lock:
+            return {
+                **self.counts, "requests": len(self.requests) if self.record else self.counts["received"],
+                "max_in_flight": self.max_in_flight, "batches": len(self.batches),
+                "ok_span_s": (self.last_ok_at - self.first_ok_at) if self.first_ok_at is not None else 0.0,
+            }
 
     def _next_fault(self) -> Fault | None:
         with self._lock:
@@ -188,6 +156,17 @@ class SimulatedService:
             "errors": None, "metadata": body.get("metadata"), "request_counts": {"total": 0, "completed": 0, "failed": 0},
         }
         with self._lock:
+            data = self.files.get(str(body.get("input_file_id")), b"")
+            n = sum(1 for line in data.splitlines() if line.strip())
+            if self.batch_max_requests is not None and n > self.batch_max_requests:
+                problem = f"{n} requests, over the limit of {self.batch_max_requests}"
+            elif self.batch_max_bytes is not None and len(data) > self.batch_max_bytes:
+                problem = f"{len(data)} bytes, over the limit of {self.batch_max_bytes}"
+            else:
+                problem = None
+            if problem:  # refused at validation, as the provider does
+                batch.update(status="failed", errors={"object": "list", "data": [
+                    {"code": "batch_too_large", "message": f"input file has {problem}", "param": None, "line": None}]})
             self.batches[batch["id"]] = {"object": batch, "polls": 0}
         return batch
 
@@ -199,7 +178,7 @@ class SimulatedService:
                 return None
             entry["polls"] += 1
             batch = entry["object"]
-            if batch["status"] in ("completed", "cancelled"):
+            if batch["status"] in ("completed", "cancelled", "failed"):
                 return dict(batch)
             if entry["polls"] < self.batch_polls_to_complete:
                 batch["status"] = "in_progress"
@@ -222,18 +201,54 @@ class SimulatedService:
                          request_counts={"total": len(out), "completed": len(out), "failed": 0})
             return batch
 
-    def _over_rpm(self) -> float | None:
-        """Seconds until a slot frees when the sliding 60 s window is full, else None."""
-        if self.rpm_limit is None:
+    def _over_limit(self, body: dict[str, Any], now: float) -> tuple[float, str] | None:
+        """(seconds until the request would fit, which limit) when admitting it would put more
+        than the limit in the sliding 60 s window; else None, and the request is counted."""
+        if self.rpm_limit is None and self.tpm_limit is None:
             return None
-        now = time.monotonic()
+        tokens = rate_limit_tokens(body) if self.tpm_limit is not None else 0
         with self._lock:
             while self._window and now - self._window[0] >= 60.0:
                 self._window.popleft()
-            if len(self._window) >= self.rpm_limit:
-                return 60.0 - (now - self._window[0])
+            while self._token_window and now - self._token_window[0][0] >= 60.0:
+                self._window_tokens -= self._token_window.popleft()[1]
+            if self.rpm_limit is not None and len(self._window) >= self.rpm_limit:
+                self.counts["limited_rpm"] += 1
+                return 60.0 - (now - self._window[0]), "requests"
+            if self.tpm_limit is not None and self._window_tokens + tokens > self.tpm_limit:
+                self.counts["limited_tpm"] += 1
+                freed, wait = 0, 60.0
+                for t, n in self._token_window:  # the oldest entries leave the window first
+                    freed += n
+                    if self._window_tokens - freed + tokens <= self.tpm_limit:
+                        wait = 60.0 - (now - t)
+                        break
+                return wait, "tokens"
             self._window.append(now)
+            if self.tpm_limit is not None:
+                self._token_window.append((now, tokens))
+                self._window_tokens += tokens
             return None
+
+    def _draw(self) -> tuple[float, int | None]:
+        """This request's latency and random fault: None, or the status to refuse it with."""
+        with self._lock:
+            latency = self.latency.sample(self._rng)
+            if not (self.fault_rate and self._rng.random() < self.fault_rate):
+                return latency, None
+            if self._rng.random() < 0.5:
+                self.counts["injected_429"] += 1
+                return latency, 429
+            self.counts["injected_5xx"] += 1
+            return latency, self._rng.choice((500, 502, 503))
+
+    def _answered(self, arrived: float) -> None:
+        with self._lock:
+            self.counts["ok"] += 1
+            if self.first_ok_at is None or arrived < self.first_ok_at:
+                self.first_ok_at = arrived
+            if self.last_ok_at is None or arrived > self.last_ok_at:
+                self.last_ok_at = arrived
 
     # ---- HTTP
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -260,7 +275,9 @@ class SimulatedService:
 
             def _record(self, body: dict[str, Any]) -> None:
                 with svc._lock:
-                    svc.requests.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
+                    svc.counts["received"] += 1
+                    if svc.record:
+                        svc.requests.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
 
             def do_GET(self) -> None:
                 path = self.path.rstrip("/")
@@ -299,9 +316,10 @@ class SimulatedService:
                 except json.JSONDecodeError:
                     self._error(400, "request body is not JSON")
                     return
-                record = {"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}}
                 with svc._lock:
-                    svc.requests.append(record)
+                    svc.counts["received"] += 1
+                    if svc.record:
+                        svc.requests.append({"path": self.path, "body": body, "headers": {k.lower(): v for k, v in self.headers.items()}})
                     svc.in_flight += 1
                     svc.max_in_flight = max(svc.max_in_flight, svc.in_flight)
                 try:
@@ -328,18 +346,27 @@ class SimulatedService:
                 if not (anthropic or path.endswith("/chat/completions")):
                     self._error(404, f"no route {self.path}")
                     return
-                wait = svc._over_rpm()
-                if wait is not None:
+                arrived = time.monotonic()
+                latency, refuse = svc._draw()
+                if refuse == 429:
+                    self._error(429, "injected rate_limit (the service is busy)", {"Retry-After": f"{svc.fault_retry_after_s:g}"})
+                    return
+                if refuse is not None:
+                    self._error(refuse, "injected server_error")
+                    return
+                over = svc._over_limit(body, arrived)
+                if over is not None:
+                    wait, which = over
                     headers = {
                         "Retry-After": f"{max(wait, 0.01):.2f}",
-                        "x-ratelimit-remaining-requests": "0",
-                        "x-ratelimit-reset-requests": f"{max(wait, 0.01):.2f}s",
+                        f"x-ratelimit-remaining-{which}": "0",
+                        f"x-ratelimit-reset-{which}": f"{max(wait, 0.01):.2f}s",
                     }
-                    self._error(429, "rate limit reached (simulated)", headers)
+                    self._error(429, f"rate limit reached ({which} per minute, simulated)", headers)
                     return
                 fault = svc._next_fault()
-                if svc.latency_s:
-                    time.sleep(svc.latency_s)
+                if latency:
+                    time.sleep(latency)
                 content: str | None = None
                 if fault is not None:
                     if fault.kind in ("rate_limit", "server_error"):
@@ -356,6 +383,7 @@ class SimulatedService:
                 if isinstance(reply, ErrorReply):
                     self._error(reply.status, reply.message)
                     return
+                svc._answered(arrived)
                 if isinstance(reply, dict):
                     self._send(200, json.dumps(reply).encode())
                     return

@@ -18,8 +18,10 @@ loop can stop cleanly. API keys are read from the environment at call time and n
 Nothing here draws on a terminal: `run` reports progress to the `ProgressReporter` it is given.
 
 Modules: `api` (types and the `Client` protocol), `client` (the call path), `providers` (OpenAI-
-compatible and Anthropic), `retry` (faults, the retry loop), `parsing` (JSON out of replies),
-`batch` (the Batch API), `pricing` (cost, budget), `pacing` (RPM/TPM), `calllog` (SQLite).
+compatible and Anthropic), `transport` (HTTP for OpenAI-compatible chat calls), `retry` (faults,
+the retry loop), `parsing` (JSON out of replies), `batch` (the Batch API, over several provider
+batches when a job is larger than one), `pricing` (cost, budget), `pacing` (RPM/TPM), `calllog`
+(SQLite).
 """
 
 from llamaduo.service.api import (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -17,7 +18,7 @@ from pydantic import BaseModel
 from llamaduo.config import ServiceConfig
 from llamaduo.service import batch, pricing
 from llamaduo.service.api import BatchRequest, BudgetExceeded, ProgressReporter, ServiceError, ServiceReply
-from llamaduo.service.calllog import CallLog, ledger_from_db
+from llamaduo.service.calllog import BatchRecord, CallLog
 from llamaduo.service.pacing import Pacer
 from llamaduo.service.parsing import parse_reply, repair_messages
 from llamaduo.service.providers import make_provider
@@ -25,8 +26,15 @@ from llamaduo.service.retry import RetryPolicy, ServiceFault, fault_from, retryi
 
 T = TypeVar("T")
 
-# (text or None, input tokens, output tokens, cost, attempts, error, cached, request hash)
-_CallResult = tuple[str | None, int, int, float, int, str | None, bool, str]
+# (text or None, input tokens, output tokens, cost, attempts, error, cached, request hash, the
+# answered attempt's call-log row, written once the caller knows whether the reply is cached)
+_CallResult = tuple[str | None, int, int, float, int, str | None, bool, str, "dict[str, Any] | None"]
+
+# Faults that announce a wait (429, or 503 with Retry-After) hold every worker when their headers
+# say the limit is spent, or when this many come in a row with no success between them. One on
+# its own (a provider hiccup) only delays its own retry: at thousands of calls a minute, holding
+# everyone for each would cost more than the hiccups do.
+HOLD_AFTER_FAULTS = 3
 
 
 class ServiceClient:
@@ -47,9 +55,15 @@ class ServiceClient:
         self.pacer = Pacer(cfg.rpm, cfg.tpm, clock)
         self.retry = RetryPolicy(cfg.max_retries, cfg.backoff_base_s, cfg.backoff_max_s)
         self.budget = pricing.Budget(cfg, *self.log.totals())
+        self.on_batch_submitted: Callable[[BatchRecord], None] | None = None  # told after each batch is recorded
         self._sdk: Any = None
         self._sdk_loop: Any = None
         self._sem: asyncio.Semaphore | None = None
+        self._fault_run = 0  # faults with Retry-After since the last success
+        # Prompt tokens per estimated prompt token, learnt from the usage replies report (TPM
+        # pacing books a request before its usage is known). Starts at 1 with a small weight.
+        self._prompt_est_sum = 1000.0
+        self._prompt_seen_sum = 1000.0
 
     # ---- plumbing
     def _key(self) -> str:
@@ -64,7 +78,7 @@ class ServiceClient:
         raise ServiceError(f"service.api_key_env: environment variable {self.cfg.api_key_env} is not set")
 
     def sdk(self) -> Any:
-        """The provider's SDK client for the running event loop (each `run` has its own loop)."""
+        """The provider's connection for the running event loop (each `run` has its own loop)."""
         loop = asyncio.get_running_loop()
         if self._sdk is None or self._sdk_loop is not loop:
             self._sdk = self.provider.connect(self._key())
@@ -98,6 +112,10 @@ class ServiceClient:
     def params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
         return self.provider.params(temperature, max_tokens, schema)
 
+    def _prompt_chars_estimate(self, messages: list[dict[str, str]]) -> float:
+        # ~4 characters a token, plus ~4 tokens of chat framing per message.
+        return (sum(len(m["content"]) for m in messages) + 16 * len(messages)) / 4
+
     # ---- one cached call with retries
     async def _call(
         self, model: str, messages: list[dict[str, str]], params: dict[str, Any], sample_index: int, stage: str, round: int | None,
@@ -108,20 +126,24 @@ class ServiceClient:
         if hit is not None:
             raw, tin, tout, cost = hit
             self.log.record(ts=time.time(), attempt=0, status="cached", saved_usd=cost, input_tokens=tin, output_tokens=tout, **base)
-            return raw, tin, tout, 0.0, 0, None, True, h
+            return raw, tin, tout, 0.0, 0, None, True, h, None
         self.budget.check()
-        sdk = self.sdk()
+        conn = self.sdk()
         assert self._sem is not None
         sem = self._sem
-        est = sum(len(m["content"]) for m in messages) // 4 + int(params.get("max_tokens", 0))
-        tries, t0 = 0, time.monotonic()
+        # What a provider counts against a TPM limit when the request arrives: its prompt and
+        # its max_tokens (OpenAI's rule), so that is what is booked and, later, settled.
+        max_tokens = int(params.get("max_tokens", 0))
+        prompt_chars = self._prompt_chars_estimate(messages)
+        tries, t0, est = 0, time.monotonic(), 0
 
         async def attempt(n: int) -> tuple[str, int, int]:
-            nonlocal tries, t0
+            nonlocal tries, t0, est
             tries = n
             # The slot is booked while holding the semaphore, so a request never waits for a
             # worker after its paced time (which would bunch requests up past the limit).
             async with sem:
+                est = math.ceil(prompt_chars * self._prompt_seen_sum / self._prompt_est_sum) + max_tokens
                 wait = self.pacer.reserve(est)
                 while wait > 0:
                     await self.sleep(wait)
@@ -129,30 +151,39 @@ class ServiceClient:
                 self.budget.check()  # spending may have crossed the budget while we waited
                 t0 = time.monotonic()
                 try:
-                    return await asyncio.wait_for(self.provider.send(sdk, model, messages, params), self.cfg.timeout_s + 5)
-                except asyncio.TimeoutError as e:  # our own deadline, above the SDK's
+                    return await asyncio.wait_for(self.provider.send(conn, model, messages, params), self.cfg.timeout_s + 5)
+                except asyncio.TimeoutError as e:  # our own deadline, above the transport's
                     raise fault_from(e) from e
 
         def on_fault(fault: ServiceFault, n: int, delay: float | None) -> None:
-            self.pacer.correct(est, 0)
+            if fault.http_status is not None:
+                self.pacer.release(est)  # answered with an error status: refused, not counted
+            else:
+                self.pacer.correct(est, 0)  # a timeout or a broken connection: no tokens used
             self.log.record(ts=time.time(), attempt=n, status=fault.status, http_status=fault.http_status,
                             latency_ms=(time.monotonic() - t0) * 1000, error=fault.message, **base)
-            if delay is not None and fault.retry_after is not None:
-                self.pacer.back_off(delay)  # every worker waits: no 429 storm
+            if fault.retry_after is not None:
+                self._fault_run += 1
+                if delay is not None and (fault.limit_spent or self._fault_run >= HOLD_AFTER_FAULTS):
+                    self.pacer.back_off(delay)  # every worker waits: no 429 storm
 
         try:
             text, tin, tout = await retrying(attempt, self.retry, self.sleep, on_fault)
         except ServiceFault as fault:
             self.log.record(ts=time.time(), attempt=tries, status="failed", error=fault.message, **base)
-            return None, 0, 0, 0.0, tries, fault.message, False, h
+            return None, 0, 0, 0.0, tries, fault.message, False, h, None
+        self._fault_run = 0
+        if tin > 0:
+            self._prompt_est_sum += prompt_chars
+            self._prompt_seen_sum += tin
         cost = self.cost(model, tin, tout)
-        self.pacer.correct(est, tin + tout)
+        self.pacer.correct(est, tin + max_tokens)
         self.budget.spend(cost, tin + tout)
-        self.log.record(
+        row = dict(
             ts=time.time(), attempt=tries, status="ok", http_status=200, latency_ms=(time.monotonic() - t0) * 1000,
             input_tokens=tin, output_tokens=tout, cost_usd=cost, raw_reply=text, **base,
         )
-        return text, tin, tout, cost, tries, None, False, h
+        return text, tin, tout, cost, tries, None, False, h, row
 
     # ---- public API
     async def chat_json(
@@ -174,7 +205,9 @@ class ServiceClient:
         total = ServiceReply(ok=False, parsed=None, raw=None, model=model)
         first_hash = None
         for repair in range(self.cfg.json_retries + 1):
-            text, tin, tout, cost, attempts, error, cached, h = await self._call(model, convo, params, sample_index, stage, round)
+            text, tin, tout, cost, attempts, error, cached, h, row = await self._call(
+                model, convo, params, sample_index, stage, round
+            )
             first_hash = first_hash or h
             total.input_tokens += tin
             total.output_tokens += tout
@@ -185,12 +218,17 @@ class ServiceClient:
                 total.error = error
                 return total
             total.raw = text
-            parsed, perr = parse_reply(text, schema)
+            try:
+                parsed, perr = parse_reply(text, schema)
+            except BaseException:  # a bug in a validator: the attempt is still logged, with its reply
+                if row is not None:
+                    self.log.record_reply(row, None)
+                raise
+            if row is not None:  # only replies that parsed are worth replaying
+                self.log.record_reply(row, (model, text, tin, tout, cost) if parsed is not None else None)
             if parsed is not None:
-                if not cached:  # only replies that parsed are worth replaying
-                    self.log.put_cache(h, model, text, tin, tout, cost)
-                    if first_hash and first_hash != h:  # a rerun replays the repaired answer at once
-                        self.log.put_cache(first_hash, model, text, tin, tout, cost)
+                if not cached and first_hash != h:  # a rerun replays the repaired answer at once
+                    self.log.put_cache(first_hash, model, text, tin, tout, cost)
                 total.ok, total.parsed, total.error = True, parsed, None
                 return total
             total.error = perr
@@ -211,11 +249,11 @@ class ServiceClient:
         """One plain-text call (e.g. the service baseline's own answers)."""
         model = model or self.cfg.model
         params = self.params(temperature, max_tokens, None)
-        text, tin, tout, cost, attempts, error, cached, h = await self._call(
+        text, tin, tout, cost, attempts, error, cached, h, row = await self._call(
             model, [dict(m) for m in messages], params, sample_index, stage, round
         )
-        if text is not None and not cached:
-            self.log.put_cache(h, model, text, tin, tout, cost)
+        if text is not None and row is not None:
+            self.log.record_reply(row, (model, text, tin, tout, cost))
         return ServiceReply(
             ok=text is not None, parsed=None, raw=text, error=error, cached=cached, model=model,
             input_tokens=tin, output_tokens=tout, cost_usd=cost, attempts=attempts,
@@ -261,6 +299,7 @@ class ServiceClient:
         try:
             return await coro
         finally:
+            self.log.flush()
             await self._close_sdk()
 
     def run(self, coros: Sequence[Awaitable[T]], progress: ProgressReporter | None = None) -> list[T]:
@@ -296,15 +335,14 @@ class ServiceClient:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
+            self.log.flush()
             await self._close_sdk()
         return results
 
     def ledger(self) -> dict[str, Any]:
         """Totals overall and per stage/round, plus the models that had no price (costed at 0)."""
-        with self.log.lock:
-            out = ledger_from_db(self.log.conn)
-            models = [m for (m,) in self.log.conn.execute("SELECT DISTINCT model FROM calls WHERE status='ok'")]
-        out["unpriced_models"] = sorted(m for m in models if m and self.price(m) is None)
+        out = self.log.ledger()
+        out["unpriced_models"] = sorted(m for m in self.log.models_answered() if m and self.price(m) is None)
         return out
 
     def close(self) -> None:

@@ -20,10 +20,14 @@ class _Bucket:
         self.capacity = max(1.0, PACE_BURST * per_minute)
         self.tat = float("-inf")  # time at which the bucket would be full again
 
-    def book(self, now: float, n: float) -> float:
-        tat = max(self.tat, now)
-        self.tat = tat + n / self.rate
-        return max(now, self.tat - self.capacity / self.rate)
+    def earliest(self, now: float, n: float) -> float:
+        """The first time at or after `now` when weight `n` fits."""
+        return max(now, max(self.tat, now) + (n - self.capacity) / self.rate)
+
+    def book(self, at: float, n: float) -> None:
+        # A request heavier than the burst was let go only after the bucket ran empty by its
+        # excess (see `earliest`); that wait pays for the excess, so the bucket ends up full.
+        self.tat = max(self.tat + n / self.rate, at + min(n, self.capacity) / self.rate)
 
     def refund(self, n: float) -> None:
         self.tat -= n / self.rate
@@ -33,7 +37,9 @@ class Pacer:
     """Requests- and tokens-per-minute pacing plus a shared back-off after a 429.
 
     `reserve` books a send time for one request (so requests already waiting keep their
-    order and spacing) and returns how long to wait for it.
+    order and spacing) and returns how long to wait for it. Both buckets are booked at the same
+    time, the later of the two: booking each at its own earliest time would let a request held
+    back by the token bucket go out right behind others and bunch them past the request limit.
     """
 
     def __init__(self, rpm: int | None, tpm: int | None, clock: Callable[[], float] = time.monotonic):
@@ -41,14 +47,21 @@ class Pacer:
         self.requests = _Bucket(rpm) if rpm else None
         self.tokens = _Bucket(tpm) if tpm else None
         self.not_before = float("-inf")
+        # How many reservations had to wait, by the limit that set their time (for benchmarks).
+        self.waits = {"requests": 0, "tokens": 0}
 
     def reserve(self, est_tokens: int) -> float:
         now = self.clock()
         at = max(now, self.not_before)
+        at_r = self.requests.earliest(at, 1) if self.requests else at
+        at_t = self.tokens.earliest(at, est_tokens) if self.tokens else at
+        if max(at_r, at_t) > at:
+            self.waits["tokens" if at_t > at_r else "requests"] += 1
+            at = max(at_r, at_t)
         if self.requests:
-            at = max(at, self.requests.book(at, 1))
+            self.requests.book(at, 1)
         if self.tokens:
-            at = max(at, self.tokens.book(at, est_tokens))
+            self.tokens.book(at, est_tokens)
         return at - now
 
     def wait_left(self) -> float:
@@ -59,6 +72,13 @@ class Pacer:
         """Settle the tokens booked for a request once its usage is known."""
         if self.tokens:
             self.tokens.refund(estimated - actual)
+
+    def release(self, estimated: int) -> None:
+        """Give back a whole booking: the request was refused, so the service counted none of it."""
+        if self.requests:
+            self.requests.refund(1)
+        if self.tokens:
+            self.tokens.refund(estimated)
 
     def back_off(self, seconds: float) -> None:
         """After a 429 nobody sends before `seconds`, then sending resumes at the paced rate."""

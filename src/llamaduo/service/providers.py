@@ -1,14 +1,16 @@
 """The two provider APIs: OpenAI-compatible chat completions and Anthropic's native Messages API.
 
 Each turns (model, messages, params) into (text, input tokens, output tokens), says which
-request parameters it sends, and turns its SDK's failures into `ServiceFault`s at the boundary
-(`guard`). The client picks one provider object once, from `service.provider`. The SDKs are
-imported only when a client connects, so importing the package stays cheap.
+request parameters it sends, and turns its failures into `ServiceFault`s at the boundary
+(`guard` for SDK calls). The client picks one provider object once, from `service.provider`.
+OpenAI-compatible chat calls go through `transport` (plain JSON POSTs, see there why); the SDKs
+are imported only when they are used, so importing the package stays cheap.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Awaitable
 from typing import Any, Protocol, TypeVar
 
@@ -17,6 +19,7 @@ from pydantic import BaseModel
 from llamaduo.config import ServiceConfig
 from llamaduo.service.parsing import strict_schema
 from llamaduo.service.retry import ServiceFault, fault_from
+from llamaduo.service.transport import DEFAULT_BASE_URL, connect, openai_headers
 
 T = TypeVar("T")
 
@@ -46,6 +49,32 @@ async def _guard(call: Awaitable[T], sdk_errors: tuple[type[BaseException], ...]
         raise fault_from(e) from e
 
 
+class OpenAIConnection:
+    """Chat calls over `transport` (see there why); the openai SDK, for the Batch API, made on first use."""
+
+    def __init__(self, cfg: ServiceConfig, api_key: str):
+        self.cfg = cfg
+        self._api_key = api_key
+        base = cfg.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+        self.http = connect(base, openai_headers(api_key), cfg.timeout_s, connections=cfg.concurrency)
+        self._sdk: Any = None
+
+    @property
+    def sdk(self) -> Any:
+        if self._sdk is None:
+            import openai
+
+            self._sdk = openai.AsyncOpenAI(
+                api_key=self._api_key, base_url=self.cfg.base_url, max_retries=0, timeout=self.cfg.timeout_s
+            )
+        return self._sdk
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        if self._sdk is not None:
+            await self._sdk.close()
+
+
 class OpenAIProvider:
     """Any OpenAI-compatible endpoint (`/v1/chat/completions`), with the Batch API."""
 
@@ -57,10 +86,8 @@ class OpenAIProvider:
         # json_schema becomes json_object_schema once the server says it does not take json_schema
         self.schema_form = cfg.structured_output
 
-    def connect(self, api_key: str) -> Any:
-        import openai
-
-        return openai.AsyncOpenAI(api_key=api_key, base_url=self.cfg.base_url, max_retries=0, timeout=self.cfg.timeout_s)
+    def connect(self, api_key: str) -> OpenAIConnection:
+        return OpenAIConnection(self.cfg, api_key)
 
     def params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
@@ -75,12 +102,14 @@ class OpenAIProvider:
             }
         return params
 
-    async def send(self, sdk: Any, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[str, int, int]:
+    async def send(
+        self, conn: OpenAIConnection, model: str, messages: list[dict[str, str]], params: dict[str, Any]
+    ) -> tuple[str, int, int]:
         fmt = params.get("response_format") or {}
         if fmt.get("type") == "json_schema" and self.schema_form == "json_object_schema":  # switched meanwhile
             params = {**params, "response_format": {"type": "json_object", "schema": fmt["json_schema"]["schema"]}}
         try:
-            resp = await self.guard(sdk.chat.completions.create(model=model, messages=messages, **params))
+            body = await conn.http.post_json("/chat/completions", {"model": model, "messages": messages, **params})
         except ServiceFault as fault:
             if fmt.get("type") == "json_schema" and _rejects_json_schema(fault):
                 self.schema_form = "json_object_schema"
@@ -88,11 +117,12 @@ class OpenAIProvider:
                 raise ServiceFault("unsupported_format", f"{fault.message} [json_schema unsupported here: "
                                    "switching to json_object with a schema]", fault.http_status) from fault
             raise
-        if not getattr(resp, "choices", None):
-            raise ServiceFault("malformed", "Malformed: reply has no choices")
-        text = resp.choices[0].message.content or ""
-        usage = getattr(resp, "usage", None)
-        return text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+        try:
+            message = body["choices"][0]["message"]
+            usage = body.get("usage") or {}
+            return message.get("content") or "", int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:  # JSON, but not a chat completion
+            raise ServiceFault("malformed", f"Malformed: reply has no choices ({type(e).__name__})") from e
 
     async def guard(self, call: Awaitable[T]) -> T:
         import openai

@@ -19,12 +19,16 @@ T = TypeVar("T")
 class ServiceFault(Exception):
     """A failure of the provider, the transport or the provider's reply body."""
 
-    def __init__(self, status: str, message: str, http_status: int | None = None, retry_after: float | None = None):
+    def __init__(
+        self, status: str, message: str, http_status: int | None = None, retry_after: float | None = None,
+        limit_spent: bool = False,
+    ):
         super().__init__(message)
         self.status = status  # the call log's status: timeout, http_429, http_5xx, client_error, ...
         self.message = message
         self.http_status = http_status
         self.retry_after = retry_after
+        self.limit_spent = limit_spent  # a 429 whose headers say a rate limit's remainder is 0
 
     @property
     def retryable(self) -> bool:
@@ -36,7 +40,6 @@ def fault_from(e: BaseException) -> ServiceFault:
     """Classify an SDK/transport exception (both SDKs expose `status_code` and `response.headers`)."""
     status_code = getattr(e, "status_code", None)
     headers = getattr(getattr(e, "response", None), "headers", None) or {}
-    retry_after = parse_retry_after(headers)
     name = type(e).__name__
     msg = f"{name}: {str(e).splitlines()[0][:300]}" if str(e) else name
     body = error_body(e)
@@ -44,13 +47,8 @@ def fault_from(e: BaseException) -> ServiceFault:
         msg = f"{msg} | body: {body}"  # the provider's whole error: the first line alone often says nothing
     if isinstance(e, TimeoutError) or "Timeout" in name:
         return ServiceFault("timeout", msg)
-    if isinstance(status_code, int):
-        if status_code >= 500 and INVALID_REQUEST.search(msg):
-            return ServiceFault("invalid_request", msg, status_code)  # e.g. llama.cpp's 500 on a request it cannot validate
-        if status_code == 429 or status_code >= 500 or status_code in (408, 409):
-            return ServiceFault(f"http_{status_code}", msg, status_code, retry_after)
-        if 400 <= status_code < 500:
-            return ServiceFault("client_error", msg, status_code)
+    if isinstance(status_code, int) and status_code >= 400:
+        return fault_for_status(status_code, headers, msg)
     if "Connection" in name or isinstance(e, ConnectionError):
         return ServiceFault("connection_error", msg)
     return ServiceFault("malformed", msg)
@@ -68,6 +66,34 @@ def error_body(e: BaseException) -> str:
     except Exception:  # a streamed body that was never read
         text = ""
     return " ".join(str(text or "").split())[:ERROR_BODY_LIMIT]
+
+
+def fault_for_status(status_code: int, headers: Any, message: str) -> ServiceFault:
+    """The fault for an HTTP error status: 429, 5xx, 408 and 409 are retried, other 4xx are not —
+    nor a 5xx that says the request itself is invalid (llama.cpp answers 500 to a request it cannot validate)."""
+    if status_code >= 500 and INVALID_REQUEST.search(message):
+        return ServiceFault("invalid_request", message, status_code)
+    if status_code == 429 or status_code >= 500 or status_code in (408, 409):
+        return ServiceFault(
+            f"http_{status_code}", message, status_code, parse_retry_after(headers),
+            limit_spent=status_code == 429 and limit_spent(headers),
+        )
+    return ServiceFault("client_error", message, status_code)
+
+
+# Rate-limit headers that give what is left of a limit (OpenAI's, Azure's, Anthropic's).
+_REMAINING = (
+    "x-ratelimit-remaining-requests", "x-ratelimit-remaining-tokens",
+    "anthropic-ratelimit-requests-remaining", "anthropic-ratelimit-tokens-remaining",
+    "anthropic-ratelimit-input-tokens-remaining", "anthropic-ratelimit-output-tokens-remaining",
+)
+
+
+def limit_spent(headers: Any) -> bool:
+    """True when a response says one of its rate limits has nothing left."""
+    if not hasattr(headers, "get"):
+        return False
+    return any(str(headers.get(k, "")).strip() == "0" for k in _REMAINING)
 
 
 def parse_retry_after(headers: Any) -> float | None:
