@@ -1,11 +1,8 @@
 """A loopback OpenAI-compatible server whose answers come from a function of the request.
 
-`POST /v1/chat/completions` answers in the OpenAI shape; `POST /v1/messages` in the shape of
-Anthropic's native Messages API. The Batch API flow is there too (`POST /v1/files`,
-`GET /v1/files/{id}/content`, `POST /v1/batches`, `GET /v1/batches/{id}`): each batch, any
-number of them at once, completes after `batch_polls_to_complete` polls of it, its output lines
-answered by the same responder; one over `batch_max_requests` lines or `batch_max_bytes` bytes
-fails validation as OpenAI's would.
+`/v1/chat/completions` answers in OpenAI's shape, `/v1/messages` in Anthropic's. The Batch API
+(`/v1/files`, `/v1/batches`): each batch completes after `batch_polls_to_complete` polls, answered
+by the same responder; one over `batch_max_requests` lines or `batch_max_bytes` fails as OpenAI's.
 It plays the service LLM in the test suite (faults on demand, see `faults`) and in `llamaduo demo`,
 where it is labelled as a simulator; for load tests it draws latencies, answers a share with 429s
 and 5xx, and enforces RPM/TPM limits (`sim_process` runs it in a child). Binds 127.0.0.1 only.
@@ -23,7 +20,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from llamaduo.demo.faults import (  # noqa: F401  (Fault, ErrorReply, Latency: what callers hand the simulator)
+from llamaduo.demo.faults import (
     ErrorReply,
     Fault,
     Latency,
