@@ -147,7 +147,25 @@ def convert(merged: Path, out: Path, outtype: str = "f16", timeout_s: float = 36
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
         raise GGUFError(f"GGUF export failed (exit {proc.returncode}): {_last_line(proc.stderr or proc.stdout)}")
+    _record_space_prefix(merged, tmp)
     os.replace(tmp, out)
+
+
+def _record_space_prefix(merged: Path, gguf_file: Path) -> None:
+    """State the tokenizer's add_prefix_space where the converter left it out.
+
+    For a SentencePiece vocabulary llama.cpp then assumes a space before the text after every
+    special token; the converter writes the setting for Llama but not for every family (Qwen2),
+    so a prompt would be split differently from how the model was trained.
+    """
+    import json
+
+    conf = merged / "tokenizer_config.json"
+    want = json.loads(conf.read_text(encoding="utf-8")).get("add_prefix_space") if conf.exists() else None
+    meta = metadata(gguf_file)
+    if want is None or meta.get("tokenizer.ggml.model") != "llama" or "tokenizer.ggml.add_space_prefix" in meta:
+        return
+    rewrite_metadata(gguf_file, gguf_file, set_bool={"tokenizer.ggml.add_space_prefix": bool(want)})
 
 
 _QUANTIZE = """
@@ -180,6 +198,39 @@ def quantize(src: Path, out: Path, kind: str, timeout_s: float = 3600) -> None:
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 
+def _string(mm: Any, pos: int) -> tuple[str, int]:
+    (n,) = struct.unpack_from("<Q", mm, pos)
+    return bytes(mm[pos + 8 : pos + 8 + n]).decode("utf-8", "replace"), pos + 8 + n
+
+
+def _skip(mm: Any, kind: int, pos: int, count: int = 1) -> int:
+    if kind in _SCALARS:
+        return pos + struct.calcsize(_SCALARS[kind]) * count
+    for _ in range(count):
+        if kind == 8:
+            pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
+        else:  # an array of arrays
+            inner, n = struct.unpack_from("<IQ", mm, pos)
+            pos = _skip(mm, inner, pos + 12, n)
+    return pos
+
+
+def _walk(mm: Any) -> tuple[list[tuple[str, int, int, int, int]], int]:
+    """Every metadata entry as (key, type, start, value position, end), and where the tensor infos begin."""
+    if mm[:4] != b"GGUF":
+        raise GGUFError("not a GGUF file")
+    (_, n_kv), pos = struct.unpack_from("<QQ", mm, 8), 24
+    entries = []
+    for _ in range(n_kv):
+        start = pos
+        key, pos = _string(mm, pos)
+        (kind,) = struct.unpack_from("<I", mm, pos)
+        value = pos + 4
+        pos = _skip(mm, kind, value)
+        entries.append((key, kind, start, value, pos))
+    return entries, pos
+
+
 def metadata(path: Path, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     """A GGUF's scalar and string metadata; arrays (the vocabulary) are skipped unless named in `arrays`.
 
@@ -189,49 +240,51 @@ def metadata(path: Path, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
     import mmap
 
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != b"GGUF":
-            raise GGUFError(f"{path}: not a GGUF file")
-        pos = 8
-        (_, n_kv), pos = struct.unpack_from("<QQ", mm, pos), pos + 16
-
-        def string(pos: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", mm, pos)
-            return mm[pos + 8 : pos + 8 + n].decode("utf-8", "replace"), pos + 8 + n
-
-        def skip(kind: int, pos: int, count: int = 1) -> int:
-            if kind in _SCALARS:
-                return pos + struct.calcsize(_SCALARS[kind]) * count
-            for _ in range(count):
-                if kind == 8:
-                    pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
-                else:  # an array of arrays
-                    inner, n = struct.unpack_from("<IQ", mm, pos)
-                    pos = skip(inner, pos + 12, n)
-            return pos
-
         out: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key, pos = string(pos)
-            (kind,), pos = struct.unpack_from("<I", mm, pos), pos + 4
+        for key, kind, _, pos, _ in _walk(mm)[0]:
             if kind in _SCALARS:
                 out[key] = struct.unpack_from(_SCALARS[kind], mm, pos)[0]
-                pos = skip(kind, pos)
             elif kind == 8:
-                out[key], pos = string(pos)
-            else:
+                out[key] = _string(mm, pos)[0]
+            elif key in arrays:
                 inner, n = struct.unpack_from("<IQ", mm, pos)
-                end = skip(inner, pos + 12, n)
-                if key in arrays and inner == 8:
+                if inner == 8:
                     items, at = [], pos + 12
                     for _ in range(n):
                         (size,) = struct.unpack_from("<Q", mm, at)
                         items.append(mm[at + 8 : at + 8 + size])
                         at += 8 + size
                     out[key] = items
-                elif key in arrays and inner in _SCALARS:
+                elif inner in _SCALARS:
                     out[key] = list(struct.unpack_from(f"<{n}{_SCALARS[inner][1]}", mm, pos + 12))
-                pos = end
         return out
+
+
+def rewrite_metadata(src: Path, out: Path, set_bool: dict[str, bool] | None = None, remove: tuple[str, ...] = ()) -> None:
+    """Copy a GGUF with metadata entries removed or boolean ones set; tensors are copied byte for byte."""
+    import mmap
+
+    set_bool = set_bool or {}
+    with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        entries, infos = _walk(mm)
+        (n_tensors,) = struct.unpack_from("<Q", mm, 8)
+        pos = infos
+        for _ in range(n_tensors):  # name, dims, type, offset
+            pos = _string(mm, pos)[1]
+            (n_dims,) = struct.unpack_from("<I", mm, pos)
+            pos += 4 + 8 * n_dims + 4 + 8
+        meta = {k: struct.unpack_from("<I", mm, v)[0] for k, kind, _, v, _ in entries if kind == 4}
+        align = meta.get("general.alignment", 32)
+        data = pos + (-pos % align)
+        kept = [bytes(mm[a:b]) for k, _, a, _, b in entries if k not in remove and k not in set_bool]
+        for k, v in set_bool.items():
+            kept.append(struct.pack("<Q", len(k.encode())) + k.encode() + struct.pack("<I?", 7, v))
+        head = bytes(mm[:8]) + struct.pack("<QQ", n_tensors, len(kept)) + b"".join(kept) + bytes(mm[infos:pos])
+        tmp = out.with_name(f".{out.name}.tmp")
+        with open(tmp, "wb") as w:
+            w.write(head + b"\0" * (-len(head) % align))
+            w.write(mm[data:])
+    os.replace(tmp, out)
 
 
 def chat_template(path: Path) -> str | None:
