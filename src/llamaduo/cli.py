@@ -372,6 +372,7 @@ def demo(
         console.print(repr(result.served_reply), highlight=False, markup=False, soft_wrap=True)
         # soft_wrap: a hard line break inside the curl command would break it when pasted.
         console.print(demo_mod.snippets(result), highlight=False, markup=False, soft_wrap=True)
+    console.print("\n".join(result.acceptance), highlight=False, markup=False, soft_wrap=True)
     if keep and result.handle is not None:
         console.print("serving — press Ctrl-C to stop")
         try:
