@@ -41,6 +41,8 @@ def train_demo(model: str, out: Path) -> Path:
     with SimulatedService(simulator_responder) as sim:
         cfg = demo.demo_config(out, sim.base_url, student, quick)
         cfg.deploy.formats = ["hf", "gguf", "ollama"]
+        if quick:  # a 400-piece SentencePiece vocabulary spends about one token per 2-3 characters
+            cfg.train.max_length = 640
         loop.run(cfg, fresh=True, display="quiet")
     RunStore(out).update_manifest(simulated_service=True)
     return out
