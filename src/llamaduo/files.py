@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from llamaduo.errors import UserError
+from llamaduo.filemodes import umask_mode
 
 
 # ------------------------------------------------------------------ atomic file I/O
@@ -27,6 +28,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the file should read as the user's umask says
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -38,6 +38,7 @@ from llamaduo.artifacts import (
     TrainResult,
 )
 from llamaduo.errors import UserError
+from llamaduo.filemodes import apply_umask, umask_mode
 from llamaduo.files import read_model, read_rows, write_json, write_jsonl
 
 _TRACKED_PACKAGES = ("llamaduo", "torch", "transformers", "trl", "peft", "accelerate", "openai", "datasets", "vllm")
@@ -117,10 +118,13 @@ class RunStore:
     def staging_dir(self, final: Path) -> Path:
         """A fresh hidden sibling of `final` to build it in, swapped in whole when complete."""
         final.parent.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        staged = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+        staged.chmod(umask_mode(directory=True))
+        return staged
 
     def replace_dir(self, staged: Path, final: Path) -> None:
         """Swap a completed staging directory in for `final` (the old one is removed after)."""
+        apply_umask(staged)
         previous = final.parent / f".{final.name}-old-{os.getpid()}"
         if final.exists():
             os.replace(final, previous)
@@ -131,9 +135,21 @@ class RunStore:
     def model_card_path(self) -> Path:
         return self.merged_dir / "README.md"
 
+    def gguf_path(self, kind: str) -> Path:
+        """One GGUF llama.cpp wrote: `model-f16.gguf`, `model-q8_0.gguf`, `model-q4_k_m.gguf`."""
+        return self.deploy_dir / f"model-{kind}.gguf"
+
     @property
-    def gguf_path(self) -> Path:
-        return self.deploy_dir / "model.gguf"
+    def deploy_manifest_path(self) -> Path:
+        return self.deploy_dir / "manifest.json"
+
+    @property
+    def parity_path(self) -> Path:
+        """`accept --runtime`'s table: each artifact judged and timed through the runtime that serves it."""
+        return self.deploy_dir / "parity.json"
+
+    def parity_dir(self, artifact: str) -> Path:  # one artifact's judged set; accept/ holds the last
+        return self.deploy_dir / "parity" / artifact
 
     @property
     def modelfile_path(self) -> Path:

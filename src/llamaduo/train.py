@@ -309,6 +309,9 @@ def _finish_saved(tmp: Path, tokenizer: Any, out_dir: Path) -> None:
     (tmp / "training_args.bin").unlink(missing_ok=True)  # `Trainer.save_model`'s pickle: not part of a model
     _portable_adapter_config(tmp)
     (tmp / "README.md").unlink(missing_ok=True)  # PEFT's placeholder card names local paths
+    from llamaduo.filemodes import apply_umask
+
+    apply_umask(tmp)  # safetensors writes 0600; a run directory follows the user's umask
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 

@@ -39,6 +39,7 @@ class DemoResult(BaseModel):
     model_name: str | None = None
     seconds: float = 0.0
     port_note: str | None = None  # said when the preferred port was taken
+    acceptance: list[str] = []  # the q4_k_m GGUF judged through llama.cpp, or the line saying why not
     handle: Any = None  # the running server when the caller keeps serving
 
 
@@ -99,6 +100,8 @@ def demo_config(out: Path, base_url: str, student: dict[str, Any], quick: bool) 
         "loop": {"max_rounds": 3},
     }
     if quick:
+        # Its tiny byte-level BPE tokenizer is one llama.cpp's converter refuses: no GGUF here.
+        tree["deploy"] = {"formats": ["hf", "ollama"]}
         # A random 2-layer model learns from scratch: full fine-tuning, a high rate, many epochs.
         tree["train"] = {
             "method": "full",
@@ -151,6 +154,7 @@ def run_demo(
     )
     if serve_after:
         _deploy_and_ask(cfg, store, demo, keep_serving, port)
+        demo.acceptance = _accept_gguf(cfg, store)
     demo.seconds = time.monotonic() - t0
     return demo
 
@@ -192,6 +196,33 @@ def _deploy_and_ask(cfg: Config, store: RunStore, demo: DemoResult, keep_serving
         demo.handle = server
     else:
         server.stop()
+
+
+def _accept_gguf(cfg: Config, store: RunStore) -> list[str]:
+    """Judge the shipped q4_k_m GGUF through llama.cpp's server: the parity table and `ollama create`."""
+    from llamaduo import deploy, gguf
+    from llamaduo.demo.simulator import SimulatedService
+    from llamaduo.parity import run_parity
+    from llamaduo.runtime import llama_cpp_available
+    from llamaduo.service import ServiceClient
+
+    if "gguf" not in cfg.deploy.formats:
+        return ["llama.cpp acceptance: not in --quick (its tiny tokenizer is byte-level BPE, which llama.cpp's "
+                "converter refuses); `llamaduo demo` ends with it"]
+    if not llama_cpp_available() or gguf.find_converter() is None:
+        return ["llama.cpp acceptance skipped: " + gguf.how_to_get()]
+    written = deploy.read_deploy_manifest(store).file(cfg.deploy.shipped)
+    if written is None or written.status != "ok":
+        return [f"llama.cpp acceptance skipped: no {cfg.deploy.shipped} GGUF ({written.error if written else 'not written'})"]
+    with SimulatedService(simulator_responder) as sim:
+        judged = cfg.model_copy(update={"service": cfg.service.model_copy(update={"base_url": sim.base_url})})
+        client = ServiceClient(judged.service, db_path=store.service_db)
+        try:
+            parity = run_parity(judged, store, client, artifact=cfg.deploy.shipped)
+        finally:
+            client.close()
+    return [*deploy.acceptance_text(parity), "",
+            f"Ollama: cd {store.deploy_dir} && ollama create {cfg.name} -f {store.modelfile_path.name}"]
 
 
 def snippets(demo: DemoResult) -> str:

