@@ -1,10 +1,5 @@
-"""What a run directory holds, as types: the bottom floor every stage and every view reads from.
-
-Each file a run writes is one of these models (or JSONL rows of one); `store` writes them and
-reads them back as the same type, so the loop, the report, deploy and `status` never look into
-plain dicts. One spelling per key: `scores.json` says `coverage@50` and `ci`, and so does every
-reader. Stage keys are a type (`StageKey`) with one declared order (`ROUND_STEPS`).
-"""
+"""The run's own records: stage keys and their order, candidates, judgments, scores, the pass
+decision, training results, the ledger and the manifest."""
 
 from __future__ import annotations
 
@@ -12,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_VERSION = 1
 METRICS = ("similarity", "precision")
@@ -197,79 +192,6 @@ class Evaluation(BaseModel):
     scores: Scores
 
 
-# ------------------------------------------------------------------- calibration
-class Label(_Artifact):
-    """A row of labels.jsonl: a person's verdict on one candidate of a round (the review page writes it).
-
-    `score` is the person's 1-100 score; `passed` their pass/fail at the pass threshold (from
-    agree/disagree with the judge's verdict, or given directly). At least one is set."""
-
-    round: int = Field(..., ge=0)
-    prompt_id: str = Field(..., min_length=1)
-    sample_index: int = Field(..., ge=0)
-    score: int | None = Field(None, ge=1, le=100)
-    passed: bool | None = None
-    agree: bool | None = None  # the reviewer agreed (True) or disagreed (False) with the judge's verdict
-    at: str | None = None
-
-    @model_validator(mode="after")
-    def _said_something(self) -> Label:
-        if self.score is None and self.passed is None:
-            raise ValueError("a label needs a score (1-100) or passed (true/false)")
-        return self
-
-    @property
-    def key(self) -> tuple[int, str, int]:
-        return (self.round, self.prompt_id, self.sample_index)
-
-
-class JudgeAgreement(_Artifact):
-    """How one judge (or a panel's combined verdict) agrees with the people's labels."""
-
-    judge: str  # a judge model, or "panel" for the panel's mean
-    scored: int = 0  # labelled candidates with a human score and a judge score (Spearman's population)
-    spearman: float | None = None
-    spearman_ci: list[float] | None = None  # 95 % bootstrap CI, resampling prompts
-    classified: int = 0  # labelled candidates with a human pass/fail and a judge score (kappa's population)
-    kappa: float | None = None  # Cohen's kappa on pass/fail at the pass threshold
-    kappa_ci: list[float] | None = None
-    agreement: float | None = None  # share of pass/fail verdicts the judge and the people share
-
-
-class ProbeResult(_Artifact):
-    """One bias probe through one judge: its mean scores and its check against a documented threshold."""
-
-    probe: str
-    judge: str
-    items: int = 0  # test items with a valid judgment of this probe
-    similarity: float | None = None
-    precision: float | None = None
-    value: float | None = None  # what the check reads (a mean score or a mean difference)
-    check: str = ""  # the rule, e.g. "precision mean ≥ 80"
-    passed: bool | None = None  # None: no valid judgment, so not measured
-    failed: int = 0  # failed judgments
-
-
-class Calibration(_Artifact):
-    """calibration.json: the judge against people's labels, and the bias probes' results."""
-
-    at: str | None = None
-    metric: str = "precision"
-    threshold: float = 70.0  # a candidate passes at this score (the pass rule's)
-    labels: int = 0  # label rows read
-    matched: int = 0  # labels whose candidate the judge scored
-    unmatched: int = 0  # labels naming no judged candidate (left out)
-    judges: list[JudgeAgreement] = Field(default_factory=list)
-    probes: list[ProbeResult] = Field(default_factory=list)
-    probe_items: int = 0
-    cost: LedgerRow = Field(default_factory=lambda: LedgerRow())  # service calls of the probes (all reruns)
-
-    def deciding(self) -> JudgeAgreement | None:
-        """The agreement that decides for the pass rule: the panel's combined verdict, else the one judge."""
-        panel = [j for j in self.judges if j.judge == "panel"]
-        return panel[0] if panel else (self.judges[0] if self.judges else None)
-
-
 # ------------------------------------------------------------------------ ledger
 class LedgerRow(_Artifact):
     calls: int = 0  # paid-for calls (not cache hits)
@@ -353,67 +275,3 @@ class Manifest(_Artifact):
         return self.ledger.total.usd if self.ledger else 0.0
 
 
-# ------------------------------------------------------------------------ deploy
-class GGUFFile(_Artifact):
-    """One GGUF deploy was asked for: written (with what its metadata holds) or failed, with why."""
-
-    kind: str  # f16 / bf16 / f32 from the converter, or a quantization (q8_0, q4_k_m, ...)
-    status: Literal["ok", "failed"]
-    file: str | None = None  # name under deploy/
-    error: str | None = None  # one line: what failed, from the converter's or quantizer's own message
-    size_bytes: int | None = None
-    chat_template: bool | None = None  # tokenizer.chat_template is in its metadata
-    seconds: float | None = None
-
-
-class DeployManifest(_Artifact):
-    """deploy/manifest.json: the round exported and each requested artifact, ok or failed."""
-
-    round: int
-    at: str
-    formats: list[str]
-    merged: str | None = None  # dir name under deploy/
-    modelfile: str | None = None
-    modelfile_from: str | None = None  # what its FROM names
-    shipped: str | None = None  # the GGUF kind the Modelfile points at and the gate judges
-    converter: str | None = None  # where llama.cpp's converter came from (llama-cpp-python version or a dir)
-    gguf: list[GGUFFile] = Field(default_factory=list)
-    failed: list[str] = Field(default_factory=list)  # "gguf:q4_k_m: <why>" for every requested format that failed
-
-    def file(self, kind: str) -> GGUFFile | None:
-        return next((g for g in self.gguf if g.kind == kind), None)
-
-
-class ParityRow(_Artifact):
-    """One artifact judged and timed through the runtime that serves it (`accept --runtime`)."""
-
-    artifact: str  # "merged" (HF dir via llamaduo serve), a GGUF kind, or "endpoint"
-    runtime: str  # "llamaduo serve", "llama.cpp", or the endpoint's URL
-    value: float | None = None  # the pass statistic of its judged answers
-    ci: tuple[float, float] | None = None
-    difference: float | None = None  # value − best round's, paired over the test prompts
-    difference_ci: tuple[float, float] | None = None
-    identical: float | None = None  # share of greedy answers equal to the reference answers
-    identical_to: str | None = None  # what they were compared with
-    tokens_per_s: float | None = None  # greedy decode, one client
-    peak_rss_mb: float | None = None  # the server process's high-water mark
-    prompts: int = 0
-    rejected: bool | None = None  # the gate: drop beyond max_drop with the whole CI
-    error: str | None = None  # why it could not be measured
-
-
-class Parity(_Artifact):
-    """deploy/parity.json: per artifact, the judged score and the gate's verdict on the shipped one."""
-
-    round: int
-    metric: str
-    statistic: str
-    round_value: float | None = None
-    max_drop: float
-    shipped: str | None = None
-    shipped_rejected: bool | None = None
-    passes_instead: list[str] = Field(default_factory=list)
-    rows: list[ParityRow] = Field(default_factory=list)
-
-    def row(self, artifact: str) -> ParityRow | None:
-        return next((r for r in self.rows if r.artifact == artifact), None)
