@@ -8,17 +8,46 @@ and writing the commented example are in `config_file.py`.
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from llamaduo.errors import UserError
+from llamaduo.redact import looks_like_secret
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` epochs or a `.nan` threshold is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def env_var_name(v: str | None) -> str | None:
+    """An environment-variable name; a pasted key is refused without being repeated."""
+    if v is None:
+        return v
+    if looks_like_secret(v):
+        raise ValueError("this looks like a key itself, not the name of the environment variable holding it; "
+                         "put the key in an environment variable and name that variable here (the value was not saved)")
+    if not _ENV_NAME.match(v):
+        raise ValueError("must be an environment-variable name (A-Z, 0-9, _; e.g. OPENAI_API_KEY)")
+    return v
+
+
+def http_url(v: str | None) -> str | None:
+    from urllib.parse import urlparse
+
+    if v is None:
+        return v
+    u = urlparse(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("must be an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
+    return v
 
 
 class ConfigError(UserError):
@@ -104,6 +133,14 @@ class ServiceConfig(Strict):
     batch_discount: float = Field(
         0.5, gt=0, le=1, description="Price factor applied to Batch API calls (OpenAI bills batches at half price)."
     )
+    max_failed_share: float = Field(
+        0.5, ge=0, lt=1,
+        description="A judge, baseline or synthesis stage whose calls failed (after retries) beyond this share is "
+        "recorded failed, not done, and the loop stops (service_unavailable); a rerun retries exactly those calls.",
+    )
+
+    _key_env = field_validator("api_key_env")(env_var_name)
+    _url = field_validator("base_url")(http_url)
 
 
 # ---------------------------------------------------------------------------- judge
@@ -112,10 +149,16 @@ class PassRule(Strict):
     statistic: Literal["mean", "median", "coverage@50", "coverage@70"] = Field(
         "mean", description="Statistic of the per-candidate scores."
     )
-    threshold: float = Field(70.0, ge=0, description="Absolute target (score 1-100, coverage in percent).")
+    threshold: float = Field(70.0, ge=0, le=100, description="Absolute target (score 1-100, coverage in percent).")
     relative_to_service: float | None = Field(
         None, gt=0, description="If set (e.g. 0.95), pass when local ÷ service-baseline statistic reaches it."
     )
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> PassRule:
+        if self.statistic in ("mean", "median") and self.threshold < 1:
+            raise ValueError(f"threshold {self.threshold:g} is below the {self.statistic} score's range 1-100")
+        return self
 
 
 class JudgeConfig(Strict):
@@ -254,6 +297,8 @@ class ServeConfig(Strict):
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
     api_key_env: str | None = Field(None, description="Env var holding the bearer key clients must send; None = open.")
+
+    _key_env = field_validator("api_key_env")(env_var_name)
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch: int = Field(8, ge=1, description="Concurrent requests generated together.")
@@ -328,20 +373,24 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, overridden: list[str] | None = None) -> str:
+    """One line per problem, blamed on `--set KEY` when an override set that setting, else on `source`."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        parts.append(f"{source}: {loc}: {e['msg']}")
+        by = next((k for k in overridden or [] if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")), None)
+        where = (f"--set {by}" if by == loc else f"--set {by}: {loc}") if by else f"{source}: {loc}"
+        parts.append(f"{where}: {e['msg']}")
     return "; ".join(parts)
 
 
 def from_dict(tree: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    overridden = [o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o]
     tree = apply_overrides(tree, overrides or [])
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, overridden)) from None
 
 
 def dump_config(cfg: Config) -> str:

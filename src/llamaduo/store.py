@@ -238,6 +238,11 @@ class RunStore:
         return self.root / "report.md"
 
     @property
+    def lock_path(self) -> Path:
+        """Beside the run directory, not in it: `--fresh` deletes the directory while holding it (`runlock`)."""
+        return self.root.parent / f".{self.root.name}.lock"
+
+    @property
     def log_path(self) -> Path:
         return self.root / "run.log"
 

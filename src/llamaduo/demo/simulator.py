@@ -118,6 +118,7 @@ class SimulatedService:
         self.batches: dict[str, dict[str, Any]] = {}
         self.in_flight = 0
         self.max_in_flight = 0
+        self.outage_status: int | None = None  # set (e.g. 503): every chat call fails so until cleared
         self._faults: deque[Fault] = deque()
         self._window: deque[float] = deque()
         self._lock = threading.Lock()
@@ -328,6 +329,9 @@ class SimulatedService:
                         "x-ratelimit-reset-requests": f"{max(wait, 0.01):.2f}s",
                     }
                     self._error(429, "rate limit reached (simulated)", headers)
+                    return
+                if svc.outage_status is not None:
+                    self._error(svc.outage_status, "service unavailable (simulated outage)")
                     return
                 fault = svc._next_fault()
                 if svc.latency_s:
