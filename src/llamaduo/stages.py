@@ -37,7 +37,12 @@ def _path_hash(p: Path | None) -> str:
     if p is None:
         return ""
     p = Path(p)
-    return hash_dir(p) if p.is_dir() else hash_file(p)
+    if not p.is_dir() and not p.is_file():  # a FIFO or device would block the read forever
+        raise UserError(f"{p}: not a regular file or a directory")
+    try:
+        return hash_dir(p) if p.is_dir() else hash_file(p)
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror})") from None
 
 
 def failed_judge_calls(rows: list[Any]) -> tuple[int, int]:
@@ -63,9 +68,16 @@ class Run:
     @property
     def client(self) -> Client:
         if self._client is None:
+            import sqlite3
+
             from llamaduo.service import ServiceClient
 
-            self._client = ServiceClient(self.cfg.service, db_path=self.store.service_db)
+            try:
+                self._client = ServiceClient(self.cfg.service, db_path=self.store.service_db)
+            except sqlite3.DatabaseError as e:
+                raise UserError(
+                    f"{self.store.service_db}: not a readable call log ({e}); move it aside to start the cache afresh"
+                ) from None
         return self._client
 
     def _ledger(self) -> Any:

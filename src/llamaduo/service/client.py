@@ -5,18 +5,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
 from llamaduo.config import ServiceConfig
-from llamaduo.service import batch, pricing
-from llamaduo.service.api import BatchRequest, BudgetExceeded, ProgressReporter, ServiceError, ServiceReply
+from llamaduo.service import batch, keys, pricing
+from llamaduo.service.api import BatchRequest, BudgetExceeded, ProgressReporter, ServiceReply
 from llamaduo.service.calllog import CallLog, ledger_from_db
 from llamaduo.service.pacing import Pacer
 from llamaduo.service.parsing import parse_reply, repair_messages
@@ -53,15 +51,7 @@ class ServiceClient:
 
     # ---- plumbing
     def _key(self) -> str:
-        if self._api_key:
-            return self._api_key
-        key = os.environ.get(self.cfg.api_key_env)
-        if key:
-            return key
-        host = urlparse(self.cfg.base_url or "").hostname or ""
-        if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
-            return "not-needed"  # local servers usually ignore the key
-        raise ServiceError(f"service.api_key_env: environment variable {self.cfg.api_key_env} is not set")
+        return self._api_key or keys.api_key(self.cfg)
 
     def sdk(self) -> Any:
         """The provider's SDK client for the running event loop (each `run` has its own loop)."""
