@@ -200,7 +200,7 @@ def cache_stats(run_dir: Path) -> None:
     store = RunStore(run_dir)
     if not store.service_db.exists():
         fail(f"{run_dir}: no service.sqlite (no service calls yet)")
-    stats = read_cache_stats(store.service_db)
+    stats = call(read_cache_stats, store.service_db)
     console.print_json(data=stats)
 
 

@@ -67,7 +67,7 @@ def call(fn, *args, **kwargs):
         # permissions) and rerun to resume where this stopped.
         where = f"{e.filename}: " if e.filename else ""
         fail(f"{where}{e.strerror or e}; nothing was left half-written — fix this and rerun to resume")
-    except sqlite3.OperationalError as e:
-        fail(f"service.sqlite: {e} (a full or read-only disk?); fix this and rerun to resume")
+    except sqlite3.DatabaseError as e:  # a full or read-only disk, or a damaged call log
+        fail(f"service.sqlite: {e}; free space, fix permissions or move a damaged file aside, then rerun to resume")
 
 

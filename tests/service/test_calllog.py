@@ -16,6 +16,7 @@ def test_ledger_counts_paid_calls_and_cache_hits_per_stage_and_round(tmp_path):
     ledger = ledger_from_db(log.conn)
     assert ledger["total"] == {
         "calls": 2, "cached": 1, "failed": 1, "input_tokens": 10, "output_tokens": 5, "usd": 0.01, "saved_usd": 0.02,
+        "possibly_billed": 0,
     }
     assert ledger["by_stage"]["judge/r00"]["calls"] == 2 and ledger["by_stage"]["synth/r01"]["cached"] == 1
     assert log.totals() == (0.01, 15)  # cache hits cost nothing and count no tokens against the budget
@@ -120,3 +121,17 @@ def test_a_call_log_from_a_newer_release_is_refused_with_a_clear_error(tmp_path)
     conn.close()
     with pytest.raises(UserError, match="newer than this llamaduo"):
         CallLog(db)
+
+
+def test_an_attempt_a_dead_process_sent_but_never_heard_back_is_counted_as_possibly_billed(tmp_path):
+    from llamaduo.service.calllog import CallLog, possibly_billed
+
+    log = CallLog(tmp_path / "service.sqlite")
+    row = log.sending("h1", 1, "judge", 0)
+    log.answered(row)
+    log.sending("h2", 1, "judge", 0)  # in flight when the process died
+    with log.lock, log.conn:
+        log.conn.execute("UPDATE sent SET pid = -1")  # as if written by a process now gone
+    assert possibly_billed(log.conn) == 1
+    assert ledger_from_db(log.conn)["total"]["possibly_billed"] == 1
+    log.close()

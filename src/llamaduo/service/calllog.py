@@ -8,6 +8,7 @@ with `PRAGMA user_version`; opening a file applies the `MIGRATIONS` it has not s
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -39,6 +40,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
           request_hash TEXT PRIMARY KEY,
           model TEXT, raw_reply TEXT NOT NULL,
           input_tokens INTEGER, output_tokens INTEGER, cost_usd REAL, ts REAL
+        )""",
+    ),
+    (
+        # Step 2: each attempt is logged before it is sent and marked answered when it returns, so a
+        # call in flight when the process died is known: sent, maybe billed, never answered.
+        """CREATE TABLE IF NOT EXISTS sent (
+          id INTEGER PRIMARY KEY AUTOINCREMENT,
+          ts REAL NOT NULL, request_hash TEXT, attempt INTEGER, stage TEXT, round INTEGER,
+          pid INTEGER, answered INTEGER NOT NULL DEFAULT 0
         )""",
     ),
 )
@@ -103,6 +113,19 @@ class CallLog:
         with self.lock, self.conn:
             self.conn.execute(f"INSERT INTO calls ({cols}) VALUES ({','.join('?' * len(row))})", tuple(row.values()))
 
+    def sending(self, request_hash: str, attempt: int, stage: str, round: int | None) -> int:
+        """Log an attempt about to go out; returns its row id for `answered`."""
+        with self.lock, self.conn:
+            cur = self.conn.execute(
+                "INSERT INTO sent (ts, request_hash, attempt, stage, round, pid) VALUES (?,?,?,?,?,?)",
+                (time.time(), request_hash, attempt, stage, round, os.getpid()),
+            )
+        return int(cur.lastrowid or 0)
+
+    def answered(self, row: int) -> None:
+        with self.lock, self.conn:
+            self.conn.execute("UPDATE sent SET answered=1 WHERE id=?", (row,))
+
     def totals(self) -> tuple[float, int]:
         with self.lock:
             usd, tok = self.conn.execute(
@@ -146,7 +169,17 @@ def ledger_from_db(conn: sqlite3.Connection) -> dict[str, Any]:
     for r in agg(group="stage, round"):
         key = f"{r[0]}" + (f"/r{r[1]:02d}" if r[1] is not None else "")
         by_stage[key] = row_dict(r[2:])
-    return {"total": row_dict(agg()[0]), "by_stage": by_stage}
+    total = row_dict(agg()[0])
+    total["possibly_billed"] = possibly_billed(conn)
+    return {"total": total, "by_stage": by_stage}
+
+
+def possibly_billed(conn: sqlite3.Connection) -> int:
+    """Attempts sent by a process that died before their reply came back: the provider may bill them."""
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM sent WHERE answered=0 AND pid!=?", (os.getpid(),)).fetchone()[0])
+    except sqlite3.OperationalError:  # a call log from before step 2 (read without migrating)
+        return 0
 
 
 def cache_stats(db_path: Path) -> dict[str, Any]:

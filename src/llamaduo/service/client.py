@@ -118,10 +118,13 @@ class ServiceClient:
                     wait = self.pacer.wait_left()  # a 429 seen meanwhile holds everyone
                 self.budget.check()  # spending may have crossed the budget while we waited
                 t0 = time.monotonic()
+                sent = self.log.sending(h, n, stage, round)  # before it goes out: a kill now leaves it unanswered
                 try:
                     return await asyncio.wait_for(self.provider.send(sdk, model, messages, params), self.cfg.timeout_s + 5)
                 except asyncio.TimeoutError as e:  # our own deadline, above the SDK's
                     raise fault_from(e) from e
+                finally:
+                    self.log.answered(sent)
 
         def on_fault(fault: ServiceFault, n: int, delay: float | None) -> None:
             self.pacer.correct(est, 0)
