@@ -209,9 +209,9 @@ def main() -> None:
         for target in plan_kills(events, args.kills, rng):
             if target == "deploy":
                 manifest = run_dir / "manifest.json"
-                if not manifest.exists() or json.loads(manifest.read_text()).get("state") != "finished":
-                    if Watched(["run", str(int_cfg), "--json"]).finish() == 0:  # the run ends before deploy
-                        resumed_ok, pending = resumed_ok + pending, 0
+                unfinished = not manifest.exists() or json.loads(manifest.read_text()).get("state") != "finished"
+                if unfinished and Watched(["run", str(int_cfg), "--json"]).finish() == 0:  # the run ends before deploy
+                    resumed_ok, pending = resumed_ok + pending, 0
                 w = Watched(["deploy", str(run_dir)])
                 moment = w.t0 + rng.uniform(0.3, 0.9) * duration["deploy"]
             else:
