@@ -215,8 +215,8 @@ def main() -> None:
             proc = cli("run", config_file("nokey", name="nokey", service__base_url="https://api.example.com/v1",
                                           service__api_key_env="LLAMADUO_FAULT_UNSET"))
             res = outcome("", proc, 2, None)
-            if (tmp / "runs" / "nokey").exists():
-                res.lost.append("a run directory was made before the key check")
+            if (tmp / "runs" / "nokey" / "rounds").exists():
+                res.lost.append("a round ran before the key check")
             return res
 
         case("api_key_missing", missing_key)

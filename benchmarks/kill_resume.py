@@ -3,7 +3,7 @@
     python benchmarks/kill_resume.py --kills 20
 
 Runs `llamaduo run` + `llamaduo deploy` (tiny model, loopback simulated service, a checkpoint every
-2 training steps) once uninterrupted, then again killed `--kills` times, resuming after each kill.
+10 training steps) once uninterrupted, then again killed `--kills` times, resuming after each kill.
 The kill moments come from the reference run's events, not from the clock, so every kill is
 delivered whatever the machine's speed: each planned kill names a stage (a train stage, where
 checkpoints are being written; infer; judge; synth), the report written after a round, or
@@ -58,7 +58,7 @@ def write_config(tmp: Path, name: str, base_url: str, model_dir: Path, cov: Path
         "synth": {"per_round": 200, "growth": "double", "pairs_per_call": 6},
         "model": {"base": str(model_dir)},
         "train": {"method": "full", "learning_rate": 3e-3, "epochs": 10, "batch_size": 16, "max_length": 128,
-                  "warmup_ratio": 0.05, "save_steps": 2},
+                  "warmup_ratio": 0.05, "save_steps": 10},
         "infer": {"num_samples": 2, "max_new_tokens": 48, "temperature": 0.0, "stop": ["\n"]},
         "deploy": {"formats": ["hf"]},
         "loop": {"max_rounds": 3},

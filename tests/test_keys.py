@@ -10,7 +10,7 @@ from llamaduo.service import ServiceError
 from llamaduo.service.keys import api_key
 
 
-def test_a_missing_key_stops_run_before_the_first_stage(tmp_path, monkeypatch):
+def test_a_missing_key_stops_run_before_anything_is_trained_or_paid_for(tmp_path, monkeypatch):
     monkeypatch.delenv("LLAMADUO_UNSET_KEY", raising=False)
     cov = tmp_path / "c.jsonl"
     cov.write_text("".join(json.dumps({"prompt": f"q{i}", "response": "a"}) + "\n" for i in range(10)))
@@ -18,7 +18,7 @@ def test_a_missing_key_stops_run_before_the_first_stage(tmp_path, monkeypatch):
                      "service": {"base_url": "https://api.example.com/v1", "api_key_env": "LLAMADUO_UNSET_KEY"}})
     with pytest.raises(ServiceError, match="LLAMADUO_UNSET_KEY is not set"):
         loop.run(cfg, display="quiet")
-    assert not cfg.run_dir.exists()  # nothing prepared, trained or paid for
+    assert not (cfg.run_dir / "rounds").exists() and not (cfg.run_dir / "service.sqlite").exists()
 
 
 def test_the_key_comes_from_its_variable_and_loopback_servers_need_none(monkeypatch):

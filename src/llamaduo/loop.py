@@ -104,10 +104,6 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
 def _run(cfg: Config, fresh: bool, display: Display | str, client: Client | None) -> LoopResult:
     from llamaduo.service import BudgetExceeded
 
-    if client is None:  # judge and synthesis use the one service: its key must be there before round 0 trains
-        from llamaduo.service.keys import require_key
-
-        require_key(cfg.service)
     show = make_display(display) if isinstance(display, str) else display
     store = RunStore(cfg.run_dir)
     if fresh and store.root.exists():
@@ -118,7 +114,11 @@ def _run(cfg: Config, fresh: bool, display: Display | str, client: Client | None
     run_ = Run(cfg, show, client, bars=Bar.factory())
     t_start = time.monotonic()
     try:
-        h, _ = run_.prepare()
+        h, _ = run_.prepare()  # bad data is said first: preparing costs nothing
+        if client is None:  # judge and synthesis use the one service: its key must be there before round 0 trains
+            from llamaduo.service.keys import require_key
+
+            require_key(cfg.service)
         run_.write_config()
         store.init_manifest(cfg.seed)
         store.update_manifest(state="running", stop_reason=None)
@@ -222,10 +222,6 @@ def run_stage(cfg: Config, name: str, r: int | None = None) -> Path:
 
 
 def _run_stage(cfg: Config, name: str, r: int | None) -> Path:
-    if name in ("judge", "synth"):
-        from llamaduo.service.keys import require_key
-
-        require_key(cfg.service)
     run_ = Run(cfg, make_display("rich"), bars=Bar.factory())
     store = run_.store
     store.read_manifest()
