@@ -208,17 +208,11 @@ def cache_stats(run_dir: Path) -> None:
 def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     """Merge the best round into the base model; export HF dir, Ollama Modelfile, GGUF, model card."""
     from llamaduo import deploy as deploy_mod
-    from llamaduo.runlock import hold
+    from llamaduo.runlock import locked
     from llamaduo.store import RunStore
 
-    cfg = run_dir_config(run_dir, set_)
-    store = RunStore(run_dir)
-
-    def locked_deploy() -> deploy_mod.DeployResult:
-        with hold(store, "deploy"):
-            return deploy_mod.deploy(cfg, store, round)
-
-    result = call(locked_deploy)
+    cfg, store = run_dir_config(run_dir, set_), RunStore(run_dir)
+    result = call(locked, store, "deploy", deploy_mod.deploy, cfg, store, round)  # one process per run directory
     for note in getattr(result, "notes", []) or []:
         err.print(f"[yellow]note:[/] {note}", highlight=False)
     console.print(f"deployed round r{result.round:02d} → {result.merged_dir}")

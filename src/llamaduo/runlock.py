@@ -17,11 +17,13 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 from llamaduo.errors import UserError
 from llamaduo.store import RunStore
+
+T = TypeVar("T")
 
 
 class RunLocked(UserError):
@@ -70,6 +72,12 @@ def hold(store: RunStore, what: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the flock
+
+
+def locked(store: RunStore, what: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """`fn(*args, **kwargs)` while holding the run directory (e.g. `deploy` from the CLI)."""
+    with hold(store, what):
+        return fn(*args, **kwargs)
 
 
 def held(store: RunStore) -> bool:
