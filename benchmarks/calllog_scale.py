@@ -36,7 +36,8 @@ from pathlib import Path
 from llamaduo.config import ServiceConfig
 from llamaduo.demo.simulator import SimulatedService
 from llamaduo.service import ServiceClient
-from llamaduo.service.calllog import MIGRATIONS, CallLog, ledger_from_db
+from llamaduo.service.calllog import MIGRATIONS, CallLog
+from llamaduo.service.ledger import ledger_from_db
 
 STAGES = ("judge", "synth", "baseline")
 MODELS = ("gpt-4o-mini", "gpt-4o")

@@ -72,9 +72,9 @@ def test_pii_is_redacted_in_the_record_but_not_in_the_forwarded_request(proxy, u
     [rec] = lines(out)
     recorded = rec["messages"][0]["content"]
     assert "ana.costa@example.com" not in recorded and "912 345 678" not in recorded
-    assert "[EMAIL]" in recorded and "[PHONE]" in recorded
+    assert "[REDACTED:email]" in recorded and "[REDACTED:phone]" in recorded
     assert "12345678" in recorded and "2024-01-15" in recorded  # task content survives
-    assert rec["messages"][1]["content"].startswith("reply to: Mail [EMAIL]")
+    assert rec["messages"][1]["content"].startswith("reply to: Mail [REDACTED:email]")
     assert rec["category"] == "default"
 
 
@@ -137,7 +137,7 @@ def test_custom_redaction_patterns_replace_the_default():
     redact = make_redactor([r"ACME-\d+"])
     rec = build_record({"messages": [{"role": "user", "content": "ticket ACME-42 for bob@example.com"}]}, "ok", "m", "c", redact)
     assert rec["messages"][0]["content"] == "ticket [REDACTED] for bob@example.com"
-    assert default_redact("call 555-123-4567") == "call [PHONE]"
+    assert default_redact("call 555-123-4567") == "call [REDACTED:phone]"
 
 
 def test_tool_and_image_exchanges_are_not_recorded():
@@ -170,5 +170,5 @@ def test_captured_file_is_a_coverage_dataset_for_prepare(proxy, tmp_path):
     assert res.train_count + res.test_count == 10 and res.test_count >= 2
     assert {e.category for e in examples} == {"extract", "chat"}
     one = next(e for e in examples if e.prompt.startswith("Order 3 "))
-    assert one.prompt == "Order 3 mugs, tel [PHONE]" and one.response == "reply to: Order 3 mugs, tel [PHONE]"
+    assert one.prompt == "Order 3 mugs, tel [REDACTED:phone]" and one.response == "reply to: Order 3 mugs, tel [REDACTED:phone]"
     assert one.messages[0].role == "system" and one.category == "extract"

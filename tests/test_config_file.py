@@ -65,3 +65,15 @@ def test_relative_paths_resolve_against_the_config_folder(tmp_path):
     cfg = load_config(p)
     assert cfg.data.input == tmp_path / "sub" / "cov.jsonl"
     assert cfg.run_dir == tmp_path / "sub" / "out" / "llamaduo-run"
+
+
+def test_duplicate_keys_are_refused_with_both_lines(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text("train:\n  epochs: 1\n  epochs: 2\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml:3: invalid YAML: duplicate key 'epochs' \(first on line 2\)"):
+        load_config(p)
+
+
+def test_a_directory_given_as_the_config_is_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(tmp_path)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from llamaduo.config import DataConfig, FieldMap
-from llamaduo.data import DataError, Problem, load_coverage, make_example
+from llamaduo.data import DataError, Problem, content_id, load_coverage
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -50,7 +50,7 @@ def write_all_formats(tmp_path: Path) -> dict[str, Path]:
 
 def test_every_format_yields_the_same_examples_with_its_own_kind_of_location(tmp_path):
     paths = write_all_formats(tmp_path)
-    expected_ids = [make_example(r["prompt"], r["response"], r["category"]).id for r in RECORDS]
+    expected_ids = [r["id"] for r in RECORDS]  # the user's own ids are kept
     origins = {}
     for fmt, path in paths.items():
         cov = load_coverage(path, DataConfig())
@@ -166,7 +166,7 @@ def test_every_problem_is_listed_with_its_line_and_field(tmp_path):
         load_coverage(broken_file(tmp_path), DataConfig())
     assert [str(p) for p in e.value.problems] == [
         "coverage.jsonl:2: bad JSON: Expecting property name enclosed in double quotes (column 32)",
-        "coverage.jsonl:3: field 'response': missing",
+        "coverage.jsonl:3: field 'response': missing (the record's fields: id, prompt; map yours with data.fields.response)",
         "coverage.jsonl:4: field 'prompt': empty",
         "coverage.jsonl:5: field 'prompt': must be a string, got int",
         "coverage.jsonl:5: field 'response': must be a string, got list",
@@ -225,3 +225,44 @@ def test_category_filter_keeps_only_the_named_categories(tmp_path):
 
 def test_problem_without_a_line_names_only_the_file():
     assert str(Problem(source="c.jsonl", message="no records")) == "c.jsonl: no records"
+
+
+# ------------------------------------------------------------- what the user gave
+def test_user_ids_are_kept_and_a_content_hash_names_only_records_without_one(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"id": 7, "prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
+    ex = load_coverage(path, DataConfig()).examples
+    assert ex[0].id == "7" and ex[1].id == content_id(ex[1].messages)
+
+
+def test_null_content_is_reported_as_null_not_missing(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": None, "response": "b"},
+        {"messages": [{"role": "user", "content": None}, {"role": "assistant", "content": "x"}]},
+    ])
+    with pytest.raises(DataError) as e:
+        load_coverage(path, DataConfig())
+    assert [str(p) for p in e.value.problems] == [
+        "c.jsonl:1: field 'prompt': is null",
+        "c.jsonl:2: field 'messages[0].content': must be a string, got null",
+    ]
+
+
+def test_hostile_json_is_a_problem_with_its_line_not_a_crash(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    path = tmp_path / "c.jsonl"
+    path.write_text(deep + "\n" + json.dumps({"prompt": "caf\ud800", "response": "b"}) + "\n")
+    with pytest.raises(DataError) as e:
+        load_coverage(path, DataConfig())
+    got = [str(p) for p in e.value.problems]
+    assert got[0] == "c.jsonl:1: bad JSON: nested too deeply to be a record"
+    assert got[1].startswith("c.jsonl:2: field 'prompt': holds a lone surrogate (\\ud800)")
+    as_array = tmp_path / "c.json"
+    as_array.write_text(deep)
+    with pytest.raises(DataError, match="problem"):
+        load_coverage(as_array, DataConfig())
+
+
+def test_a_directory_read_as_jsonl_is_one_problem(tmp_path):
+    with pytest.raises(DataError) as e:
+        load_coverage(tmp_path, DataConfig(format="jsonl"))
+    assert "is a directory; data.format=jsonl reads a file" in str(e.value.problems[0])

@@ -9,7 +9,7 @@ import pytest
 
 from llamaduo import loop
 from llamaduo.config import Config, from_dict
-from llamaduo.data import DataError, Example, content_id, load_examples, make_example
+from llamaduo.data import DataError, Example, load_examples, make_example
 from llamaduo.files import read_json
 from llamaduo.prepare import compute_stats, prepare, render_stats_table, split
 from llamaduo.store import RunStore
@@ -172,7 +172,7 @@ def test_ids_and_files_are_stable_across_runs(tmp_path):
     assert a.train_path.read_bytes() == b.train_path.read_bytes()
     assert a.test_path.read_bytes() == b.test_path.read_bytes()
     first = load_examples(a.train_path)[0]
-    assert first.id == content_id(first.messages)
+    assert first.id.startswith("small-")  # the user's own id, kept
     assert a.stage_record("prepare").inputs_hash == b.stage_record("prepare").inputs_hash
 
 
@@ -213,3 +213,11 @@ def test_too_few_examples_to_split_is_an_error_and_writes_nothing(tmp_path):
     with pytest.raises(DataError, match="1 problem in 1 records"):
         prepare(cfg, RunStore(cfg.run_dir))
     assert not cfg.run_dir.exists()
+
+
+def test_a_split_that_cannot_honour_test_fraction_says_by_how_much():
+    from llamaduo.prepare import split_warning
+
+    [w] = split_warning(200, 52, 0.1, None)  # self-instruct: 71 small categories, one test example each
+    assert w.startswith("test split is 20.6% of the data (52 of 252), not the 10.0% asked") and "+10.6%" in w
+    assert split_warning(90, 10, 0.1, None) == []

@@ -9,8 +9,9 @@ a JSONL file in the messages format that `llamaduo prepare` reads:
     {"messages": [...request messages..., {"role": "assistant", "content": reply}],
      "category": <x-llamaduo-category header or "default">, "model": <model that answered>}
 
-Recorded text is redacted (e-mail addresses and phone numbers by default; any list of
-regexes). No header is ever recorded, so API keys never reach the file.
+Recorded text is redacted (API keys, tokens, passwords, card numbers, IBANs, e-mail addresses
+and phone numbers by default, each as a typed placeholder; or any list of regexes). No header is
+ever recorded, so the caller's API key never reaches the file; the file follows the umask.
 """
 
 import contextlib
@@ -22,16 +23,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from llamaduo import redact as redact_mod
+from llamaduo.errors import UserError
+
 log = logging.getLogger("llamaduo.capture")
 
-EMAIL_RE = r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"
-# Phone numbers: international (+CC ...), an area code in parentheses, or 3-3-4 groups. Dates,
-# prices and bare order numbers do not match, so redaction does not eat task content.
-PHONE_RE = (
-    r"(?<![\w+])(?:\+\d{1,3}[\s.-]?(?:\(\d{1,4}\)[\s.-]?)?\d{1,4}(?:[\s.-]?\d{2,4}){1,4}"
-    r"|\(\d{2,4}\)[\s.-]?\d{3,4}[\s.-]?\d{3,4}|\d{3}[\s.-]\d{3}[\s.-]\d{4})(?!\w)"
-)
-DEFAULT_PATTERNS: list[str] = [EMAIL_RE, PHONE_RE]
+# The default redaction: secrets (API keys, cloud and VCS tokens, bearer tokens, passwords),
+# card numbers (Luhn-checked), IBANs (mod-97), e-mail addresses and phone numbers, each as a typed
+# placeholder such as [REDACTED:api_key]; see `llamaduo.redact`.
+DEFAULT_KINDS = redact_mod.DEFAULT_KINDS
 
 # Hop-by-hop headers are per connection; content-length/encoding are recomputed by the relay.
 _HOP = {
@@ -63,13 +63,9 @@ def make_redactor(patterns: list[str], mask: str = "[REDACTED]") -> Callable[[st
     return redact
 
 
-_email = re.compile(EMAIL_RE)
-_phone = re.compile(PHONE_RE)
-
-
 def default_redact(text: str) -> str:
-    """Mask e-mail addresses as [EMAIL] and phone numbers as [PHONE]."""
-    return _phone.sub("[PHONE]", _email.sub("[EMAIL]", text))
+    """Mask every kind of secret and personal data `llamaduo.redact` knows, each with its typed placeholder."""
+    return redact_mod.redact(text)
 
 
 class CaptureWriter:
@@ -261,11 +257,21 @@ def capture(
     port: int = 8001,
     redact_patterns: list[str] | None = None,
     category_header: str = "x-llamaduo-category",
+    redact_kinds: list[str] | None = None,
 ) -> None:
-    """Run the capture proxy until interrupted. `redact_patterns` replaces the default redaction."""
+    """Run the capture proxy until interrupted. `redact_patterns` replaces the default redaction;
+    `redact_kinds` picks which of `llamaduo.redact.FINDERS` the default masks (all when None)."""
     import uvicorn
 
-    redact = default_redact if redact_patterns is None else make_redactor(redact_patterns)
+    if redact_patterns is not None:
+        redact = make_redactor(redact_patterns)
+    elif redact_kinds is not None:
+        try:
+            redact = redact_mod.make_redactor(redact_kinds)
+        except ValueError as e:
+            raise UserError(f"--redact-kind: {e}") from None
+    else:
+        redact = default_redact
     app = create_capture_app(upstream, out, redact=redact, category_header=category_header)
     log.info("capturing %s -> %s on http://%s:%s/v1", upstream, out, host, port)
     uvicorn.run(app, host=host, port=port, log_level="warning")

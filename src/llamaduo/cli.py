@@ -107,6 +107,8 @@ def run(
 
     cfg = load_or_exit(config, set_)
     result = call(loop.run, cfg, fresh=fresh, display=_display(quiet, json_lines), from_shadow=from_shadow)
+    if result.stop_reason == "service_unavailable":
+        fail(f"stopped: {result.detail}", code=3)  # exit 3: nothing wrong with the inputs, retry later
     console.print(f"stop reason: {result.stop_reason}; best round r{result.best_round:02d}  →  {result.run_dir}")
 
 
@@ -193,10 +195,11 @@ def runs(runs_dir: Path = typer.Argument(Path("runs"), help="Folder of run direc
 def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     """Merge the best round into the base model; export HF dir, GGUFs (f16 + quantized), Ollama Modelfile, model card."""
     from llamaduo import deploy as deploy_mod
+    from llamaduo.runlock import locked
     from llamaduo.store import RunStore
 
-    cfg = run_dir_config(run_dir, set_)
-    result = call(deploy_mod.deploy, cfg, RunStore(run_dir), round)
+    cfg, store = run_dir_config(run_dir, set_), RunStore(run_dir)
+    result = call(locked, store, "deploy", deploy_mod.deploy, cfg, store, round)  # one process per run directory
     console.print(f"deployed round r{result.round:02d} → {result.merged_dir}; "
                   + ", ".join(p.name for p in result.gguf.values()) + f"; manifest {result.manifest}")
     if result.failed:  # what succeeded is kept; the failed formats are marked in the manifest
@@ -278,12 +281,18 @@ def capture(
         typer.Option("--redact", help="Regex to mask in recorded text (repeatable; replaces the e-mail/phone defaults)."),
     ] = None,
     category_header: Annotated[str, typer.Option(help="Request header naming the category.")] = "x-llamaduo-category",
+    redact_kind: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--redact-kind", help="Mask only these kinds (repeatable): api_key, aws_key, vcs_token, chat_token, "
+                     "bearer, password, iban, card, email, phone. Default: all."),
+    ] = None,
 ) -> None:
     """A pass-through proxy that records real traffic as coverage data for 'llamaduo prepare'."""
     from llamaduo import capture as capture_mod
 
     console.print(f"proxy on http://{host}:{port}/v1 → {upstream}; recording to {out}")
-    call(capture_mod.capture, upstream, out, host=host, port=port, redact_patterns=redact, category_header=category_header)
+    call(capture_mod.capture, upstream, out, host=host, port=port, redact_patterns=redact,
+         category_header=category_header, redact_kinds=redact_kind)
 
 
 @app.command()

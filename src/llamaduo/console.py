@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -46,6 +48,10 @@ def run_dir_config(run_dir: Path, overrides: list[str] | None = None) -> Config:
     return cfg.model_copy(update={"runs_dir": run_dir.parent, "name": run_dir.name})
 
 
+# What the machine, not the code, got wrong: a full or read-only disk, a file we may not touch.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def call(fn, *args, **kwargs):
     """Call a library function; turn expected user-facing errors into one line + exit 2."""
     try:
@@ -54,5 +60,14 @@ def call(fn, *args, **kwargs):
         fail_with(e)
     except KeyboardInterrupt:
         fail("interrupted; rerun the same command to resume", code=130)
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        # Every write is atomic and a stage is done only once recorded: free the space (or fix the
+        # permissions) and rerun to resume where this stopped.
+        where = f"{e.filename}: " if e.filename else ""
+        fail(f"{where}{e.strerror or e}; nothing was left half-written — fix this and rerun to resume")
+    except sqlite3.DatabaseError as e:  # a full or read-only disk, or a damaged call log
+        fail(f"service.sqlite: {e}; free space, fix permissions or move a damaged file aside, then rerun to resume")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,9 +111,14 @@ def to_example(
         category = default_category
     elif not isinstance(category, str):
         problem(fields.category, f"must be a string, got {type(category).__name__}")
+    elif (bad := lone_surrogate(category)) is not None:
+        problem(fields.category, bad)
     system = d.get(fields.system)
     if system is not None and not isinstance(system, str):
         problem(fields.system, f"must be a string, got {type(system).__name__}")
+        system = None
+    if isinstance(system, str) and (bad := lone_surrogate(system)) is not None:
+        problem(fields.system, bad)
         system = None
     system = system if system and system.strip() else None
     if fields.prompt in d or fields.response in d or fields.messages not in d:
@@ -124,26 +130,45 @@ def to_example(
     if probs or messages is None:
         return None, probs
     lineage = Lineage(source="coverage", origin=rec.where)
-    return Example(id=content_id(messages), messages=messages, category=category, lineage=lineage), probs
+    # The user's own id when the record has one (their joins and reports use it); a content hash otherwise.
+    rid = d.get(fields.id)
+    ex_id = str(rid) if rid is not None and rid != "" and not isinstance(rid, (dict, list)) else content_id(messages)
+    return Example(id=ex_id, messages=messages, category=category, lineage=lineage), probs
 
 
-def _text_field(d: dict, name: str, problem: Callable[[str | None, str], None]) -> str | None:
-    if name not in d or d[name] is None:
-        problem(name, "missing")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> str | None:
+    """The problem with a string holding half of a UTF-16 pair (JSON allows `"\\ud800"`; UTF-8 cannot hold it)."""
+    m = _SURROGATE.search(text)
+    return None if m is None else f"holds a lone surrogate (\\u{ord(m.group(0)):04x}) at character {m.start() + 1}; not valid Unicode"
+
+
+def _text_field(d: dict, name: str, problem: Callable[[str | None, str], None], setting: str) -> str | None:
+    if name not in d:
+        have = ", ".join(sorted(map(str, d))[:20]) or "none"
+        problem(name, f"missing (the record's fields: {have}; map yours with data.fields.{setting})")
         return None
     v = d[name]
+    if v is None:
+        problem(name, "is null")
+        return None
     if not isinstance(v, str):
         problem(name, f"must be a string, got {type(v).__name__}")
         return None
     if not v.strip():
         problem(name, "empty")
         return None
+    if (bad := lone_surrogate(v)) is not None:
+        problem(name, bad)
+        return None
     return v
 
 
 def _from_prompt_response(d: dict, fields: FieldMap, system: str | None, problem) -> list[Message] | None:
-    prompt = _text_field(d, fields.prompt, problem)
-    response = _text_field(d, fields.response, problem)
+    prompt = _text_field(d, fields.prompt, problem, "prompt")
+    response = _text_field(d, fields.response, problem, "response")
     if prompt is None or response is None:
         return None
     msgs = [Message(role="system", content=system)] if system else []
@@ -184,8 +209,11 @@ def _from_messages(raw: Any, name: str, problem) -> list[Message] | None:
             problem(f"{where}.role", f"must be system, user or assistant, got {m.get('role')!r}")
             ok = False
         if content is None:
-            got = "missing" if m.get("content") is None else type(m.get("content")).__name__
+            got = "missing" if "content" not in m else "null" if m["content"] is None else type(m["content"]).__name__
             problem(f"{where}.content", f"must be a string, got {got}")
+            ok = False
+        elif (bad := lone_surrogate(content)) is not None:
+            problem(f"{where}.content", bad)
             ok = False
         if ok:
             msgs.append(Message(role=role, content=content))
@@ -247,10 +275,11 @@ def load_coverage(path: Path, cfg: DataConfig) -> Coverage:
                 seen_ids[rid] = rec.where
         if ex is None:
             continue
-        if ex.id in seen_content:
+        same = content_id(ex.messages)  # exact duplicates by content, whatever their ids
+        if same in seen_content:
             duplicates += 1
             continue
-        seen_content.add(ex.id)
+        seen_content.add(same)
         examples.append(ex)
     if problems:
         raise DataError(problems, path.name, n)

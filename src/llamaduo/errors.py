@@ -9,3 +9,8 @@ class UserError(Exception):
 
     def details(self) -> list[str]:
         return []
+
+
+class ServiceUnavailable(UserError):
+    """Too many of a stage's service calls failed (after their retries): the stage is recorded failed,
+    not done, so a rerun retries exactly the calls that failed (the others come from the cache)."""

@@ -79,6 +79,8 @@ class RawRecord:
         return location(self.source, self.line, self.unit)
 
 
+TOO_DEEP = "bad JSON: nested too deeply to be a record"
+
 _SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
@@ -115,7 +117,12 @@ def read_records(path: Path, fmt: str = "auto") -> Iterator[RawRecord]:
         "parquet": _read_parquet,
         "hf": _read_hf,
     }
-    yield from reader[fmt](path, path.name)
+    try:
+        yield from reader[fmt](path, path.name)
+    except IsADirectoryError:
+        raise _fatal(str(path), f"is a directory; data.format={fmt} reads a file") from None
+    except OSError as e:
+        raise _fatal(str(path), f"cannot read ({e.strerror})") from None
 
 
 def _read_jsonl(path: Path, src: str) -> Iterator[RawRecord]:
@@ -134,6 +141,8 @@ def _read_jsonl(path: Path, src: str) -> Iterator[RawRecord]:
                 yield RawRecord(src, i, data=json.loads(text.rstrip("\r\n")))  # columns stay on this line
             except json.JSONDecodeError as e:
                 yield RawRecord(src, i, error=f"bad JSON: {e.msg} (column {e.colno})")
+            except RecursionError:
+                yield RawRecord(src, i, error=TOO_DEEP)
 
 
 def _bad_utf8_lines(blob: bytes, src: str) -> list[RawRecord]:
@@ -156,6 +165,9 @@ def _read_json(path: Path, src: str) -> Iterator[RawRecord]:
         return
     except json.JSONDecodeError as e:
         yield RawRecord(src, e.lineno, error=f"bad JSON: {e.msg} (column {e.colno})")
+        return
+    except RecursionError:
+        yield RawRecord(src, 1, error=TOO_DEEP)
         return
     if isinstance(items, dict) and isinstance(items.get("data"), list):
         items = items["data"]  # {"data": [...]}, a common export shape

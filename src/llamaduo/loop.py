@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel
 
+from llamaduo import runlock
 from llamaduo.artifacts import Ledger, RoundRecord, Scores, StageKey
 from llamaduo.config import Config
-from llamaduo.errors import UserError
+from llamaduo.errors import ServiceUnavailable, UserError
 from llamaduo.prepare import PrepareResult
 from llamaduo.progress import Bar, Display, make_display
 from llamaduo.stages import Run
@@ -34,6 +35,7 @@ class LoopResult(BaseModel):
     best_round: int
     best_value: float | None  # None: no round could be measured
     rounds: list[RoundRecord]
+    detail: str | None = None  # why it stopped, when that needs saying (service_unavailable)
 
 
 def decide(cfg: Config, scores: Scores, baseline: Scores | None, store: RunStore | None = None):
@@ -101,7 +103,8 @@ def prepare(cfg: Config, display: Display | str = "quiet") -> PrepareResult:
     run_ = Run(cfg, make_display(display) if isinstance(display, str) else display)
     if cfg.data.input is None:
         raise UserError("no input: pass --input FILE or set data.input in the config")
-    _, result = run_.prepare(force=True)
+    with runlock.hold(run_.store, "prepare"):
+        _, result = run_.prepare(force=True)
     assert result is not None  # forced, so it ran
     return result
 
@@ -109,9 +112,14 @@ def prepare(cfg: Config, display: Display | str = "quiet") -> PrepareResult:
 # --------------------------------------------------------------------------- run
 def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", client: Client | None = None,
         from_shadow: bool = False) -> LoopResult:
-    """Run (or resume) the migration loop in `cfg.run_dir` until a stop rule fires. `from_shadow`:
-    add a round after the last one whose data is shadowed live traffic (`traffic`), whatever the
-    earlier rounds' stop reason was."""
+    """Run (or resume) the migration loop in `cfg.run_dir` until a stop rule fires (one process per run
+    directory). `from_shadow`: add a round after the last one whose data is shadowed live traffic
+    (`traffic`), whatever the earlier rounds' stop reason was."""
+    with runlock.hold(RunStore(cfg.run_dir), "run"):
+        return _run(cfg, fresh, display, client, from_shadow)
+
+
+def _run(cfg: Config, fresh: bool, display: Display | str, client: Client | None, from_shadow: bool) -> LoopResult:
     from llamaduo.service import BudgetExceeded
 
     show = make_display(display) if isinstance(display, str) else display
@@ -125,7 +133,11 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
     run_ = Run(cfg, show, client, bars=Bar.factory())
     t_start = time.monotonic()
     try:
-        h, _ = run_.prepare()
+        h, _ = run_.prepare()  # bad data is said first: preparing costs nothing
+        if client is None:  # judge and synthesis use the one service: its key must be there before round 0 trains
+            from llamaduo.service.keys import require_key
+
+            require_key(cfg.service)
         run_.write_config()
         store.init_manifest(cfg.seed)
         store.update_manifest(state="running", stop_reason=None)
@@ -134,6 +146,7 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
         best: tuple[float, int] | None = None
         since_best = 0
         stop_reason = "max_rounds"
+        detail = None
         try:
             baseline = run_.baseline(h)
             upstream = h
@@ -205,13 +218,17 @@ def run(cfg: Config, fresh: bool = False, display: Display | str = "rich", clien
             stop_reason = "budget"
             show({"event": "warning", "message": f"budget reached: {e}"})
             run_.engine.record_ledger()
+        except ServiceUnavailable as e:
+            # Not results: the failed stage stays failed, and a rerun retries exactly its failed calls.
+            stop_reason, detail = "service_unavailable", str(e)
         best_value, best_round = best if best is not None else (None, 0)
         store.update_manifest(state="finished", stop_reason=stop_reason, best_round=best_round, best_value=best_value)
         show({"event": "stop", "reason": stop_reason, "best_round": best_round, "value": best_value})
         write_report(store, show)
         _tracked(show, "finish", tracker.finish, stop_reason, best_round, best_value)
         return LoopResult(
-            run_dir=store.root, stop_reason=stop_reason, best_round=best_round, best_value=best_value, rounds=rounds
+            run_dir=store.root, stop_reason=stop_reason, best_round=best_round, best_value=best_value, rounds=rounds,
+            detail=detail,
         )
     finally:
         run_.close()
@@ -237,6 +254,11 @@ def _latest_round(store: RunStore, r: int | None, default: int = 0) -> int:
 
 def run_stage(cfg: Config, name: str, r: int | None = None) -> Path:
     """`llamaduo train|infer|judge|synth RUN_DIR`: one stage of a round, after the stage it consumes."""
+    with runlock.hold(RunStore(cfg.run_dir), name):
+        return _run_stage(cfg, name, r)
+
+
+def _run_stage(cfg: Config, name: str, r: int | None) -> Path:
     run_ = Run(cfg, make_display("rich"), bars=Bar.factory())
     store = run_.store
     store.read_manifest()

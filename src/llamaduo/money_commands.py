@@ -16,13 +16,13 @@ cache_app = typer.Typer(help="The service-call cache of a run.", no_args_is_help
 @cache_app.command("stats")
 def cache_stats(run_dir: Path) -> None:
     """Cache hits, misses and money saved by the service-call cache."""
-    from llamaduo.service.calllog import cache_stats as read_cache_stats
+    from llamaduo.service.ledger import cache_stats as read_cache_stats
     from llamaduo.store import RunStore
 
     store = RunStore(run_dir)
     if not store.service_db.exists():
         fail(f"{run_dir}: no service.sqlite (no service calls yet)")
-    stats = read_cache_stats(store.service_db)
+    stats = call(read_cache_stats, store.service_db)
     console.print_json(data=stats)
 
 

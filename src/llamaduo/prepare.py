@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from llamaduo.data import Example, load_coverage
+from llamaduo.data import Example, content_id, load_coverage
 from llamaduo.ingest import DataError, Problem
 
 if TYPE_CHECKING:
@@ -67,6 +67,21 @@ def split(
     train = [e for e in examples if e.id not in test_ids]
     test = [e for e in examples if e.id in test_ids]
     return train, test
+
+
+def split_warning(n_train: int, n_test: int, asked: float, max_test: int | None) -> list[str]:
+    """Say when the split could not honour `test_fraction` (every category keeps one test example,
+    and one for training), and by how much."""
+    total = n_train + n_test
+    if not total or (max_test is not None and n_test >= max_test):
+        return []
+    got = n_test / total
+    if abs(got - asked) <= max(0.02, 0.1 * asked) and abs(n_test - round(total * asked)) <= 1:
+        return []
+    why = ("small categories each give one test example" if got > asked
+           else "small categories keep their only examples for training")
+    return [f"test split is {got:.1%} of the data ({n_test} of {total}), not the {asked:.1%} asked"
+            f" (data.test_fraction), {got - asked:+.1%}: {why}"]
 
 
 # ------------------------------------------------------------------------- stats
@@ -187,8 +202,8 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
         warnings += test_cov.warnings
         test = test_cov.examples
         # Decontaminate: a pair in the given test file must not also be trained on.
-        test_ids = {e.id for e in test}
-        train = [e for e in cov.examples if e.id not in test_ids]
+        test_ids = {e.id for e in test} | {content_id(e.messages) for e in test}
+        train = [e for e in cov.examples if e.id not in test_ids and content_id(e.messages) not in test_ids]
         removed = len(cov.examples) - len(train)
         if removed:
             warnings.append(f"{removed} training example(s) also in the test file were removed from train")
@@ -196,6 +211,7 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
             _, test = split(test, cfg.data.max_test / len(test), cfg.seed, cfg.data.max_test)
     else:
         train, test = split(cov.examples, cfg.data.test_fraction, cfg.seed, cfg.data.max_test)
+        warnings += split_warning(len(train), len(test), cfg.data.test_fraction, cfg.data.max_test)
     if not train or not test:
         msg = f"too few examples to split: train {len(train)}, test {len(test)}"
         raise DataError([Problem(source=src.name, message=msg)], src.name, cov.records)

@@ -15,7 +15,7 @@ from llamaduo.artifacts import Scores, StageKey
 from llamaduo.config import Config, dump_config
 from llamaduo.data import Example, load_examples
 from llamaduo.engine import Decision, Engine, Outcome
-from llamaduo.errors import UserError
+from llamaduo.errors import ServiceUnavailable, UserError
 from llamaduo.files import atomic_write_text, write_jsonl
 from llamaduo.hashing import hash_dir, hash_file
 from llamaduo.prepare import PrepareResult
@@ -38,7 +38,18 @@ def _path_hash(p: Path | None) -> str:
     if p is None:
         return ""
     p = Path(p)
-    return hash_dir(p) if p.is_dir() else hash_file(p)
+    if not p.is_dir() and not p.is_file():  # a FIFO or device would block the read forever
+        raise UserError(f"{p}: not a regular file or a directory")
+    try:
+        return hash_dir(p) if p.is_dir() else hash_file(p)
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror})") from None
+
+
+def failed_judge_calls(rows: list[Any]) -> tuple[int, int]:
+    """(judge calls the service never answered, judge calls made): rows without a reply, not bad replies."""
+    made = [j for j in rows if not (j.error or "").startswith("no candidate")]
+    return sum(1 for j in made if not j.ok and j.raw is None), len(made)
 
 
 class Run:
@@ -58,9 +69,16 @@ class Run:
     @property
     def client(self) -> Client:
         if self._client is None:
+            import sqlite3
+
             from llamaduo.service import ServiceClient
 
-            self._client = ServiceClient(self.cfg.service, db_path=self.store.service_db)
+            try:
+                self._client = ServiceClient(self.cfg.service, db_path=self.store.service_db)
+            except sqlite3.DatabaseError as e:
+                raise UserError(
+                    f"{self.store.service_db}: not a readable call log ({e}); move it aside to start the cache afresh"
+                ) from None
         return self._client
 
     def _ledger(self) -> Any:
@@ -170,6 +188,7 @@ class Run:
                 cfg, self.client, load_examples(store.train_path), synth_count(cfg, r), r, rng,
                 weights=self._category_weights(r - 1), bars=self.bars,
             )
+            self.check_service(f"synth r{r:02d}", res.failed_calls, res.calls, kept_nothing=not res.examples)
             kept, rejected = dedup.clean(res.examples, existing, self.test_set(r), cfg)
             rejected = list(res.rejected) + list(rejected)
             store.write_rejected(r, rejected)
@@ -277,6 +296,7 @@ class Run:
 
         def work(_: Decision) -> Outcome:
             ev = evaluate(cfg, self.client, store, r, self.test_set(r), bars=self.bars)
+            self.check_service(f"judge r{r:02d}", *failed_judge_calls(store.read_judgments(r)))
             return Outcome(f"{ev.scores.counts.judgments} judgments")
 
         outputs = [store.judgments_path(r), store.scores_path(r)]
@@ -302,11 +322,24 @@ class Run:
             test = self.test_set()
             answers = judge_mod.service_baseline(cfg, self.client, test, bars=self.bars)
             evaluate(cfg, self.client, store, "baseline", test, answers, bars=self.bars)
+            failed, total = failed_judge_calls(store.read_judgments("baseline"))
+            self.check_service("baseline", failed + sum(not a.ok for a in answers), total + len(answers))
             return Outcome("service baseline judged")
 
         outputs = [store.predictions_path("baseline"), store.judgments_path("baseline"), store.scores_path("baseline")]
         self.engine.run(StageKey(name="baseline"), components, outputs, work)
         return store.read_scores("baseline")
+
+    def check_service(self, what: str, failed: int, total: int, kept_nothing: bool = False) -> None:
+        """Raise `ServiceUnavailable` when calls failed beyond `service.max_failed_share` (or all that
+        was asked for is lost to failed calls): the engine then records the stage failed, not done."""
+        share = self.cfg.service.max_failed_share
+        if total and failed and (failed / total > share or kept_nothing):
+            raise ServiceUnavailable(
+                f"{what}: {failed} of {total} service calls failed after retries (service.max_failed_share {share:g});"
+                f" {self.cfg.service.base_url or self.cfg.service.provider} looks unavailable. Rerun when it is back:"
+                f" exactly the failed calls are retried, the {total - failed} answered ones come from the cache"
+            )
 
     def write_config(self) -> None:
         atomic_write_text(self.store.config_path, dump_config(self.cfg))

@@ -182,6 +182,11 @@ class RunStore:
     def calibration_path(self) -> Path:
         return self.root / "calibration.json"
 
+    @property
+    def lock_path(self) -> Path:
+        """Beside the run directory, not in it: `--fresh` deletes the directory while holding it (`runlock`)."""
+        return self.root.parent / f".{self.root.name}.lock"
+
     def round_dir(self, r: int) -> Path:
         return self.root / "rounds" / f"r{r:02d}"
 

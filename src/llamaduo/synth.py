@@ -57,6 +57,7 @@ class SynthResult:
     examples: list[Example]
     rejected: list[dict[str, Any]] = field(default_factory=list)
     calls: int = 0
+    failed_calls: int = 0  # calls the service never answered (after retries), as opposed to bad replies
 
 
 def synth_template(cfg: Config) -> prompts.Template:
@@ -186,4 +187,5 @@ def synthesize(
             )
     for ex, seed in zip(examples[n:], origin[n:], strict=True):  # calls come in whole batches
         rejected.append(_reject(ex.prompt, ex.response, "surplus", seed, round))
-    return SynthResult(examples=examples[:n], rejected=rejected, calls=calls)
+    failed = sum(1 for r in replies if not r.ok and r.raw is None)
+    return SynthResult(examples=examples[:n], rejected=rejected, calls=calls, failed_calls=failed)

@@ -8,7 +8,9 @@ and handed to TRL's `SFTTrainer` already tokenized, with a completion mask, so t
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 import time
@@ -97,11 +99,55 @@ def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> dict[
     return {"input_ids": ids, "completion_mask": mask}
 
 
+CHECKPOINT_COMPLETE = "llamaduo-complete"
+"""Written into `checkpoint-N/` once the Trainer has saved all of it: the Trainer writes a checkpoint
+in place, file by file, so a kill or a full disk mid-save leaves a folder that must not be resumed."""
+
+
 def _last_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (cut off mid-write) are removed."""
     if not ckpt_dir.is_dir():
         return None
     cks = [p for p in ckpt_dir.iterdir() if p.name.startswith("checkpoint-") and p.name.split("-")[-1].isdigit()]
-    return max(cks, key=lambda p: int(p.name.split("-")[-1])) if cks else None
+    complete = [p for p in cks if (p / CHECKPOINT_COMPLETE).is_file()]
+    for p in set(cks) - set(complete):
+        shutil.rmtree(p, ignore_errors=True)
+    return max(complete, key=lambda p: int(p.name.split("-")[-1])) if complete else None
+
+
+def _mark_complete_callback() -> Any:
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        """After the Trainer's save of a checkpoint returns, mark it complete (fsynced)."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                done = Path(args.output_dir) / f"checkpoint-{state.global_step}" / CHECKPOINT_COMPLETE
+                if done.parent.is_dir():
+                    with open(done, "w") as fh:
+                        fh.write(f"{state.global_step}\n")
+                        fh.flush()
+                        os.fsync(fh.fileno())
+
+    return MarkComplete()
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def _disk_full(e: BaseException) -> bool:
+    """A save that failed for want of space (torch and safetensors say so in their own words)."""
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
+        return True
+    text = str(e).lower()
+    # torch's zip writer reports a short write as "unexpected pos" or "file write failed".
+    words = ("no space left", "file too large", "file write failed", "disk quota", "unexpected pos", "pytorchstreamwriter")
+    return any(w in text for w in words)
+
+
+def _reason(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).strip().splitlines()[-1][:120]
 
 
 def train(
@@ -237,9 +283,19 @@ def _train(
     trainer.remove_callback(PrinterCallback)
     if progress:
         trainer.add_callback(rich_progress())
+    trainer.add_callback(_mark_complete_callback())
     resume = _last_checkpoint(ckpt_dir)
     t0 = time.monotonic()
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (OSError, RuntimeError) as e:
+        if not _disk_full(e):
+            raise
+        last = _last_checkpoint(ckpt_dir)  # also drops the checkpoint the full disk cut off
+        raise TrainError(
+            f"writing a checkpoint in {ckpt_dir} failed (disk full?): {_reason(e)}; free some space and rerun,"
+            " training resumes from " + (f"{last.name}" if last else "the start (no complete checkpoint yet)")
+        ) from None
     seconds = time.monotonic() - t0
     tokens = int(trainer.state.num_input_tokens_seen)
     session_tokens = tokens - int(getattr(trainer, "_initial_num_input_tokens_seen", 0) or 0)
@@ -254,7 +310,13 @@ def _train(
         if trainer.is_world_process_zero():
             _finish_saved(tmp, tokenizer, out_dir)
     elif trainer.is_world_process_zero():
-        _save_atomically(trainer.model, tokenizer, out_dir)
+        try:
+            _save_atomically(trainer.model, tokenizer, out_dir)
+        except (OSError, RuntimeError) as e:
+            if not _disk_full(e):
+                raise
+            shutil.rmtree(out_dir.with_name(out_dir.name + ".tmp"), ignore_errors=True)
+            raise TrainError(f"saving the trained model to {out_dir} failed (disk full?): {_reason(e)}; free space and rerun") from None
     if trainer.is_world_process_zero():
         shutil.rmtree(ckpt_dir, ignore_errors=True)  # the round is done; its checkpoints are not needed
     trainer.accelerator.wait_for_everyone()  # every rank returns only once the adapter exists

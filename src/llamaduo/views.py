@@ -21,7 +21,7 @@ def status_table(run_dir: Path) -> Any:
     if not store.exists():
         raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
     m = store.read_manifest()
-    t = Table(title=f"{run_dir} — {m.state}; stop reason: {m.stop_reason or '-'}")
+    t = Table(title=f"{run_dir} — {run_state(store, m.state)}; stop reason: {m.stop_reason or '-'}")
     for col in ("round", "train examples", "synthetic added", "value", "passed"):
         t.add_column(col, justify="right")
     for name in sorted(m.rounds):
@@ -31,6 +31,13 @@ def status_table(run_dir: Path) -> Any:
     total = m.ledger.total if m.ledger else None
     t.caption = f"service spend ${total.usd if total else 0.0:.4f}, calls {total.calls if total else 0}"
     return t
+
+
+def run_state(store: RunStore, state: str) -> str:
+    """The manifest's state, except that a "running" run nobody holds was killed: `interrupted`."""
+    from llamaduo.runlock import held
+
+    return "interrupted" if state == "running" and not held(store) else state
 
 
 def runs_table(runs_dir: Path) -> Any:
@@ -52,7 +59,7 @@ def runs_table(runs_dir: Path) -> Any:
             continue
         t.add_row(
             d.name,
-            m.state,
+            run_state(store, m.state),
             str(len(m.rounds)),
             f"r{m.best_round:02d}" if m.best_round is not None else "-",
             _num(m.best_value),

@@ -5,7 +5,8 @@ import sqlite3
 import pytest
 
 from llamaduo.errors import UserError
-from llamaduo.service.calllog import MIGRATIONS, SCHEMA_VERSION, CallLog, cache_stats, ledger_from_db
+from llamaduo.service.calllog import MIGRATIONS, SCHEMA_VERSION, CallLog
+from llamaduo.service.ledger import cache_stats, ledger_from_db
 
 
 def test_ledger_counts_paid_calls_and_cache_hits_per_stage_and_round(tmp_path):
@@ -16,6 +17,7 @@ def test_ledger_counts_paid_calls_and_cache_hits_per_stage_and_round(tmp_path):
     ledger = ledger_from_db(log.conn)
     assert ledger["total"] == {
         "calls": 2, "cached": 1, "failed": 1, "input_tokens": 10, "output_tokens": 5, "usd": 0.01, "saved_usd": 0.02,
+        "possibly_billed": 0,
     }
     assert ledger["by_stage"]["judge/r00"]["calls"] == 2 and ledger["by_stage"]["synth/r01"]["cached"] == 1
     assert log.totals() == (0.01, 15)  # cache hits cost nothing and count no tokens against the budget
@@ -252,3 +254,19 @@ def test_a_version_1_log_is_migrated_without_losing_a_reply_or_a_cent(tmp_path):
     totals = log.totals()
     log.close()
     assert totals == pytest.approx((0.67, (67 + 66) * 15))  # every attempt but the cache hits
+
+
+def test_an_attempt_a_dead_process_sent_but_never_heard_back_is_counted_as_possibly_billed(tmp_path):
+    from llamaduo.service.calllog import CallLog
+    from llamaduo.service.ledger import possibly_billed
+
+    log = CallLog(tmp_path / "service.sqlite")
+    row = log.sending("h1", 1, "judge", 0)
+    log.answered(row)
+    log.flush()
+    log.sending("h2", 1, "judge", 0)  # in flight when the process died
+    with log.lock, log.conn:
+        log.conn.execute("UPDATE sent SET pid = -1")  # as if written by a process now gone
+    assert possibly_billed(log.conn) == 1
+    assert ledger_from_db(log.conn)["total"]["possibly_billed"] == 1
+    log.close()

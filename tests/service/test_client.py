@@ -9,7 +9,7 @@ from pydantic import BaseModel, field_validator
 
 from llamaduo.demo.simulator import Fault
 from llamaduo.service import BudgetExceeded, ServiceClient
-from llamaduo.service.calllog import cache_stats
+from llamaduo.service.ledger import cache_stats
 from tests.conftest import service_config
 from tests.service.conftest import GOOD, Verdict, ask, rows
 

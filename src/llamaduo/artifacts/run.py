@@ -201,6 +201,7 @@ class LedgerRow(_Artifact):
     output_tokens: int = 0
     usd: float = 0.0
     saved_usd: float = 0.0  # what the cache hits would have cost
+    possibly_billed: int = 0  # sent by a process that died before the reply came: maybe billed, never stored
 
     @property
     def tokens(self) -> int:

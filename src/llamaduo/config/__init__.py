@@ -108,20 +108,24 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return tree
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def format_validation_error(err: ValidationError, source: str, overridden: list[str] | None = None) -> str:
+    """One line per problem, blamed on `--set KEY` when an override set that setting, else on `source`."""
     parts = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "(root)"
-        parts.append(f"{source}: {loc}: {e['msg']}")
+        by = next((k for k in overridden or [] if k == loc or k.startswith(loc + ".") or loc.startswith(k + ".")), None)
+        where = (f"--set {by}" if by == loc else f"--set {by}: {loc}") if by else f"{source}: {loc}"
+        parts.append(f"{where}: {e['msg']}")
     return "; ".join(parts)
 
 
 def from_dict(tree: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> Config:
+    overridden = [o.split("=", 1)[0].strip() for o in overrides or [] if "=" in o]
     tree = apply_overrides(tree, overrides or [])
     try:
         return Config.model_validate(tree)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, overridden)) from None
 
 
 def dump_config(cfg: Config) -> str:

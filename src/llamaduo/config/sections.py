@@ -3,16 +3,45 @@ train, infer, loop and tracking. Every default is declared once, with a descript
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from llamaduo.errors import UserError
+from llamaduo.redact import looks_like_secret
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` epochs or a `.nan` threshold is a typo, never a setting.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+_ENV_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+
+
+def env_var_name(v: str | None) -> str | None:
+    """An environment-variable name; a pasted key is refused without being repeated."""
+    if v is None:
+        return v
+    if looks_like_secret(v):
+        raise ValueError("this looks like a key itself, not the name of the environment variable holding it; "
+                         "put the key in an environment variable and name that variable here (the value was not saved)")
+    if not _ENV_NAME.match(v):
+        raise ValueError("must be an environment-variable name (A-Z, 0-9, _; e.g. OPENAI_API_KEY)")
+    return v
+
+
+def http_url(v: str | None) -> str | None:
+    from urllib.parse import urlparse
+
+    if v is None:
+        return v
+    u = urlparse(v)
+    if u.scheme not in ("http", "https") or not u.hostname:
+        raise ValueError("must be an http(s) URL with a host, e.g. http://127.0.0.1:8000/v1")
+    return v
 
 
 class ConfigError(UserError):
@@ -107,6 +136,14 @@ class ServiceConfig(Strict):
     batch_max_bytes: int = Field(
         200_000_000, ge=1, description="Largest input file of one provider batch in bytes (OpenAI: 200 MB); larger jobs are split."
     )
+    max_failed_share: float = Field(
+        0.5, ge=0, lt=1,
+        description="A judge, baseline or synthesis stage whose calls failed (after retries) beyond this share is "
+        "recorded failed, not done, and the loop stops (service_unavailable); a rerun retries exactly those calls.",
+    )
+
+    _key_env = field_validator("api_key_env")(env_var_name)
+    _url = field_validator("base_url")(http_url)
 
 
 # ---------------------------------------------------------------------------- judge
@@ -115,10 +152,16 @@ class PassRule(Strict):
     statistic: Literal["mean", "median", "coverage@50", "coverage@70"] = Field(
         "mean", description="Statistic of the per-candidate scores."
     )
-    threshold: float = Field(70.0, ge=0, description="Absolute target (score 1-100, coverage in percent).")
+    threshold: float = Field(70.0, ge=0, le=100, description="Absolute target (score 1-100, coverage in percent).")
     relative_to_service: float | None = Field(
         None, gt=0, description="If set (e.g. 0.95), pass when local ÷ service-baseline statistic reaches it."
     )
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> PassRule:
+        if self.statistic in ("mean", "median") and self.threshold < 1:
+            raise ValueError(f"threshold {self.threshold:g} is below the {self.statistic} score's range 1-100")
+        return self
 
 
 class JudgeConfig(Strict):

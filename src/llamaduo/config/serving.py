@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from llamaduo.config.sections import Strict
+from llamaduo.config.sections import Strict, env_var_name
 
 # --------------------------------------------------------------------------- deploy
 GGUFQuant = Literal[
@@ -60,6 +60,8 @@ class ServeConfig(Strict):
     host: str = Field("127.0.0.1", description="Bind address; loopback unless told otherwise.")
     port: int = Field(8000, ge=0, le=65535, description="Port; 0 picks a free one.")
     api_key_env: str | None = Field(None, description="Env var holding the bearer key clients must send; None = open.")
+
+    _key_env = field_validator("api_key_env")(env_var_name)
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body.")
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch: int = Field(8, ge=1, description="Concurrent requests generated together.")

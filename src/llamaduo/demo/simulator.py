@@ -60,16 +60,13 @@ class SimulatedService:
         self.responder = responder
         self.latency_s = latency_s
         self.latency = Latency.parse(latency) if isinstance(latency, str) else latency or Latency.fixed(latency_s)
-        self.rpm_limit = rpm_limit
-        self.tpm_limit = tpm_limit
+        self.rpm_limit, self.tpm_limit = rpm_limit, tpm_limit
         # A share `fault_rate` of chat requests is refused at once, half with a 429 carrying
         # Retry-After (a hiccup: the limit is not spent, so no x-ratelimit-remaining-* is 0),
         # half with a 5xx. Refused requests, like those over a limit, count in no window.
-        self.fault_rate = fault_rate
-        self.fault_retry_after_s = fault_retry_after_s
+        self.fault_rate, self.fault_retry_after_s = fault_rate, fault_retry_after_s
         self.record = record  # False keeps no copy of each request (long load tests)
-        self.batch_max_requests = batch_max_requests
-        self.batch_max_bytes = batch_max_bytes
+        self.batch_max_requests, self.batch_max_bytes = batch_max_requests, batch_max_bytes
         self.requests: list[dict[str, Any]] = []
         self.batch_polls_to_complete = 1
         self.files: dict[str, bytes] = {}  # uploaded and produced JSONL, by file id
@@ -80,6 +77,7 @@ class SimulatedService:
         self.first_ok_at: float | None = None  # arrival (monotonic) of the first and last request answered 200
         self.last_ok_at: float | None = None
         self._rng = random.Random(seed)
+        self.outage_status: int | None = None  # set (e.g. 503): every chat call fails so until cleared
         self._faults: deque[Fault] = deque()
         self._window: deque[float] = deque()
         self._token_window: deque[tuple[float, int]] = deque()
@@ -360,6 +358,9 @@ class SimulatedService:
                         f"x-ratelimit-reset-{which}": f"{max(wait, 0.01):.2f}s",
                     }
                     self._error(429, f"rate limit reached ({which} per minute, simulated)", headers)
+                    return
+                if svc.outage_status is not None:
+                    self._error(svc.outage_status, "service unavailable (simulated outage)")
                     return
                 fault = svc._next_fault()
                 if latency:

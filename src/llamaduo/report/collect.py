@@ -28,7 +28,7 @@ from llamaduo.judge import judge_models
 from llamaduo.monitor import production_view
 from llamaduo.report.views import WORST_N, CostView, ReportView, RoundView, WorstItem
 from llamaduo.scoring import candidate_means
-from llamaduo.service.calllog import ledger_from_db
+from llamaduo.service.ledger import ledger_from_db
 from llamaduo.store import EvalTarget, RunStore
 
 T = TypeVar("T")

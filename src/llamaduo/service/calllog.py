@@ -12,15 +12,16 @@ not seen yet.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llamaduo.errors import UserError
+from llamaduo.service.ledger import ledger_from_db
 
 # Ordered schema migrations: step i (its statements) takes a file from `PRAGMA user_version`
 # i to i + 1, so a file written by any earlier release is brought forward in order. Append new
@@ -107,6 +108,15 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
           first_hash TEXT NOT NULL, last_hash TEXT NOT NULL,
           requests INTEGER NOT NULL, bytes INTEGER NOT NULL, digest TEXT NOT NULL,
           status TEXT NOT NULL, submitted_ts REAL NOT NULL, done_ts REAL
+        )""",
+    ),
+    (
+        # Step 3: each attempt is logged (and committed) before it is sent and marked answered when it
+        # returns, so a call in flight when the process died is known: sent, maybe billed, never answered.
+        """CREATE TABLE IF NOT EXISTS sent (
+          id INTEGER PRIMARY KEY AUTOINCREMENT,
+          ts REAL NOT NULL, request_hash TEXT, attempt INTEGER, stage TEXT, round INTEGER,
+          pid INTEGER, answered INTEGER NOT NULL DEFAULT 0
         )""",
     ),
 )
@@ -227,6 +237,22 @@ class CallLog:
         cache entry; the row keeps the reply text only when the cache did not take it."""
         self._write("reply", row, cache)
 
+    def sending(self, request_hash: str, attempt: int, stage: str, round: int | None) -> int:
+        """Log an attempt about to go out, committed now (with what waits): a kill after this leaves
+        it unanswered, so a resumed run knows it may have been billed. Returns its id for `answered`."""
+        with self.lock:
+            self._flush()
+            with self.conn:
+                cur = self.conn.execute(
+                    "INSERT INTO sent (ts, request_hash, attempt, stage, round, pid) VALUES (?,?,?,?,?,?)",
+                    (time.time(), request_hash, attempt, stage, round, os.getpid()),
+                )
+        return int(cur.lastrowid or 0)
+
+    def answered(self, sent_id: int) -> None:
+        """The attempt came back (answer or fault); committed with the next grouped writes."""
+        self._write("sql", ("UPDATE sent SET answered=1 WHERE id=?", (sent_id,)), None)
+
     def put_cache(self, request_hash: str, model: str, raw: str, tin: int, tout: int, cost: float) -> None:
         self._write("cache", request_hash, (model, raw, tin, tout, cost))
 
@@ -270,6 +296,9 @@ class CallLog:
         try:
             with self.conn:
                 for kind, row, cache in pending:
+                    if kind == "sql":
+                        self.conn.execute(*row)
+                        continue
                     if kind == "cache":
                         self.conn.execute(_CACHE_INSERT, (row, *cache, now))
                         continue
@@ -321,64 +350,3 @@ class CallLog:
         with self.lock:
             self._flush()
             self.conn.close()
-
-
-def ledger_from_db(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Totals overall and per (stage, round), counting only what was paid for. Read from the
-    `ledger` table; a file that has not been migrated yet is summed from `calls`."""
-    have_ledger = conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='ledger'").fetchone()
-
-    def agg(group: str = "") -> list[tuple]:
-        sel = f"{group + ',' if group else ''}"
-        if have_ledger:
-            q = (
-                f"SELECT {sel} COALESCE(SUM(paid),0), COALESCE(SUM(cached),0), COALESCE(SUM(failed),0),"
-                " COALESCE(SUM(input_tokens),0), COALESCE(SUM(output_tokens),0),"
-                " COALESCE(SUM(cost_usd),0), COALESCE(SUM(saved_usd),0) FROM ledger"
-            )
-        else:
-            q = (
-                f"SELECT {sel} COUNT(*) FILTER (WHERE status!='cached'), COUNT(*) FILTER (WHERE status='cached'),"
-                " COUNT(*) FILTER (WHERE status='failed'),"
-                " COALESCE(SUM(CASE WHEN status!='cached' THEN input_tokens END),0),"
-                " COALESCE(SUM(CASE WHEN status!='cached' THEN output_tokens END),0),"
-                " COALESCE(SUM(cost_usd),0), COALESCE(SUM(saved_usd),0) FROM calls"
-            )
-        return conn.execute(q + (f" GROUP BY {group} ORDER BY {group}" if group else "")).fetchall()
-
-    def row_dict(r: Sequence[Any]) -> dict[str, Any]:
-        calls, cached, failed, tin, tout, usd, saved = r
-        return {
-            "calls": calls,
-            "cached": cached,
-            "failed": failed,
-            "input_tokens": tin,
-            "output_tokens": tout,
-            "usd": round(usd, 6),
-            "saved_usd": round(saved, 6),
-        }
-
-    by_stage = {}
-    for r in agg(group="stage, round"):
-        key = f"{r[0]}" + (f"/r{r[1]:02d}" if r[1] is not None else "")
-        by_stage[key] = row_dict(r[2:])
-    return {"total": row_dict(agg()[0]), "by_stage": by_stage}
-
-
-def cache_stats(db_path: Path) -> dict[str, Any]:
-    """Hits, misses and money saved, from a run's service.sqlite."""
-    conn = sqlite3.connect(str(db_path))
-    try:
-        ledger = ledger_from_db(conn)
-        entries = conn.execute("SELECT COUNT(*) FROM cache").fetchone()[0]
-    finally:
-        conn.close()
-    t = ledger["total"]
-    return {
-        "hits": t["cached"],
-        "misses": t["calls"],
-        "entries": entries,
-        "saved_usd": t["saved_usd"],
-        "spent_usd": t["usd"],
-        "by_stage": {k: {"hits": v["cached"], "misses": v["calls"], "saved_usd": v["saved_usd"]} for k, v in ledger["by_stage"].items()},
-    }

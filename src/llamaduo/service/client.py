@@ -6,18 +6,16 @@ import asyncio
 import hashlib
 import json
 import math
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlparse
 
 from pydantic import BaseModel
 
 from llamaduo.config import ServiceConfig
-from llamaduo.service import batch, pricing
-from llamaduo.service.api import BatchRequest, BudgetExceeded, ProgressReporter, ServiceError, ServiceReply
+from llamaduo.service import batch, keys, pricing
+from llamaduo.service.api import BatchRequest, BudgetExceeded, ProgressReporter, ServiceReply
 from llamaduo.service.calllog import BatchRecord, CallLog
 from llamaduo.service.pacing import Pacer
 from llamaduo.service.parsing import parse_reply, repair_messages
@@ -67,15 +65,7 @@ class ServiceClient:
 
     # ---- plumbing
     def _key(self) -> str:
-        if self._api_key:
-            return self._api_key
-        key = os.environ.get(self.cfg.api_key_env)
-        if key:
-            return key
-        host = urlparse(self.cfg.base_url or "").hostname or ""
-        if host in ("127.0.0.1", "localhost", "::1") or host.startswith("127."):
-            return "not-needed"  # local servers usually ignore the key
-        raise ServiceError(f"service.api_key_env: environment variable {self.cfg.api_key_env} is not set")
+        return self._api_key or keys.api_key(self.cfg)
 
     def sdk(self) -> Any:
         """The provider's connection for the running event loop (each `run` has its own loop)."""
@@ -150,10 +140,13 @@ class ServiceClient:
                     wait = self.pacer.wait_left()  # a 429 seen meanwhile holds everyone
                 self.budget.check()  # spending may have crossed the budget while we waited
                 t0 = time.monotonic()
+                sent = self.log.sending(h, n, stage, round)  # before it goes out: a kill now leaves it unanswered
                 try:
                     return await asyncio.wait_for(self.provider.send(conn, model, messages, params), self.cfg.timeout_s + 5)
                 except asyncio.TimeoutError as e:  # our own deadline, above the transport's
                     raise fault_from(e) from e
+                finally:
+                    self.log.answered(sent)
 
         def on_fault(fault: ServiceFault, n: int, delay: float | None) -> None:
             if fault.http_status is not None:
