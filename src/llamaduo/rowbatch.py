@@ -128,6 +128,18 @@ class RowBatch:
         self._compact()
         return [e for e in events if e is not None]
 
+    def probe(self) -> None:
+        """Decode two tokens of a one-word prompt: raises `SharedPrefixUnsupported` for a model this
+        batch cannot decode (then the server generates with `infer.generate` instead)."""
+        from llamaduo.config import InferConfig
+        from llamaduo.data import Message
+
+        sampling = InferConfig(temperature=0.0, max_new_tokens=2, num_samples=1)
+        key = object()
+        self.add(key, ChatRequest([Message(role="user", content="hi")], sampling, 0, 1, False, False))
+        while len(self):
+            self.step()
+
     def drop(self, key: Any) -> None:
         """Remove a request's rows (its client went away)."""
         for r in self.rows:
