@@ -1,6 +1,8 @@
 """Load test of `llamaduo serve`: batching gain under concurrent clients, and the server's own overhead.
 
-    python benchmarks/serve_load.py --model tiny --clients 32 --requests 256
+    python benchmarks/serve_load.py --model tiny --clients 32 --requests 256 [--stream]
+    python benchmarks/serve_load.py --model tiny --adapters 4 --clients 32 --requests 256
+    python benchmarks/serve_load.py --model gemma-270m --clients 8 --requests 32 --stream --against llamacpp
 
 Starts the server (in a separate process, so client and server do not share an interpreter
 lock) on 127.0.0.1, then sends the same requests
@@ -12,17 +14,25 @@ The last line is exactly:
     concurrency_speedup=<ratio> p50_overhead_pct=<percent> errors=<n>
 
 speedup = concurrent req/s ÷ sequential req/s; overhead = (server p50 − direct p50) ÷ direct p50.
+With `--stream` every request streams, and the line adds the concurrent phase's time to the
+first content chunk: `... ttft_p50_ms=<t> ttft_ratio=<ttft p50 ÷ full-latency p50> errors=<n>`.
+
+`--adapters N` (see `serve_adapters.py`) serves N LoRA adapters of the tiny base from one process
+vs N processes of one adapter each; `--against llamacpp` (see `serve_vs_llamacpp.py`) compares
+streaming throughput and first-token time with llama.cpp's OpenAI-compatible server.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 QUESTIONS = [
@@ -41,50 +51,96 @@ def prompt(i: int) -> str:
     return f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"
 
 
-def serve_child(model_dir: str, max_batch: int, wait_ms: float, max_tokens: int) -> None:
+def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int) -> None:
     """The server process: prints `PORT NAME` once listening, then serves until terminated."""
     from llamaduo.config import Config
     from llamaduo.serve import BackgroundServer, build_app
 
     cfg = Config(
         infer={"temperature": 0.0, "max_new_tokens": max_tokens, "num_samples": 1},
-        serve={"max_batch": max_batch, "batch_wait_ms": wait_ms},
+        serve={"max_batch": max_batch, "batch_wait_ms": wait_ms, "max_tokens_limit": max(2048, max_tokens)},
     )
-    app, name = build_app(Path(model_dir), cfg)
+    app, name = build_app([Path(d) for d in model_dirs] if len(model_dirs) > 1 else Path(model_dirs[0]), cfg)
     srv = BackgroundServer(app, "127.0.0.1", 0, name).start()
     print(srv.port, name, flush=True)
     srv.thread.join()
 
 
-def body(i: int, model: str, max_tokens: int) -> dict:
-    return {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0}
+def body(i: int, model: str, max_tokens: int, stream: bool = False) -> dict:
+    b = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0}
+    return {**b, "stream": True} if stream else b
 
 
-def sequential(url: str, model: str, n: int, max_tokens: int, direct=None) -> tuple[float, list[float], list[float], int]:
+@dataclass
+class Result:
+    latency: float  # seconds to the whole answer
+    ttft: float | None  # seconds to the first content chunk (streamed requests)
+    tokens: int  # content chunks streamed, or completion tokens
+    ok: bool
+
+
+def _stream_result(t: float, status: int, lines: list[tuple[float, str]]) -> Result:
+    first, tokens = None, 0
+    for at, line in lines:
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[6:])
+        if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
+            tokens += 1
+            first = at if first is None else first
+    end = lines[-1][0] if lines else time.perf_counter()
+    return Result(end - t, None if first is None else first - t, tokens, status == 200 and tokens > 0)
+
+
+def request_sync(c, url: str, b: dict) -> Result:
+    t = time.perf_counter()
+    if not b.get("stream"):
+        r = c.post(url, json=b)
+        tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+        return Result(time.perf_counter() - t, None, tokens, r.status_code == 200)
+    with c.stream("POST", url, json=b) as r:
+        lines = [(time.perf_counter(), line) for line in r.iter_lines() if line]
+    return _stream_result(t, r.status_code, lines)
+
+
+async def request_async(c, url: str, b: dict) -> Result:
+    t = time.perf_counter()
+    if not b.get("stream"):
+        r = await c.post(url, json=b)
+        tokens = r.json().get("usage", {}).get("completion_tokens", 0) if r.status_code == 200 else 0
+        return Result(time.perf_counter() - t, None, tokens, r.status_code == 200)
+    async with c.stream("POST", url, json=b) as r:
+        lines = [(time.perf_counter(), line) async for line in r.aiter_lines() if line]
+    return _stream_result(t, r.status_code, lines)
+
+
+def sequential(url: str, model: str, n: int, max_tokens: int, direct=None, stream: bool = False
+               ) -> tuple[float, list[Result], list[float], int]:
     """One request at a time; with `direct`, each server call is paired with a direct generate call
     on the same prompt, so both latencies are taken under the same machine load."""
     import httpx
 
-    lat, direct_lat, errors, server_s = [], [], 0, 0.0
+    results, direct_lat, server_s = [], [], 0.0
     with httpx.Client(timeout=300) as c:
         for i in range(n):
             if direct is not None:
                 t = time.perf_counter()
                 direct(i)
                 direct_lat.append(time.perf_counter() - t)
-            t = time.perf_counter()
-            r = c.post(url, json=body(i, model, max_tokens))
-            lat.append(time.perf_counter() - t)
-            server_s += lat[-1]
-            errors += r.status_code != 200
-    return server_s, lat, direct_lat, errors
+            results.append(request_sync(c, url, body(i, model, max_tokens, stream)))
+            server_s += results[-1].latency
+    return server_s, results, direct_lat, sum(not r.ok for r in results)
 
 
-async def concurrent(url: str, model: str, n: int, clients: int, max_tokens: int) -> tuple[float, list[float], int]:
+async def concurrent(urls, models, n: int, clients: int, max_tokens: int, stream: bool = False
+                     ) -> tuple[float, list[Result], int]:
+    """`clients` concurrent clients send `n` requests; request i goes to urls[i % len] for models[i % len]."""
     import httpx
 
+    urls = [urls] if isinstance(urls, str) else urls
+    models = [models] if isinstance(models, str) else models
     todo = iter(range(n))
-    lat: list[float] = []
+    results: list[Result] = []
     errors = 0
 
     async def worker(c: httpx.AsyncClient) -> None:
@@ -92,17 +148,40 @@ async def concurrent(url: str, model: str, n: int, clients: int, max_tokens: int
         for i in todo:
             t = time.perf_counter()
             try:
-                r = await c.post(url, json=body(i, model, max_tokens))
-                errors += r.status_code != 200
-            except httpx.HTTPError:
+                r = await request_async(c, urls[i % len(urls)], body(i, models[i % len(models)], max_tokens, stream))
+                errors += not r.ok
+            except (httpx.HTTPError, ValueError):
                 errors += 1
-            lat.append(time.perf_counter() - t)
+                r = Result(time.perf_counter() - t, None, 0, False)
+            results.append(r)
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=300, limits=limits) as c:
+    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
         t0 = time.perf_counter()
         await asyncio.gather(*[worker(c) for _ in range(clients)])
-        return time.perf_counter() - t0, lat, errors
+        return time.perf_counter() - t0, results, errors
+
+
+def start_server(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int) -> tuple[subprocess.Popen, str, str]:
+    """A server child process on 127.0.0.1: (process, chat completions URL, served name)."""
+    child = [sys.executable, __file__, "--child", str(max_batch), str(wait_ms), str(max_tokens), *map(str, model_dirs)]
+    proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline().split()
+    if len(line) != 2:
+        proc.kill()
+        raise SystemExit(f"server child did not start: {model_dirs}")
+    return proc, f"http://127.0.0.1:{line[0]}/v1/chat/completions", line[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def p50(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
 
 
 def direct_caller(model_dir: Path, max_tokens: int):
@@ -110,9 +189,11 @@ def direct_caller(model_dir: Path, max_tokens: int):
     from llamaduo.batcher import local_generator
     from llamaduo.config import InferConfig, ModelConfig
     from llamaduo.data import Message
+    from llamaduo.infer import serving_threads
     from llamaduo.models import load_model
 
     model, tok = load_model(ModelConfig(base=str(model_dir)))
+    serving_threads(model)  # as the server process does
     gen = local_generator(model, tok)
     sampling = InferConfig(temperature=0.0, max_new_tokens=max_tokens, num_samples=1, batch_size=1)
 
@@ -125,18 +206,30 @@ def direct_caller(model_dir: Path, max_tokens: int):
 
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
-        model_dir, max_batch, wait_ms, max_tokens = sys.argv[2:6]
-        serve_child(model_dir, int(max_batch), float(wait_ms), int(max_tokens))
+        max_batch, wait_ms, max_tokens, *model_dirs = sys.argv[2:]
+        serve_child(model_dirs, int(max_batch), float(wait_ms), int(max_tokens))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (built in a temp dir) or a model directory")
+    ap.add_argument("--model", default="tiny", help="'tiny' (built in a temp dir), 'gemma-270m' or a model directory")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--requests", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=None, help="default 32 (tiny), 64 (gemma-270m)")
     ap.add_argument("--max-batch", type=int, default=None, help="server max_batch (default: --clients)")
     ap.add_argument("--batch-wait-ms", type=float, default=10.0)
     ap.add_argument("--sequential", type=int, default=None, help="requests sent one at a time (default: --requests)")
+    ap.add_argument("--stream", action="store_true", help="every request streams; adds first-token times")
+    ap.add_argument("--adapters", type=int, default=None, help="N LoRA adapters in one process vs N processes")
+    ap.add_argument("--against", choices=["llamacpp"], default=None, help="compare with llama.cpp's server")
     args = ap.parse_args()
+    args.max_tokens = args.max_tokens or (64 if args.model == "gemma-270m" else 32)
+    if args.adapters:
+        from serve_adapters import run_adapters
+
+        return run_adapters(args)
+    if args.against == "llamacpp":
+        from serve_vs_llamacpp import run_against_llamacpp
+
+        return run_against_llamacpp(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.model == "tiny":
@@ -145,38 +238,47 @@ def main() -> int:
             model_dir = build_tiny_model(Path(tmp) / "tiny")
         else:
             model_dir = Path(args.model)
-        child = [sys.executable, __file__, "--child", str(model_dir), str(args.max_batch or args.clients),
-                 str(args.batch_wait_ms), str(args.max_tokens)]
-        proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        proc, url, name = start_server([str(model_dir)], args.max_batch or args.clients, args.batch_wait_ms,
+                                       args.max_tokens)
         try:
-            port, name = proc.stdout.readline().split()
-            url = f"http://127.0.0.1:{port}/v1/chat/completions"
             n_seq = args.sequential or args.requests
             direct = direct_caller(model_dir, args.max_tokens)
-            sequential(url, name, 8, args.max_tokens)  # warm-up
-            asyncio.run(concurrent(url, name, args.clients, args.clients, args.max_tokens))
-            seq_s, seq_lat, direct_lat, seq_err = sequential(url, name, n_seq, args.max_tokens, direct)
-            con_s, con_lat, con_err = asyncio.run(concurrent(url, name, args.requests, args.clients, args.max_tokens))
+            sequential(url, name, 8, args.max_tokens, stream=args.stream)  # warm-up
+            asyncio.run(concurrent(url, name, args.clients, args.clients, args.max_tokens, args.stream))
+            seq_s, seq_res, direct_lat, seq_err = sequential(url, name, n_seq, args.max_tokens, direct, args.stream)
+            con_s, con_res, con_err = asyncio.run(concurrent(url, name, args.requests, args.clients, args.max_tokens,
+                                                             args.stream))
         finally:
             proc.terminate()
             proc.wait(10)
 
+    seq_lat, con_lat = [r.latency for r in seq_res], [r.latency for r in con_res]
     seq_rps, con_rps = n_seq / seq_s, args.requests / con_s
     p50_server, p50_direct = statistics.median(seq_lat), statistics.median(direct_lat)
     speedup = con_rps / seq_rps
     overhead = 100.0 * (p50_server - p50_direct) / p50_direct
     errors = seq_err + con_err
     print(f"model {args.model}, max_tokens {args.max_tokens}, max_batch {args.max_batch or args.clients}, "
-          f"batch_wait_ms {args.batch_wait_ms:g}")
-    print(f"{'phase':<28}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}")
-    for label, n, rps, lat in (
-        ("sequential (1 client)", n_seq, seq_rps, seq_lat),
-        (f"concurrent ({args.clients} clients)", args.requests, con_rps, con_lat),
-        ("direct generate (no server)", len(direct_lat), len(direct_lat) / sum(direct_lat), direct_lat),
+          f"batch_wait_ms {args.batch_wait_ms:g}, stream {args.stream}")
+    print(f"{'phase':<28}{'requests':>9}{'req/s':>9}{'p50 ms':>9}{'p95 ms':>9}{'ttft p50':>9}")
+    for label, n, rps, res in (
+        ("sequential (1 client)", n_seq, seq_rps, seq_res),
+        (f"concurrent ({args.clients} clients)", args.requests, con_rps, con_res),
+        ("direct generate (no server)", len(direct_lat), len(direct_lat) / sum(direct_lat),
+         [Result(x, None, 0, True) for x in direct_lat]),
     ):
+        lat = [r.latency for r in res]
         q = statistics.quantiles(lat, n=20)
-        print(f"{label:<28}{n:>9}{rps:>9.1f}{1000 * statistics.median(lat):>9.1f}{1000 * q[18]:>9.1f}")
-    print(f"concurrency_speedup={speedup:.2f} p50_overhead_pct={overhead:.1f} errors={errors}")
+        ttft = [r.ttft for r in res if r.ttft is not None]
+        shown = f"{1000 * p50(ttft):>9.1f}" if ttft else f"{'n/a':>9}"
+        print(f"{label:<28}{n:>9}{rps:>9.1f}{1000 * statistics.median(lat):>9.1f}{1000 * q[18]:>9.1f}{shown}")
+    if args.stream:
+        ttft = [r.ttft for r in con_res if r.ttft is not None]
+        ttft_p50 = p50(ttft)
+        print(f"concurrency_speedup={speedup:.2f} p50_overhead_pct={overhead:.1f} ttft_p50_ms={1000 * ttft_p50:.1f} "
+              f"ttft_ratio={ttft_p50 / statistics.median(con_lat):.3f} errors={errors}")
+    else:
+        print(f"concurrency_speedup={speedup:.2f} p50_overhead_pct={overhead:.1f} errors={errors}")
     return 0 if errors == 0 else 1
 
 

@@ -7,10 +7,11 @@ error body, the response body and the SSE chunks of a streamed answer. No I/O: t
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llamaduo.config import InferConfig, ServeConfig
+from llamaduo.constraint import ConstraintFactory
 from llamaduo.data import Message
 
 MAX_N = 16
@@ -34,10 +35,14 @@ class APIError(Exception):
 class ChatRequest:
     messages: list[Message]
     sampling: InferConfig
-    seed: int
+    seed: int | None  # None: the engine draws a fresh one, so unseeded samples differ
     n: int
     stream: bool
     include_usage: bool
+    constraint: ConstraintFactory | None = None  # one TokenConstraint per generated sequence
+    logprobs: int | None = None  # None = off, 0 = the chosen token's, N = also the top N alternatives
+    adapter: str | None = None  # the LoRA adapter that answers (a served model name); None = the base
+    model: str | None = None  # the `model` the request named
 
     @property
     def group_key(self) -> tuple:
@@ -117,8 +122,9 @@ def parse_chat_request(raw: bytes, cfg: ServeConfig, defaults: InferConfig) -> C
     return ChatRequest(
         messages=messages,
         sampling=sampling,
-        seed=0 if seed is None else seed,
+        seed=seed,
         n=n,
+        model=body.get("model") if isinstance(body.get("model"), str) else None,
         stream=bool(body.get("stream")),
         include_usage=bool(isinstance(opts, dict) and opts.get("include_usage")),
     )
@@ -131,6 +137,8 @@ class Choice:
     finish_reason: str = "stop"
     completion_tokens: int = 0
     prompt_tokens: int = 0
+    logprobs: list[dict] | None = None  # OpenAI's choices[].logprobs.content items, when asked for
+    tokens: list[int] = field(default_factory=list)  # the generated token ids (engine answers)
 
 
 def as_choice(out: Any) -> Choice:
@@ -150,6 +158,10 @@ def _usage(choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def _logprobs(c: Choice) -> dict[str, Any] | None:
+    return None if c.logprobs is None else {"content": c.logprobs, "refusal": None}
+
+
 def completion_body(rid: str, created: int, model: str, choices: list[Choice], fallback: bool) -> dict[str, Any]:
     return {
         "id": rid,
@@ -157,7 +169,8 @@ def completion_body(rid: str, created: int, model: str, choices: list[Choice], f
         "created": created,
         "model": model,
         "choices": [
-            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": _logprobs(c),
+             "finish_reason": c.finish_reason}
             for i, c in enumerate(choices)
         ],
         "usage": _usage(choices),
@@ -165,21 +178,39 @@ def completion_body(rid: str, created: int, model: str, choices: list[Choice], f
     }
 
 
+def sse_chunk(rid: str, created: int, model: str, fallback: bool, choice_list: list[dict[str, Any]],
+              **extra: Any) -> str:
+    """One SSE line of a chat.completion.chunk."""
+    body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": choice_list, "llamaduo_fallback": fallback, **extra}
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def delta(index: int, content: str | None = None, *, role: bool = False, finish_reason: str | None = None,
+          logprobs: list[dict] | None = None) -> dict[str, Any]:
+    """A chunk's choice: the role opening a choice, new content (with its tokens' logprobs) or its finish."""
+    d: dict[str, Any] = {"role": "assistant", "content": ""} if role else {}
+    if content is not None:
+        d["content"] = content
+    out: dict[str, Any] = {"index": index, "delta": d, "finish_reason": finish_reason}
+    if logprobs is not None:
+        out["logprobs"] = {"content": logprobs, "refusal": None}
+    return out
+
+
+def usage_chunk(rid: str, created: int, model: str, choices: list[Choice], fallback: bool) -> str:
+    return sse_chunk(rid, created, model, fallback, [], usage=_usage(choices))
+
+
 def stream_events(
     rid: str, created: int, model: str, choices: list[Choice], fallback: bool, include_usage: bool
 ) -> Iterator[str]:
-    """SSE lines in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`."""
-
-    def chunk(choice_list: list[dict[str, Any]], **extra: Any) -> str:
-        body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": choice_list, "llamaduo_fallback": fallback, **extra}
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
+    """SSE lines of a whole answer in OpenAI's chat.completion.chunk format, ending with `data: [DONE]`."""
     for i, c in enumerate(choices):
-        yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-        if c.text:
-            yield chunk([{"index": i, "delta": {"content": c.text}, "finish_reason": None}])
-        yield chunk([{"index": i, "delta": {}, "finish_reason": c.finish_reason}])
+        yield sse_chunk(rid, created, model, fallback, [delta(i, role=True)])
+        if c.text or c.logprobs:
+            yield sse_chunk(rid, created, model, fallback, [delta(i, c.text, logprobs=c.logprobs)])
+        yield sse_chunk(rid, created, model, fallback, [delta(i, finish_reason=c.finish_reason)])
     if include_usage:
-        yield chunk([], usage=_usage(choices))
+        yield usage_chunk(rid, created, model, choices, fallback)
     yield "data: [DONE]\n\n"

@@ -208,7 +208,10 @@ def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
 
 @app.command()
 def serve(
-    model_or_run_dir: Path,
+    model_or_run_dirs: Annotated[list[Path], typer.Argument(
+        metavar="MODEL_OR_RUN_DIR",
+        help="A deployed model or run directory; or several runs (LoRA adapters) to serve on their shared base, "
+        "each under its run's name.")],
     config: Annotated[Optional[Path], typer.Option("--config", help="llamaduo.yaml (default: the run's).")] = None,  # noqa: UP045
     host: Annotated[Optional[str], typer.Option(help="Bind address (default 127.0.0.1).")] = None,  # noqa: UP045
     port: Annotated[Optional[int], typer.Option(help="Port (default 8000).")] = None,  # noqa: UP045
@@ -216,24 +219,27 @@ def serve(
     shadow: Annotated[Optional[float], typer.Option("--shadow", help="Share of requests shadowed and judged (0-1).")] = None,  # noqa: UP045
     set_: SetOpt = None,
 ) -> None:
-    """Serve a deployed model (or a run directory's) behind an OpenAI-compatible API."""
+    """Serve a deployed model (or a run directory's, or several runs on one base) behind an OpenAI-compatible API."""
     from llamaduo import serve as serve_mod
     from llamaduo.store import RunStore
 
     overrides = list(set_ or []) + (["serve.fallback=true"] if fallback else [])
     overrides += [f"serve.shadow_rate={shadow}"] if shadow is not None else []
+    for path in model_or_run_dirs:
+        if not path.exists():
+            fail(f"{path}: no such model or run directory")
+    first = model_or_run_dirs[0]
     if config is not None:
         cfg = load_or_exit(config, overrides)
-    elif RunStore(model_or_run_dir).config_path.exists():
-        cfg = run_dir_config(model_or_run_dir, overrides)
+    elif RunStore(first).config_path.exists():
+        cfg = run_dir_config(first, overrides)
     else:
         from llamaduo.config import from_dict
 
         cfg = call(from_dict, {}, overrides, source="command line")
-    if not model_or_run_dir.exists():
-        fail(f"{model_or_run_dir}: no such model or run directory")
-    console.print(f"serving {model_or_run_dir} on http://{host or cfg.serve.host}:{cfg.serve.port if port is None else port}/v1")
-    call(serve_mod.serve, model_or_run_dir, cfg, host, port)
+    shown = " ".join(str(p) for p in model_or_run_dirs)
+    console.print(f"serving {shown} on http://{host or cfg.serve.host}:{cfg.serve.port if port is None else port}/v1")
+    call(serve_mod.serve, model_or_run_dirs if len(model_or_run_dirs) > 1 else first, cfg, host, port, overrides)
 
 
 @app.command()

@@ -1,14 +1,17 @@
-"""OpenAI-compatible server for the deployed model: `POST /v1/chat/completions`, `GET /v1/models`,
+"""OpenAI-compatible server for deployed models: `POST /v1/chat/completions`, `GET /v1/models`,
 `GET /health`.
 
-The application keeps its OpenAI client and changes only `base_url`. Concurrent requests
-are batched (`batcher.py`). Streaming answers use OpenAI's chunk format (`chat_api.py`)
-and end with `data: [DONE]`; the text is produced by a batched generate, so it arrives as one
-content chunk after the role chunk.
+The application keeps its OpenAI client and changes only `base_url`. The local model's requests
+share one continuously refilled batch (`scheduler.py`): a request joins at the next decode step
+and its tokens are streamed as they are produced (`stream: true`, OpenAI's chunk format from
+`chat_api.py`, ending with `data: [DONE]`); a client that goes away leaves the batch. Several runs
+fine-tuned from one base are served from one process under their own names, one LoRA adapter
+each on the shared base (`served.py`). A plain generator function (a test double, another
+backend) is batched per sampling group instead (`batcher.py`) and answers whole.
 
 With a fallback client, a request whose local generation raises or exceeds
-`latency_budget_s` is answered by the service LLM instead (`fallback.py`),
-marked with `"llamaduo_fallback": true` in the body and `x-llamaduo-served-by: service`.
+`latency_budget_s` (the first token, when streaming) is answered by the service LLM instead
+(`fallback.py`), marked with `"llamaduo_fallback": true` in the body and `x-llamaduo-served-by: service`.
 
 GPU route: the merged directory written by `llamaduo deploy` is a plain Hugging Face model
 with its chat template, so vLLM's own OpenAI-compatible server serves it as is:
@@ -18,34 +21,42 @@ with its chat template, so vLLM's own OpenAI-compatible server serves it as is:
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import os
-import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llamaduo.background import BackgroundServer, bind_port
 from llamaduo.batcher import Batcher, Generator, local_generator
 from llamaduo.chat_api import (
     APIError,
     ChatRequest,
     Choice,
-    as_choice,
     completion_body,
+    delta,
     parse_chat_request,
+    sse_chunk,
     stream_events,
+    usage_chunk,
 )
-from llamaduo.config import Config, InferConfig, ModelConfig, ServeConfig
+from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
 from llamaduo.fallback import from_service as fallback_answer
+from llamaduo.scheduler import Scheduler, Stream, StreamClosed
+from llamaduo.served import ServedModel, load_served, resolve_model_dir
 
 if TYPE_CHECKING:
     from llamaduo.drift import DriftMonitor
     from llamaduo.metrics import ServeMetrics
     from llamaduo.service import Client
     from llamaduo.shadow import ShadowSender
+
+__all__ = ["BackgroundServer", "ServedModel", "bind_port", "build_app", "create_app", "resolve_model_dir", "serve",
+           "start_background"]
 
 log = logging.getLogger("llamaduo.serve")
 
@@ -60,8 +71,24 @@ def _bearer_key(cfg: ServeConfig) -> str | None:
     return key
 
 
+def _requested_model(raw: bytes) -> str | None:
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        name = json.loads(raw).get("model")
+        return name if isinstance(name, str) else None
+    return None
+
+
+async def _watch_disconnect(receive: Callable[[], Any], stream: Stream) -> None:
+    """Cancel `stream` (its rows leave the batch) once the client has gone away."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            stream.cancel()
+            return
+
+
 def create_app(
-    generator: Generator,
+    generator: "Generator | Scheduler",
     cfg: ServeConfig,
     model_name: str,
     fallback_client: "Client | None" = None,
@@ -69,49 +96,59 @@ def create_app(
     *,
     defaults: InferConfig | None = None,
     fallback_model: str | None = None,
+    models: Sequence[ServedModel] | None = None,
     shadow: "ShadowSender | None" = None,
     drift: "DriftMonitor | None" = None,
     metrics: "ServeMetrics | None" = None,
 ):
     """The FastAPI app. `defaults` fills sampling fields a request leaves out (the run's infer config).
 
-    `fallback_client` is a `service.ServiceClient` (anything with an async `chat_text`); it is
-    used only when `cfg.fallback` is true. `shadow` (a started-by-lifespan `ShadowSender`) is offered
-    every locally answered request; while `drift` says drifted and fallback is on, the service answers
-    (a sampled share still runs locally, off the request path, for the judge). `metrics` backs `GET /metrics`.
+    `generator` is the local model's `Scheduler`, or a plain `Generator` function (batched per
+    sampling group). `fallback_client` is a `service.ServiceClient` (anything with an async
+    `chat_text`); it is used only when `cfg.fallback` is true. `models` lists every served name with
+    its own adapter, settings and fallback (default: `model_name` alone with `cfg` and `defaults`);
+    a request naming none of several served models is a 404. `shadow` (started by the lifespan) is
+    offered every locally answered request; while `drift` says drifted and fallback is on, the service
+    answers (a sampled share still runs locally, off the request path, for the judge). `metrics`
+    backs `GET /metrics`.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
+    served = list(models or [ServedModel(model_name, None, cfg, defaults, fallback_client, fallback_model)])
+    keys = {m.name: _bearer_key(m.serve or cfg) for m in served}
+    by_name = {m.name: m for m in served}
+    max_body = max((m.serve or cfg).max_body_bytes for m in served)
+    engine = generator if isinstance(generator, Scheduler) else Batcher(generator, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
     from llamaduo.metrics import MetricsMiddleware, ServeMetrics
 
-    defaults = defaults or InferConfig()
-    key = _bearer_key(cfg)
-    fallback = fallback_client if cfg.fallback else None
-    if fallback is not None:
-        fallback_model = fallback_model or getattr(getattr(fallback, "cfg", None), "model", None) or "service"
-    batcher = Batcher(generator, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
     metrics = metrics or ServeMetrics()
-    metrics.watch(batcher, shadow, drift)
+    metrics.watch(engine, shadow, drift)
     if shadow is not None:
         shadow.busy = metrics.busy  # shadow work waits while requests are being answered
 
+    def fallback_of(m: ServedModel) -> "tuple[Client | None, str]":
+        client = m.fallback_client if (m.serve or cfg).fallback else None
+        name = m.fallback_model or getattr(getattr(client, "cfg", None), "model", None) or "service"
+        return client, name
+
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        engine.start()
         if shadow is not None:
             shadow.start()
         try:
             yield
         finally:
-            await batcher.stop()
+            await engine.stop()
             if shadow is not None:
                 await asyncio.to_thread(shadow.stop)
 
     app = FastAPI(title="llamaduo", lifespan=lifespan)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, model=model_name, service_model=fallback_model or "service")
-    app.state.batcher = batcher
+    app.add_middleware(MetricsMiddleware, metrics=metrics, model=served[0].name,
+                       service_model=fallback_of(served[0])[1])
+    app.state.batcher = engine
     app.state.fallbacks = 0
 
     def error(e: APIError) -> JSONResponse:
@@ -121,77 +158,135 @@ def create_app(
     async def http_error(request, exc):
         return error(APIError(exc.status_code, str(exc.detail), None, None))
 
-    def check_auth(request: Request) -> None:
+    def authorized(request: Request, name: str) -> bool:
+        key = keys[name]
         if key is None:
-            return
+            return True
         got = request.headers.get("authorization", "")
         token = got[7:] if got.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
+        return hmac.compare_digest(token.encode(), key.encode())
+
+    def check_auth(request: Request, name: str) -> None:
+        if not authorized(request, name):
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", None, "invalid_api_key")
 
     async def read_body(request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > cfg.max_body_bytes:
-            raise APIError(413, f"request body over {cfg.max_body_bytes} bytes", None, "request_too_large")
+        if declared and declared.isdigit() and int(declared) > max_body:
+            raise APIError(413, f"request body over {max_body} bytes", None, "request_too_large")
         buf = bytearray()
         async for part in request.stream():
             buf += part
-            if len(buf) > cfg.max_body_bytes:
-                raise APIError(413, f"request body over {cfg.max_body_bytes} bytes", None, "request_too_large")
+            if len(buf) > max_body:
+                raise APIError(413, f"request body over {max_body} bytes", None, "request_too_large")
         return bytes(buf)
 
-    async def from_service(req: ChatRequest, reason: str) -> list[Choice]:
+    def pick_model(name: str | None) -> ServedModel:
+        if name in by_name:
+            return by_name[name]
+        if len(served) == 1:
+            return served[0]  # one model answers whatever name the application was written for
+        raise APIError(404, f"The model {name!r} does not exist; served: {', '.join(by_name)}", "model",
+                       "model_not_found")
+
+    async def from_service(m: ServedModel, req: ChatRequest, reason: str) -> list[Choice]:
+        client, name = fallback_of(m)
         app.state.fallbacks += 1
         metrics.fallback(reason)
-        return await fallback_answer(fallback, fallback_model, req, reason)
+        return await fallback_answer(client, name, req, reason)
 
-    async def answer(req: ChatRequest) -> tuple[list[Choice], bool]:
-        if fallback is not None and drift is not None and drift.drifted:
-            choices = await from_service(req, f"drift: {drift.state.reason}")
+    async def start(m: ServedModel, req: ChatRequest, request: Request) -> tuple[Stream | None, Any, bool]:
+        """(stream, its first events | the whole answer, served by fallback). Errors before the first
+        token (or the whole answer, when not streaming) go to the fallback or become a 500."""
+        client, _ = fallback_of(m)
+        if client is not None and drift is not None and drift.drifted:
+            choices = await from_service(m, req, f"drift: {drift.state.reason}")
             if shadow is not None and shadow.sample():  # the judge keeps watching the local model
-                shadow.probe(batcher.submit(req).future, req, choices[0].text, model_name)
-            return choices, True
-        job = batcher.submit(req)
-        budget = cfg.latency_budget_s if fallback is not None else None
+                local = asyncio.ensure_future(engine.submit(req).result())
+                shadow.probe(local, req, choices[0].text, m.name)
+            return None, choices, True
+        budget = (m.serve or cfg).latency_budget_s if client is not None else None
+        stream = engine.submit(req)
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request.receive, stream))
         try:
-            if budget is None:
-                outs = await job.future
-            else:
-                outs = await asyncio.wait_for(asyncio.shield(job.future), budget)
-            return [as_choice(o) for o in outs], False
+            got = await asyncio.wait_for(stream.next() if req.stream else stream.result(), budget)
+            return stream, got, False
         except (asyncio.TimeoutError, TimeoutError):
-            job.abandoned = True  # a batch not yet started skips it; a running one's answer is dropped
-            return await from_service(req, f"local generation over the {budget:g}s latency budget"), True
+            stream.cancel()  # a request not yet started is skipped; a running one leaves the batch
+            return None, await from_service(m, req, f"local generation over the {budget:g}s latency budget"), True
         except asyncio.CancelledError:
-            job.abandoned = True
+            stream.cancel()
             raise
+        except StreamClosed:
+            raise APIError(499, "the client closed the request", None, "client_closed") from None
         except Exception as e:
-            if fallback is None:
+            if client is None:
                 log.exception("local generation failed")
                 raise APIError(500, f"local generation failed: {type(e).__name__}: {e}", None, "generation_failed",
                                "server_error") from None
-            return await from_service(req, f"local generation failed: {type(e).__name__}: {e}"), True
+            return None, await from_service(m, req, f"local generation failed: {type(e).__name__}: {e}"), True
+        finally:
+            if not req.stream or stream.cancelled:
+                watcher.cancel()
+            else:
+                stream.watcher = watcher
+
+    async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any) -> AsyncIterator[str]:
+        """The chunks of a streamed local answer, each sent as soon as its tokens are decoded."""
+        req = stream.request
+        try:
+            for i in range(req.n):
+                yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
+            events = first
+            while events is not None:
+                for e in events:
+                    if e.text or e.logprobs:
+                        yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
+                    if e.finish_reason is not None:
+                        yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=e.finish_reason)])
+                events = await stream.next()
+            if req.include_usage:
+                yield usage_chunk(rid, created, name, stream.choices, False)
+            yield "data: [DONE]\n\n"
+        except Exception as e:  # too late for a status code: the stream ends with an error event
+            log.exception("local generation failed while streaming")
+            body = APIError(500, f"local generation failed: {type(e).__name__}: {e}", None, "generation_failed",
+                            "server_error").body()
+            yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            stream.cancel()
+            if stream.watcher is not None:
+                stream.watcher.cancel()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
-            check_auth(request)
-            req = parse_chat_request(await read_body(request), cfg, defaults)
+            raw = await read_body(request)
+            m = pick_model(_requested_model(raw))
+            check_auth(request, m.name)
+            req = parse_chat_request(raw, m.serve or cfg, m.defaults or defaults or InferConfig())
+            req.adapter = m.adapter
             t0 = time.perf_counter()
-            choices, used_fallback = await answer(req)
+            stream, got, used_fallback = await start(m, req, request)
         except APIError as e:
             return error(e)
-        metrics.answered(fallback_model if used_fallback else model_name, choices, time.perf_counter() - t0)
-        if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
-            shadow.offer(req, choices[0].text, model=model_name, latency_ms=(time.perf_counter() - t0) * 1000)
+        if used_fallback or not req.stream:
+            answered = got if used_fallback else stream.choices
+            metrics.answered(fallback_of(m)[1] if used_fallback else m.name, answered, time.perf_counter() - t0)
+            if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
+                shadow.offer(req, answered[0].text, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(clock())
-        name = fallback_model if used_fallback else model_name
+        name = fallback_of(m)[1] if used_fallback else m.name
         headers = {"x-llamaduo-served-by": "service" if used_fallback else "local"}
-        if req.stream:
-            events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-        return JSONResponse(completion_body(rid, created, name, choices, used_fallback), headers=headers)
+        if used_fallback or not req.stream:
+            choices = got if used_fallback else stream.choices
+            if req.stream:
+                events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)
+                return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+            return JSONResponse(completion_body(rid, created, name, choices, used_fallback), headers=headers)
+        return StreamingResponse(tokens_as_sse(rid, created, name, stream, got), media_type="text/event-stream",
+                                 headers=headers)
 
     @app.get("/metrics")
     async def prometheus_metrics():
@@ -202,22 +297,23 @@ def create_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        try:
-            check_auth(request)
-        except APIError as e:
-            return error(e)
-        card = {"id": model_name, "object": "model", "created": int(clock()), "owned_by": "llamaduo"}
-        return {"object": "list", "data": [card]}
+    async def list_models(request: Request):
+        visible = [m for m in served if authorized(request, m.name)]
+        if not visible:
+            return error(APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", None,
+                                  "invalid_api_key"))
+        cards = [{"id": m.name, "object": "model", "created": int(clock()), "owned_by": "llamaduo"} for m in visible]
+        return {"object": "list", "data": cards}
 
     @app.get("/health")
     async def health():
         return {
             "status": "ok",
-            "model": model_name,
-            "queued": batcher.queue.qsize(),
-            "batches": batcher.stats.batches,
-            "fallback": fallback is not None,
+            "model": served[0].name,
+            "models": [m.name for m in served],
+            "queued": engine.queued,
+            "batches": engine.stats.batches,
+            "fallback": any(fallback_of(m)[0] is not None for m in served),
             "fallbacks": app.state.fallbacks,
         }
 
@@ -225,134 +321,59 @@ def create_app(
 
 
 # ------------------------------------------------------------------ local model
-def resolve_model_dir(model_or_run_dir: Path) -> tuple[Path, str]:
-    """(model directory, served model name) for a run directory or a merged model directory."""
-    from llamaduo.store import RunStore
+def local_engine(model: Any, tokenizer: Any, max_batch: int) -> "Scheduler | Generator":
+    """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`."""
+    from llamaduo.decode import SharedPrefixUnsupported
 
-    path = Path(model_or_run_dir)
-    store = RunStore(path)
-    if store.exists():
-        merged = store.merged_dir
-        if not (merged / "config.json").exists():
-            raise UserError(f"{path}: no deployed model in {merged}; run `llamaduo deploy` first")
-        return merged, path.resolve().name
-    if not (path / "config.json").exists():
-        raise UserError(f"{path}: neither a run directory nor a model directory (no config.json)")
-    resolved = path.resolve()
-    # runs/<name>/deploy/merged is served under the run's name.
-    if resolved.name == "merged" and resolved.parent.name == "deploy":
-        return path, resolved.parent.parent.name
-    return path, resolved.name
+    scheduler = Scheduler(model, tokenizer, max_batch)
+    try:
+        scheduler.batch.probe()
+    except SharedPrefixUnsupported as e:
+        log.warning("%s: serving with batched `generate`, whole answers (%s)", type(model).__name__, e)
+        return local_generator(model, tokenizer)
+    return scheduler
 
 
-def build_app(model_or_run_dir: Path, cfg: Config):
-    """Load the deployed model and build its app (with the fallback client when configured)."""
-    from llamaduo import models
+def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides: list[str] | None = None):
+    """Load what `model_or_run_dirs` deploy (one model, or several runs' adapters on their shared
+    base) and build the app; returns (app, the first served name)."""
+    one = isinstance(model_or_run_dirs, (str, Path))
+    paths = [Path(model_or_run_dirs)] if one else [Path(p) for p in model_or_run_dirs]
+    model, tokenizer, served = load_served(paths, cfg, overrides)
+    from llamaduo.infer import serving_threads
 
-    model_dir, name = resolve_model_dir(model_or_run_dir)
-    from llamaduo.infer import for_generation
-
-    model, tokenizer = models.load_model(ModelConfig(base=str(model_dir), dtype=cfg.model.dtype))
-    model = for_generation(model, cfg.infer)  # served in the precision the rounds were judged in
-    fallback = None
-    if cfg.serve.fallback:
-        from llamaduo.service import ServiceClient
-        from llamaduo.store import RunStore
-
-        store = RunStore(model_or_run_dir)
-        fallback = ServiceClient(cfg.service, db_path=store.service_db if store.exists() else None)
+    serving_threads(model)
+    engine = local_engine(model, tokenizer, cfg.serve.max_batch)
     shadow = drift = None
     if cfg.serve.shadow_rate > 0:
         from llamaduo.shadow import for_run
 
-        shadow, drift = for_run(cfg, model_or_run_dir)
-    app = create_app(local_generator(model, tokenizer), cfg.serve, name, fallback, defaults=cfg.infer,
-                     fallback_model=cfg.service.model, shadow=shadow, drift=drift)
-    return app, name
-
-
-class BackgroundServer:
-    """uvicorn in a daemon thread; `start()` returns once the socket is bound."""
-
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, model_name: str = "", sock: Any = None):
-        import uvicorn
-
-        self.model_name = model_name
-        self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
-        # A socket bound by the caller (see `bind_port`) leaves no gap for another process to take the port.
-        sockets = [sock] if sock is not None else None
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, name="llamaduo-serve", daemon=True)
-
-    def start(self, timeout_s: float = 30.0) -> "BackgroundServer":
-        self.thread.start()
-        t0 = time.monotonic()
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() - t0 > timeout_s:
-                raise RuntimeError(f"server on {self.host} did not start")
-            time.sleep(0.01)
-        return self
-
-    @property
-    def port(self) -> int:
-        return self.server.servers[0].sockets[0].getsockname()[1]
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    def wait(self) -> None:
-        """Block until the server stops. Joining in short slices keeps Ctrl-C (SIGINT, delivered to the
-        main thread) arriving here as KeyboardInterrupt; uvicorn installs no handlers off the main thread."""
-        while self.thread.is_alive():
-            self.thread.join(timeout=0.25)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-    def __enter__(self) -> "BackgroundServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def bind_port(host: str, preferred: int, span: int = 50) -> tuple[Any, int]:
-    """Bind the first free port from `preferred` on (a stable address for copy-paste snippets).
-
-    Returns the bound socket (hand it to `BackgroundServer`) and its port."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for port in range(preferred, preferred + span):
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            sock.close()
-            continue
-        return sock, port
-    raise UserError(f"no free port on {host} in {preferred}-{preferred + span - 1}; pass --port")
+        shadow, drift = for_run(cfg, paths[0])
+    app = create_app(engine, cfg.serve, served[0].name, defaults=cfg.infer, models=served, shadow=shadow, drift=drift)
+    return app, served[0].name
 
 
 def start_background(
-    model_or_run_dir: Path, cfg: Config, host: str | None = None, port: int = 0, sock: Any = None
+    model_or_run_dir: "Path | Sequence[Path]", cfg: Config, host: str | None = None, port: int = 0, sock: Any = None
 ) -> "BackgroundServer":
-    """Serve a deployed model from a background thread (for the demo and tests)."""
+    """Serve deployed models from a background thread (for the demo and tests)."""
     app, name = build_app(model_or_run_dir, cfg)
     return BackgroundServer(app, host or cfg.serve.host, port, model_name=name, sock=sock).start()
 
 
-def serve(model_or_run_dir: Path, cfg: Config, host: str | None = None, port: int | None = None) -> None:
-    """Serve a deployed model (or a run directory's deployed model) until interrupted."""
+def serve(
+    model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, host: str | None = None, port: int | None = None,
+    overrides: list[str] | None = None,
+) -> None:
+    """Serve a deployed model, or several runs on their shared base, until interrupted.
+
+    `cfg` is the first run's config; every further run answers with its own (plus `overrides`)."""
     import uvicorn
 
     host = host or cfg.serve.host
     port = cfg.serve.port if port is None else port
     if host not in ("127.0.0.1", "localhost", "::1") and cfg.serve.api_key_env is None:
         log.warning("serving on %s without an API key (set serve.api_key_env)", host)
-    app, name = build_app(model_or_run_dir, cfg)
+    app, name = build_app(model_or_run_dirs, cfg, overrides)
     log.info("serving %s on http://%s:%s/v1", name, host, port)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -1,0 +1,109 @@
+"""`serve_load.py --against llamacpp`: `llamaduo serve` vs llama.cpp's OpenAI-compatible server.
+
+    python benchmarks/serve_load.py --model gemma-270m --clients 8 --requests 32 --stream --against llamacpp
+
+Both serve the packaged Gemma 3 270M (llama.cpp the Q4_K_M GGUF itself, llamaduo its dequantised
+weights), one server at a time on the same 127.0.0.1, with the same prompts, greedy, streamed:
+  1. one client, a few requests one after another (single-stream tok/s, first-token time),
+  2. `--clients` concurrent clients, `--requests` requests (aggregate tok/s, first-token p50).
+Tokens are counted as streamed content chunks. The last line is exactly:
+
+    aggregate_ratio=<ours ÷ llama.cpp's best aggregate tok/s> single_ratio=<ours ÷ llama.cpp, one client>
+    ttft_p50_ms=<ours, N clients> errors=<n>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from serve_load import concurrent, p50, sequential, start_server
+
+SINGLE = 4  # one-client requests per server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_llamacpp(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+           "--n_threads", str(threads), "--n_ctx", "2048"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 300:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}/v1/chat/completions"
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise SystemExit("llama.cpp server exited at start")
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("llama.cpp server did not start")
+
+
+def measure(url: str, name: str, args) -> dict:
+    sequential(url, name, 1, args.max_tokens, stream=True)  # warm-up
+    seq_s, seq_res, _, seq_err = sequential(url, name, SINGLE, args.max_tokens, stream=True)
+    con_s, con_res, con_err = asyncio.run(concurrent(url, name, args.requests, args.clients, args.max_tokens, True))
+    got = [r for r in con_res if r.ttft is not None]
+    return {
+        "single_tps": sum(r.tokens for r in seq_res) / seq_s,
+        "single_ttft": p50([r.ttft for r in seq_res if r.ttft is not None]),
+        "agg_tps": sum(r.tokens for r in con_res) / con_s,
+        "ttft": p50([r.ttft for r in got]),
+        "with_tokens": len(got), "errors": seq_err + con_err,
+    }
+
+
+def run_against_llamacpp(args) -> int:
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        raise SystemExit('--against llamacpp needs llama-cpp-python: pip install "llama-cpp-python[server]"') from None
+    from llamaduo import models
+    from llamaduo.config import ModelConfig
+    from llamaduo.demo.run import cache_dir, prepare_student
+
+    if args.model != "gemma-270m":
+        raise SystemExit("--against llamacpp runs on the packaged GGUF: use --model gemma-270m")
+    student = prepare_student(False, cache_dir())
+    gguf = Path(student["base"])
+    hf_dir = Path(models.resolve_base(ModelConfig(**student)))  # the dequantised copy, cached
+    threads = os.cpu_count() or 2
+    proc, url, name = start_server([str(hf_dir)], args.max_batch or args.clients, args.batch_wait_ms, args.max_tokens)
+    try:
+        ours = measure(url, name, args)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    proc, url = start_llamacpp(gguf, threads)
+    try:
+        theirs = measure(url, "gemma", args)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(f"Gemma 3 270M, {args.requests} requests from {args.clients} clients (+{SINGLE} from one), "
+          f"max_tokens {args.max_tokens}, greedy, streamed; llama.cpp n_threads={threads}")
+    print(f"{'server':<12}{'1-client tok/s':>16}{'1-client ttft ms':>18}{'aggregate tok/s':>17}{'ttft p50 ms':>13}"
+          f"{'got tokens':>12}")
+    for label, m in (("llamaduo", ours), ("llama.cpp", theirs)):
+        print(f"{label:<12}{m['single_tps']:>16.1f}{1000 * m['single_ttft']:>18.0f}{m['agg_tps']:>17.1f}"
+              f"{1000 * m['ttft']:>13.0f}{m['with_tokens']:>9}/{args.requests}")
+    best = max(theirs["agg_tps"], theirs["single_tps"])
+    errors = ours["errors"]  # llama.cpp's requests that got no tokens show in its row
+    print(f"aggregate_ratio={ours['agg_tps'] / best:.2f} single_ratio={ours['single_tps'] / theirs['single_tps']:.2f} "
+          f"ttft_p50_ms={1000 * ours['ttft']:.0f} errors={errors}")
+    return 0 if errors == 0 else 1

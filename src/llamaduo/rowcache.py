@@ -1,0 +1,166 @@
+"""The key/value cache of the server's continuous batch, and the attention that reads it.
+
+Each live row (one generated sequence) holds its prompt and generated tokens' keys and values
+in one tensor per layer, [rows, kv heads, capacity, head dim]; rows have different lengths
+(they joined the batch at different steps), so a row's valid columns are `0 .. lengths[row]`.
+A decode step feeds one new token per row: the attention writes its key and value at column
+`lengths[row]` and attends over that row's columns only (a sliding-window layer over its window).
+Rows join (their prefill's cache is copied in) and leave (the rest are compacted) between steps.
+
+The model runs without a transformers cache for these steps; this attention is handed the
+`RowCache` through the forward kwargs, as `decode.shared_prefix_attention` is handed its prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ATTENTION = "llamaduo_rows"
+
+
+class RowCache:
+    """Keys and values of every live row; rows are compact (0..rows-1), in the engine's row order."""
+
+    def __init__(self) -> None:
+        self.keys: list[Any] = []  # per layer [rows, kv heads, capacity, dim]
+        self.values: list[Any] = []
+        self.lengths: Any = None  # [rows]: tokens already in the cache = the position of the next token
+        self._bias: dict = {}
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.lengths is None else int(self.lengths.shape[0])
+
+    def add(self, keys: list[Any], values: list[Any], copies: int = 1) -> None:
+        """Append `copies` rows holding one prefill's cache (per layer [1, kv heads, length, dim])."""
+        import torch
+
+        length = keys[0].shape[2]
+        if not self.keys:
+            self.keys = [k.new_zeros((0, k.shape[1], length, k.shape[3])) for k in keys]
+            self.values = [v.new_zeros((0, v.shape[1], length, v.shape[3])) for v in values]
+            self.lengths = torch.zeros(0, dtype=torch.long, device=keys[0].device)
+        self.reserve(length)
+        cap = self.keys[0].shape[2]
+        for i, (k, v) in enumerate(zip(keys, values, strict=True)):
+            kk = k.new_zeros((copies, k.shape[1], cap, k.shape[3]))
+            vv = v.new_zeros((copies, v.shape[1], cap, v.shape[3]))
+            kk[:, :, :length] = k[0]
+            vv[:, :, :length] = v[0]
+            self.keys[i] = torch.cat([self.keys[i], kk])
+            self.values[i] = torch.cat([self.values[i], vv])
+        add = torch.full((copies,), length, dtype=torch.long, device=self.lengths.device)
+        self.lengths = torch.cat([self.lengths, add])
+
+    def keep(self, index: list[int]) -> None:
+        """Keep only the rows at `index` (in that order)."""
+        import torch
+
+        idx = torch.tensor(index, dtype=torch.long, device=self.lengths.device)
+        self.keys = [k.index_select(0, idx) for k in self.keys]
+        self.values = [v.index_select(0, idx) for v in self.values]
+        self.lengths = self.lengths.index_select(0, idx)
+        if not index:
+            self.keys, self.values, self.lengths = [], [], None
+
+    def reserve(self, columns: int) -> None:
+        """Room for `columns` tokens per row; grows in steps of 64 so most steps copy nothing."""
+        import torch
+
+        cap = self.keys[0].shape[2] if self.keys else 0
+        if columns <= cap:
+            return
+        grow = max(columns - cap, 64)
+        self.keys = [torch.cat([k, k.new_zeros((*k.shape[:2], grow, k.shape[3]))], dim=2) for k in self.keys]
+        self.values = [torch.cat([v, v.new_zeros((*v.shape[:2], grow, v.shape[3]))], dim=2) for v in self.values]
+
+    def begin_step(self) -> None:
+        """Before a decode step: room for one more token per row, masks rebuilt for the new lengths."""
+        self.reserve(int(self.lengths.max()) + 1)
+        self._bias.clear()
+
+    def end_step(self) -> None:
+        self.lengths = self.lengths + 1
+
+    def bias(self, columns: int, window: int | None, dtype: Any) -> Any:
+        """Additive mask [rows, 1, 1, columns]: a row sees its own columns up to the new token."""
+        import torch
+
+        key = (columns, window, dtype)
+        if key not in self._bias:
+            cols = torch.arange(columns, device=self.lengths.device)[None, :]
+            visible = cols <= self.lengths[:, None]
+            if window is not None:
+                visible &= cols > (self.lengths - window)[:, None]
+            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+            self._bias[key] = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+        return self._bias[key]
+
+
+def row_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    row_cache: RowCache | None = None,
+    **kwargs: Any,
+) -> tuple[Any, None]:
+    """One new token per row: `query`/`key`/`value` [rows, heads, 1, dim] against the row's cache."""
+    import torch
+
+    from llamaduo.decode import SharedPrefixUnsupported
+
+    if row_cache is None or query.shape[2] != 1:
+        raise SharedPrefixUnsupported("the row-cache attention only runs decode steps")
+    for name in ("s_aux", "position_bias", "sinks"):
+        if kwargs.get(name) is not None:
+            raise SharedPrefixUnsupported(f"attention with {name} is not supported")
+    st = row_cache
+    layer = module.layer_idx
+    rows, heads, _, dim = query.shape
+    kv_heads = key.shape[1]
+    groups = heads // kv_heads
+    ar = torch.arange(rows, device=query.device)
+    st.keys[layer][ar, :, st.lengths] = key[:, :, 0].to(st.keys[layer].dtype)
+    st.values[layer][ar, :, st.lengths] = value[:, :, 0].to(st.values[layer].dtype)
+    columns = int(st.lengths.max()) + 1
+    k = st.keys[layer][:, :, :columns]
+    v = st.values[layer][:, :, :columns]
+    scale = scaling if scaling is not None else dim**-0.5
+    q = query.reshape(rows, kv_heads, groups, dim)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [rows, kv, groups, columns]
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + st.bias(columns, sliding_window, scores.dtype)
+    probs = scores.softmax(dim=-1).to(query.dtype)
+    out = torch.matmul(probs, v)  # [rows, kv, groups, dim]
+    return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTENTION, row_attention)
+
+
+def prefill(model: Any, ids: list[int], **forward: Any) -> tuple[list[Any], list[Any], Any]:
+    """Run one prompt through the model (its own attention): (keys, values per layer, last logits [vocab])."""
+    import torch
+    from transformers import DynamicCache
+
+    from llamaduo.decode import SharedPrefixUnsupported
+
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    out = model(input_ids=input_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1, **forward)
+    layers = getattr(out.cache, "layers", None) or []
+    if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+        raise SharedPrefixUnsupported("the prefill did not leave a key/value cache per layer")
+    if any(layer.keys.shape[2] != len(ids) for layer in layers):
+        raise SharedPrefixUnsupported("the prefill's cache does not hold every prompt token (a sliding cache)")
+    return [layer.keys for layer in layers], [layer.values for layer in layers], out.logits[0, -1]

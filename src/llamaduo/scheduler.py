@@ -1,0 +1,183 @@
+"""Continuous batching for `llamaduo serve`: one generation thread, a token stream per request.
+
+Requests go into an inbox; the generation thread admits waiting requests between decode steps
+(their prefill interleaved with the others' decoding, `rowbatch.RowBatch.add`), runs one step
+for every live row, and hands each step's new text to the event loop in one
+`loop.call_soon_threadsafe`, where each request's `Stream` queues it for its route. A request
+leaves the batch when its rows finish, or at the next step after its `Stream` is cancelled (its
+client went away). Rows of different requests share every step whatever their sampling settings,
+constraints or adapters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from llamaduo.chat_api import ChatRequest, Choice
+from llamaduo.rowbatch import Event, RowBatch
+
+log = logging.getLogger("llamaduo.scheduler")
+
+PREFILL_TOKENS = 1024  # prompt tokens prefilled between two decode steps (at least one request)
+
+
+class StreamClosed(Exception):
+    """The request was cancelled (its client went away, or the fallback took over)."""
+
+
+class Stream:
+    """One request's answer as it is produced; lives on the event loop."""
+
+    def __init__(self, request: ChatRequest):
+        self.request = request
+        self.queue: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
+        self.cancelled = False
+        self.watcher: asyncio.Task | None = None  # the route's disconnect watch, while it streams
+        self.open = request.n
+        want = getattr(request, "logprobs", None) is not None
+        self.choices = [Choice(text="", logprobs=[] if want else None) for _ in range(request.n)]
+
+    def put(self, events: list[Event] | BaseException) -> None:
+        self.queue.put_nowait(events)
+
+    async def next(self) -> list[Event] | None:
+        """The next events of this request; None once every choice has finished. Raises a generation error."""
+        if self.open == 0:
+            return None
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        for e in item:
+            c = self.choices[e.index]
+            c.text += e.text
+            c.completion_tokens, c.prompt_tokens = e.completion_tokens, e.prompt_tokens
+            c.tokens += e.tokens
+            if e.logprobs and c.logprobs is not None:
+                c.logprobs += e.logprobs
+            if e.finish_reason is not None:
+                c.finish_reason = e.finish_reason
+                self.open -= 1
+        return item
+
+    async def result(self) -> list[Choice]:
+        while await self.next() is not None:
+            pass
+        return self.choices
+
+    def cancel(self) -> None:
+        """Leave the batch at the next step; whoever still waits on this stream gets `StreamClosed`."""
+        if not self.cancelled:
+            self.cancelled = True
+            self.queue.put_nowait(StreamClosed())
+
+
+@dataclass
+class EngineStats:
+    batches: int = 0  # decode steps run
+    requests: int = 0
+    largest: int = 0  # most rows in one step
+
+
+class Scheduler:
+    """Generates every request's tokens in one continuously refilled batch (one thread owns the model)."""
+
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int):
+        self.batch = RowBatch(model, tokenizer)
+        self.max_batch = max_batch
+        self.stats = EngineStats()
+        self._inbox: queue.Queue[Stream | None] = queue.Queue()
+        self._waiting: collections.deque[Stream] = collections.deque()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    @property
+    def queued(self) -> int:
+        return self._inbox.qsize() + len(self._waiting)
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="llamaduo-generate", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._closing = True
+        self._inbox.put(None)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10)
+
+    def submit(self, request: ChatRequest) -> Stream:
+        stream = Stream(request)
+        self._inbox.put(stream)
+        return stream
+
+    # ------------------------------------------------------------- generation thread
+    def _deliver(self, groups: dict[Stream, list[Event]] | list[tuple[Stream, BaseException]]) -> None:
+        items = list(groups.items()) if isinstance(groups, dict) else groups
+
+        def put_all() -> None:
+            for stream, payload in items:
+                stream.put(payload)
+
+        if items and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
+                self._loop.call_soon_threadsafe(put_all)
+
+    def _pull(self) -> None:
+        """Move new requests from the inbox to the waiting line; block while there is nothing to do."""
+        block = not len(self.batch) and not self._waiting
+        while True:
+            try:
+                item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return
+            block = False
+            if item is not None:
+                self._waiting.append(item)
+
+    def _admit(self, groups: dict[Stream, list[Event]]) -> None:
+        budget = PREFILL_TOKENS
+        while self._waiting and budget > 0:
+            stream = self._waiting[0]
+            if stream.cancelled:
+                self._waiting.popleft()
+                continue
+            if len(self.batch) and len(self.batch) + stream.request.n > self.max_batch:
+                return
+            self._waiting.popleft()
+            self.stats.requests += 1
+            try:
+                events = self.batch.add(stream, stream.request)
+            except Exception as e:  # this request fails (fallback or 500); the others go on
+                log.exception("prefill failed")
+                self.batch.drop(stream)
+                self._deliver([(stream, e)])
+                continue
+            budget -= sum(len(m.content) for m in stream.request.messages) // 4 + 1
+            for e in events:
+                groups.setdefault(e.key, []).append(e)
+
+    def _run(self) -> None:
+        while not self._closing:
+            self._pull()
+            for stream in {id(r.key): r.key for r in self.batch.rows if r.key.cancelled}.values():
+                self.batch.drop(stream)
+            groups: dict[Stream, list[Event]] = {}
+            self._admit(groups)
+            if len(self.batch):
+                self.stats.batches += 1
+                self.stats.largest = max(self.stats.largest, len(self.batch))
+                try:
+                    for e in self.batch.step():
+                        groups.setdefault(e.key, []).append(e)
+                except Exception as e:
+                    log.exception("decode step failed")
+                    self._deliver([(s, e) for s in self.batch.clear()])
+            self._deliver(groups)
