@@ -35,11 +35,14 @@ from llamaduo.chat_api import (
     as_choice,
     completion_body,
     parse_chat_request,
+    read_tool_calls,
     stream_events,
 )
 from llamaduo.config import Config, InferConfig, ModelConfig, ServeConfig
 from llamaduo.errors import UserError
 from llamaduo.fallback import from_service as fallback_answer
+from llamaduo.grammar import Grammars
+from llamaduo.tools import render_conversation, renders_tools
 
 if TYPE_CHECKING:
     from llamaduo.service import Client
@@ -66,11 +69,13 @@ def create_app(
     *,
     defaults: InferConfig | None = None,
     fallback_model: str | None = None,
+    tokenizer: Any = None,
 ):
     """The FastAPI app. `defaults` fills sampling fields a request leaves out (the run's infer config).
 
     `fallback_client` is a `service.ServiceClient` (anything with an async `chat_text`); it is
-    used only when `cfg.fallback` is true.
+    used only when `cfg.fallback` is true. `tokenizer` (the generator's) enables structured
+    output and tools: without it, a request that needs a grammar is a 400.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -82,6 +87,7 @@ def create_app(
     if fallback is not None:
         fallback_model = fallback_model or getattr(getattr(fallback, "cfg", None), "model", None) or "service"
     batcher = Batcher(generator, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
+    grammars = Grammars(tokenizer) if tokenizer is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -147,12 +153,22 @@ def create_app(
                                "server_error") from None
             return await from_service(req, f"local generation failed: {type(e).__name__}: {e}"), True
 
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist (this server serves `{model_name}`)", "model",
+                           "model_not_found")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
             check_auth(request)
             req = parse_chat_request(await read_body(request), cfg, defaults)
+            check_model(req.model)
+            if req.logprobs and not getattr(generator, "computes_logprobs", False):
+                raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
+            await structure(req, tokenizer, grammars)
             choices, used_fallback = await answer(req)
+            choices = [read_tool_calls(c, req) for c in choices]
         except APIError as e:
             return error(e)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
@@ -170,8 +186,19 @@ def create_app(
             check_auth(request)
         except APIError as e:
             return error(e)
-        card = {"id": model_name, "object": "model", "created": int(clock()), "owned_by": "llamaduo"}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card()]}
+
+    def card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": int(clock()), "owned_by": "llamaduo"}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request):
+        try:
+            check_auth(request)
+            check_model(model_id)
+        except APIError as e:
+            return error(e)
+        return card()
 
     @app.get("/health")
     async def health():
@@ -185,6 +212,22 @@ def create_app(
         }
 
     return app
+
+
+async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None) -> None:
+    """Set the request's grammar constraint and, for templates that render tools, its prompt text."""
+    if req.grammar is not None:
+        param = "tool_choice" if req.grammar.tools_required else "response_format"
+        if grammars is None:
+            raise APIError(400, f"{param} needs constrained decoding, which this server's generator does not run",
+                           param, "unsupported_parameter")
+        try:  # compiling a new schema takes a moment on a large vocabulary: off the event loop
+            req.constraint = await asyncio.to_thread(grammars.factory, req.grammar, req.sampling.max_new_tokens)
+        except Exception as e:
+            raise APIError(400, f"{param} cannot be enforced: {e}", param, "invalid_value") from None
+    tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in req.conversation)
+    if tokenizer is not None and (req.prompt_tools or tool_turns) and renders_tools(tokenizer):
+        req.prompt = render_conversation(tokenizer, req.conversation, req.prompt_tools)
 
 
 # ------------------------------------------------------------------ local model
@@ -225,7 +268,7 @@ def build_app(model_or_run_dir: Path, cfg: Config):
         store = RunStore(model_or_run_dir)
         fallback = ServiceClient(cfg.service, db_path=store.service_db if store.exists() else None)
     app = create_app(local_generator(model, tokenizer), cfg.serve, name, fallback, defaults=cfg.infer,
-                     fallback_model=cfg.service.model)
+                     fallback_model=cfg.service.model, tokenizer=tokenizer)
     return app, name
 
 
