@@ -24,8 +24,9 @@ from typing import Any
 from llamaduo.constraint import ConstraintFactory
 from llamaduo.tools import TOOL_CALL_END, TOOL_CALL_SEPARATOR, tool_call_prefix
 
-SAFETY = 2  # tokens of slack kept when deciding to close (a plan can grow by a token or two a step)
-RECHECK_EVERY = 8  # steps between closing plans while the budget is still far away
+SAFETY = 3  # tokens of slack kept when deciding to close (a plan can grow by a token or two a step)
+RECHECK_EVERY = 8  # at most this many steps between closing plans
+DENSE = 12  # within this many tokens of needing to close, plan at every step
 MAX_PLAN = 512  # closing plans longer than this are given up on (tried again a few steps later)
 
 
@@ -100,6 +101,7 @@ class _Vocab:
             if b and i not in skip:
                 self.by_bytes.setdefault(bytes(b), i)
         self.longest = max((len(b) for b in self.by_bytes), default=1)
+        self._spelled: dict[bytes, list[int] | None] = {}  # forced texts (keys, tags) recur in every row
         one = {b: self.by_bytes.get(b) for b in (bytes([c]) for c in range(256))}
         printable = [t for c in range(32, 127) if (t := one[bytes([c])]) is not None]
         continuation = [t for c in range(0x80, 0xC0) if (t := one[bytes([c])]) is not None]
@@ -113,6 +115,13 @@ class _Vocab:
 
     def tokens_for(self, text: bytes) -> list[int] | None:
         """Greedy longest-match tokens spelling `text` byte for byte (None if some byte has no token)."""
+        if text not in self._spelled:
+            if len(self._spelled) > 4096:
+                self._spelled.clear()
+            self._spelled[text] = self._spell(text)
+        return self._spelled[text]
+
+    def _spell(self, text: bytes) -> list[int] | None:
         out, i = [], 0
         while i < len(text):
             for n in range(min(self.longest, len(text) - i), 0, -1):
@@ -139,7 +148,7 @@ def _closing(matcher: Any, vocab: _Vocab) -> list[int] | None:
             toks = vocab.tokens_for(forced.encode("utf-8"))
             if not toks or not all(m.accept_token(t) for t in toks):
                 return None
-            plan += toks
+            plan.extend(toks)
             continue
         inside = vocab.probe is not None and m.fork().accept_token(vocab.probe)
         for t in vocab.in_string if inside else vocab.structure:
@@ -175,7 +184,9 @@ class GrammarConstraint:
         need = len(plan) + 1 + SAFETY  # the plan, the end-of-turn token, slack
         if need >= self._left:
             self._plan = plan
-        self._check_at = need + RECHECK_EVERY
+        # Plan again when half the distance to the budget is gone (every step near the end): a
+        # plan grows by a token or so a step, so checks get dense only close to the end.
+        self._check_at = need + max(DENSE, (self._left - need) // 2)
 
     def mask_logits(self, logits: Any) -> None:
         if self._plan is None and (self._left <= self._check_at or self._steps % RECHECK_EVERY == 0):
@@ -188,7 +199,8 @@ class GrammarConstraint:
             return
         if self._m.fill_next_token_bitmask(self._bitmask):
             n = min(self._vocab.size, logits.shape[-1])
-            self._xgr.apply_token_bitmask_inplace(logits[:n], self._bitmask[0], vocab_size=n)
+            mask = self._bitmask[0] if logits.device.type == "cpu" else self._bitmask[0].to(logits.device)
+            self._xgr.apply_token_bitmask_inplace(logits[:n], mask, vocab_size=n)
         if logits.shape[-1] > self._vocab.size:
             logits[self._vocab.size :] = float("-inf")  # the model's padding rows have no token
 

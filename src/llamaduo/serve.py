@@ -1,10 +1,12 @@
 """OpenAI-compatible server for the deployed model: `POST /v1/chat/completions`, `GET /v1/models`,
-`GET /health`.
+`GET /v1/models/{id}`, `GET /health`.
 
 The application keeps its OpenAI client and changes only `base_url`. Concurrent requests
 are batched (`batcher.py`). Streaming answers use OpenAI's chunk format (`chat_api.py`)
 and end with `data: [DONE]`; the text is produced by a batched generate, so it arrives as one
-content chunk after the role chunk.
+content chunk after the role chunk. A model name other than the served one is a 404
+`model_not_found`. `response_format` and forced tool calls are decoded under a grammar
+(`grammar.py`), tools are rendered into the prompt (`tools.py`); see docs/serving.md.
 
 With a fallback client, a request whose local generation raises or exceeds
 `latency_budget_s` is answered by the service LLM instead (`fallback.py`),
@@ -12,7 +14,7 @@ marked with `"llamaduo_fallback": true` in the body and `x-llamaduo-served-by: s
 
 GPU route: the merged directory written by `llamaduo deploy` is a plain Hugging Face model
 with its chat template, so vLLM's own OpenAI-compatible server serves it as is:
-`vllm serve runs/<name>/deploy/merged`.
+`vllm serve runs/<name>/deploy/merged` (its switches for tools and LoRA adapters: docs/serving.md).
 """
 
 import asyncio
