@@ -21,7 +21,7 @@ def test_concurrent_requests_are_batched_without_changing_greedy_answers(tiny, g
     async def ask_all(srv) -> list[str]:
         c = openai.AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
         rs = await asyncio.gather(
-            *[c.chat.completions.create(model="m", messages=[{"role": "user", "content": q}]) for q in QUESTIONS * 2]
+            *[c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": q}]) for q in QUESTIONS * 2]
         )
         await c.close()
         return [r.choices[0].message.content for r in rs]
@@ -43,9 +43,9 @@ def test_requests_with_different_sampling_are_generated_in_separate_groups(gen):
     async def ask(srv):
         c = openai.AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
         rs = await asyncio.gather(
-            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "a"}], temperature=0),
-            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "b"}], temperature=0),
-            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "c"}], temperature=0.7, n=3),
+            c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "a"}], temperature=0),
+            c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "b"}], temperature=0),
+            c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "c"}], temperature=0.7, n=3),
         )
         await c.close()
         return rs
@@ -63,6 +63,6 @@ def test_a_lone_client_does_not_wait_for_a_batch_to_fill(gen):  # noqa: F811
         c = client(srv)
         t0 = time.monotonic()
         for _ in range(3):
-            c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Anna"}])
+            c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Anna"}])
         took = time.monotonic() - t0
     assert took < 3.0  # three requests, each far quicker than one 3 s gathering wait

@@ -10,13 +10,13 @@ from tests.tiny_server import QUESTIONS, client, direct, gen, running, tiny  # n
 def test_streaming_sends_openai_chunks_and_ends_with_done(tiny, gen):  # noqa: F811
     with running(gen) as srv:
         stream = client(srv).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": QUESTIONS[1]}], stream=True,
+            model="tiny-student", messages=[{"role": "user", "content": QUESTIONS[1]}], stream=True,
             stream_options={"include_usage": True},
         )
         chunks = list(stream)
         with httpx.stream(
             "POST", srv.base_url + "/chat/completions",
-            json={"model": "m", "messages": [{"role": "user", "content": "Hi"}], "stream": True},
+            json={"model": "tiny-student", "messages": [{"role": "user", "content": "Hi"}], "stream": True},
         ) as resp:
             lines = [ln for ln in resp.iter_lines() if ln]
     assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].object == "chat.completion.chunk"

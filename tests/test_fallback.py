@@ -22,10 +22,10 @@ def test_fallback_answers_from_the_service_when_local_generation_fails(gen, tmp_
         service = ServiceClient(service_config(svc), db_path=tmp_path / "service.sqlite")
         with running(broken, ServeConfig(fallback=True), fallback_client=service) as srv:
             raw = client(srv).chat.completions.with_raw_response.create(
-                model="m", messages=[{"role": "user", "content": "Order 2 lamps"}], max_tokens=8
+                model="tiny-student", messages=[{"role": "user", "content": "Order 2 lamps"}], max_tokens=8
             )
             stream = list(client(srv).chat.completions.create(
-                model="m", messages=[{"role": "user", "content": "Order 3 lamps"}], stream=True
+                model="tiny-student", messages=[{"role": "user", "content": "Order 3 lamps"}], stream=True
             ))
             health = httpx.get(srv.base_url.removesuffix("/v1") + "/health").json()
         ledger = service.ledger()
@@ -53,12 +53,12 @@ def test_fallback_takes_over_when_local_generation_is_over_the_latency_budget(ti
         with running(slow, cfg, fallback_client=service) as srv:
             t0 = time.monotonic()
             raw = client(srv).chat.completions.with_raw_response.create(
-                model="m", messages=[{"role": "user", "content": "Hi"}]
+                model="tiny-student", messages=[{"role": "user", "content": "Hi"}]
             )
             waited = time.monotonic() - t0
             release.set()
             time.sleep(0.05)
-            after = client(srv).chat.completions.create(model="m", messages=[{"role": "user", "content": "Hi"}])
+            after = client(srv).chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Hi"}])
         service.close()
     assert raw.headers["x-llamaduo-served-by"] == "service" and raw.parse().choices[0].message.content == "fast service answer"
     assert waited < 3

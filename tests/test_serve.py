@@ -17,7 +17,7 @@ from tests.tiny_server import QUESTIONS, client, direct, gen, running, tiny  # n
 def test_chat_completion_answers_like_generate_and_is_marked_local(tiny, gen):  # noqa: F811
     with running(gen) as srv:
         raw = client(srv).chat.completions.with_raw_response.create(
-            model="whatever-the-app-used", messages=[{"role": "user", "content": QUESTIONS[0]}]
+            model="tiny-student", messages=[{"role": "user", "content": QUESTIONS[0]}]
         )
         r = raw.parse()
         models = client(srv).models.list()
@@ -34,9 +34,9 @@ def test_bearer_key_is_required_when_configured(gen, monkeypatch):  # noqa: F811
     monkeypatch.setenv("LLAMADUO_SERVE_KEY", "sk-serve-secret")
     with running(gen, ServeConfig(api_key_env="LLAMADUO_SERVE_KEY")) as srv:
         with pytest.raises(openai.AuthenticationError) as err:
-            client(srv, "sk-wrong").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+            client(srv, "sk-wrong").chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "hi"}])
         anonymous = httpx.post(srv.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
-        ok = client(srv, "sk-serve-secret").chat.completions.create(model="m", messages=[{"role": "user", "content": "hi"}])
+        ok = client(srv, "sk-serve-secret").chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "hi"}])
         health = httpx.get(srv.base_url.removesuffix("/v1") + "/health")
     assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
     assert anonymous.status_code == 401
@@ -58,10 +58,10 @@ def test_oversized_body_is_413_and_bad_requests_are_400_in_openai_shape(gen):  #
         big = httpx.post(url, json={"messages": [{"role": "user", "content": "x" * 5000}]})
         chunked = httpx.post(url, content=iter([b'{"messages": [', b" " * 4000, b"]}"]))
         with pytest.raises(openai.BadRequestError) as too_many:
-            client(srv).chat.completions.create(model="m", messages=[{"role": "user", "content": "x"}], max_tokens=65)
+            client(srv).chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "x"}], max_tokens=65)
         not_json = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
-        no_messages = httpx.post(url, json={"model": "m"})
-        bad_role = httpx.post(url, json={"messages": [{"role": "tool", "content": "x"}]})
+        no_messages = httpx.post(url, json={"model": "tiny-student"})
+        bad_role = httpx.post(url, json={"messages": [{"role": "narrator", "content": "x"}]})
     assert big.status_code == 413 and big.json()["error"]["code"] == "request_too_large"
     assert chunked.status_code == 413
     assert too_many.value.status_code == 400 and too_many.value.body["param"] == "max_tokens"

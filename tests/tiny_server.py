@@ -52,3 +52,18 @@ def running(generator, cfg: ServeConfig | None = None, **kw) -> BackgroundServer
 
 def client(srv: BackgroundServer, key: str = "not-needed") -> openai.OpenAI:
     return openai.OpenAI(base_url=srv.base_url, api_key=key, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """The tiny model as initialised, never trained: left alone it writes noise."""
+    base = build_tiny_model(tmp_path_factory.mktemp("untrained") / "base")
+    return load_model(Config(model={"base": str(base)}).model)
+
+
+def structured(model_and_tokenizer, cfg: ServeConfig | None = None, **kw) -> BackgroundServer:
+    """A server whose generator decodes under grammars (it has the tokenizer): structured output, tools."""
+    model, tok = model_and_tokenizer
+    app = create_app(local_generator(model, tok), cfg or ServeConfig(), "tiny-student", defaults=DEFAULTS,
+                     tokenizer=tok, **kw)
+    return BackgroundServer(app, model_name="tiny-student")

@@ -11,6 +11,7 @@ batching delay. Each answer reaches its request's `scheduler.Stream` whole, as o
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -18,13 +19,16 @@ from typing import Any
 
 from llamaduo.chat_api import ChatRequest, Choice, as_choice
 from llamaduo.config import InferConfig
+from llamaduo.constraint import ConstraintFactory
 from llamaduo.data import Message
 from llamaduo.rowbatch import Event, fresh_seed
 from llamaduo.scheduler import Stream
 
 # generator(prompts, sampling, seed) -> one output per prompt × sample, in that order; each output
-# has `.text` and optionally `.finish_reason`, `.new_tokens`, `.prompt_tokens`.
-Generator = Callable[[list[tuple[str, list[Message]]], InferConfig, int], Sequence[Any]]
+# has `.text` and optionally `.finish_reason`, `.new_tokens`, `.prompt_tokens`. A prompt is its
+# messages or its rendered text; a generator that decodes under constraints also takes
+# `constraints=` (one `ConstraintFactory` or None per prompt), passed only when one is set.
+Generator = Callable[..., Sequence[Any]]
 
 
 # ------------------------------------------------------------------------ batching
@@ -119,14 +123,18 @@ class Batcher:
                 if not jobs:
                     continue
                 req = jobs[0].request
-                prompts = [(f"req-{i}", j.request.messages) for i, j in enumerate(jobs)]
+                prompts = [(f"req-{i}", j.request.prompt or j.request.messages) for i, j in enumerate(jobs)]
+                factories = [j.request.constraint for j in jobs]
+                # Constrained rows share the batch; only then does the generator get `constraints`.
+                extra = {"constraints": factories} if any(f is not None for f in factories) else {}
                 sampling = req.sampling.model_copy(update={"batch_size": len(jobs)})
                 self.stats.batches += 1
                 self.stats.requests += len(jobs)
                 self.stats.largest = max(self.stats.largest, len(jobs))
                 try:
                     seed = fresh_seed() if req.seed is None else req.seed
-                    outs = await loop.run_in_executor(self._executor, self.generator, prompts, sampling, seed)
+                    call = functools.partial(self.generator, prompts, sampling, seed, **extra)
+                    outs = await loop.run_in_executor(self._executor, call)
                     outs = list(outs)
                     if len(outs) != len(jobs) * req.n:
                         raise RuntimeError(f"generator returned {len(outs)} outputs for {len(jobs)}×{req.n}")
@@ -141,11 +149,12 @@ class Batcher:
 # ------------------------------------------------------------------ local model
 def local_generator(model: Any, tokenizer: Any) -> Generator:
     """`generate` over a loaded model, as the server's generator (adds prompt token counts)."""
-    from llamaduo import infer, models
+    from llamaduo import infer
 
-    def run(prompts: list[tuple[str, list[Message]]], sampling: InferConfig, seed: int) -> list[Choice]:
-        outs = infer.generate(model, tokenizer, prompts, sampling, seed=seed)
-        lengths = [len(models.encode_prompt(tokenizer, m)) for _, m in prompts]
+    def run(prompts: list[tuple[str, list[Message] | str]], sampling: InferConfig, seed: int,
+            constraints: list[ConstraintFactory | None] | None = None) -> list[Choice]:
+        outs = infer.generate(model, tokenizer, prompts, sampling, seed=seed, constraints=constraints)
+        lengths = [len(infer.prompt_ids(tokenizer, m)) for _, m in prompts]
         k = sampling.num_samples
         return [
             Choice(

@@ -141,12 +141,15 @@ def decode(
     eos_ids: list[int],
     pad_id: int,
     stop: Callable[[Any], Any] | None = None,
+    constraints: list[Any] | None = None,
 ) -> Any:
     """`copies` continuations of each left-padded prompt: [prompts * copies, max_new_tokens].
 
     Row i*copies + j is sample j of prompt i. `pick` turns next-token logits [rows, vocab] into
     token ids [rows]; a row ends at an `eos_ids` token (kept) or when `stop` (given the tokens
-    generated so far) says so; what follows an end is `pad_id`.
+    generated so far) says so; what follows an end is `pad_id`. `constraints` (one
+    `constraint.TokenConstraint` or None per row) mask each row's logits before `pick` and end
+    the row when its structure is complete.
     """
     import torch
     from transformers import DynamicCache
@@ -182,11 +185,13 @@ def decode(
     done = torch.zeros(n * copies, dtype=torch.bool, device=device)
     eos = torch.tensor(eos_ids or [-1], device=device)
     suffix = DynamicCache()
-    tokens = pick(torch.stack(last).repeat_interleave(copies, dim=0))
+    tokens = pick(masked(torch.stack(last).repeat_interleave(copies, dim=0), rows, done, constraints))
     with _attention(model, ATTENTION):
         for step in range(max_new_tokens):
             tokens = tokens.masked_fill(done, pad_id)
             result[rows, step] = tokens
+            if constraints is not None:
+                done |= accepted(tokens, rows, done, constraints)
             done |= torch.isin(tokens, eos)
             if stop is not None:
                 done |= stop(result[rows, : step + 1])
@@ -203,5 +208,31 @@ def decode(
                 input_ids=tokens[:, None], position_ids=(state.lengths.repeat_interleave(copies) + step)[:, None],
                 cache=suffix, use_cache=True, logits_to_keep=1, shared_prefix=state,
             )
-            tokens = pick(out.logits[:, -1])
+            tokens = pick(masked(out.logits[:, -1], rows, done, constraints))
     return result
+
+
+# -------------------------------------------------- per-row constraints (grammar-constrained decoding)
+def masked(logits: Any, rows: Any, done: Any, constraints: list[Any] | None) -> Any:
+    """`logits` [live rows, vocab] with each live constrained row's disallowed tokens at -inf, in place.
+
+    `rows` maps live rows to result rows (the index into `constraints`)."""
+    if constraints is not None:
+        for i, (r, finished) in enumerate(zip(rows.tolist(), done.tolist(), strict=True)):
+            c = constraints[r]
+            if c is not None and not finished and not c.is_finished():
+                c.mask_logits(logits[i])
+    return logits
+
+
+def accepted(tokens: Any, rows: Any, done: Any, constraints: list[Any]) -> Any:
+    """Feed each live row's new token to its constraint; True where the constraint is now complete."""
+    import torch
+
+    ended = torch.zeros_like(done)
+    for i, (r, t, finished) in enumerate(zip(rows.tolist(), tokens.tolist(), done.tolist(), strict=True)):
+        c = constraints[r]
+        if c is not None and not finished:
+            c.accept(t)
+            ended[i] = c.is_finished()
+    return ended

@@ -16,6 +16,7 @@ from typing import Any
 
 from llamaduo.artifacts import Completion
 from llamaduo.config import Config, InferConfig
+from llamaduo.constraint import ConstraintFactory
 from llamaduo.data import Example, Message
 from llamaduo.errors import UserError
 from llamaduo.reporting import ProgressReporter
@@ -50,14 +51,17 @@ def generate(
     model_hash: str = "",
     adapter_hash: str = "",
     progress: ProgressReporter | None = None,
+    constraints: list[ConstraintFactory | None] | None = None,
 ) -> list[Completion]:
-    """Generate `sampling.num_samples` completions per prompt; output in input order × sample index."""
+    """Generate `sampling.num_samples` completions per prompt; output in input order × sample index.
+
+    A prompt is its messages, or its rendered text (a conversation with tools, see `tools.py`).
+    `constraints` gives each prompt a constraint factory (or None): every sample of that prompt
+    decodes under a fresh constraint from it (grammar-constrained decoding, `grammar.py`)."""
     import torch
 
-    from llamaduo.models import encode_prompt
-
     k = sampling.num_samples
-    encoded = [(pid, encode_prompt(tokenizer, msgs)) for pid, msgs in prompts]
+    encoded = [(pid, prompt_ids(tokenizer, msgs)) for pid, msgs in prompts]
     # Length-sorted batches waste little on padding; the original order is restored at the end.
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][1]))
     results: dict[int, list[Completion]] = {}
@@ -84,8 +88,12 @@ def generate(
                 attn[row, longest - len(ids):] = 1
             # Seeded per batch position so a rerun (or a resumed run) samples the same text.
             torch.manual_seed(seed * 1_000_003 + start)
-            gen = _generate_batch(model, tokenizer, input_ids.to(device), attn.to(device), sampling, eos_ids, pad_id)
             per = 1 if greedy else k
+            rows = None
+            if constraints is not None and any(constraints[i] is not None for i in idx):
+                rows = [constraints[i]() if constraints[i] is not None else None for i in idx for _ in range(per)]
+            gen = _generate_batch(model, tokenizer, input_ids.to(device), attn.to(device), sampling, eos_ids, pad_id,
+                                  rows)
             for row, i in enumerate(idx):
                 comps = []
                 for s in range(k):
@@ -112,6 +120,15 @@ def generate(
     return [c for i in range(len(encoded)) for c in results[i]]
 
 
+def prompt_ids(tokenizer: Any, prompt: list[Message] | str) -> list[int]:
+    """A prompt's token ids: messages through the chat template, or text the template rendered."""
+    from llamaduo.models import encode_prompt
+
+    if isinstance(prompt, str):  # already rendered by its chat template: special tokens are in the text
+        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    return encode_prompt(tokenizer, prompt)
+
+
 def batches(sorted_lengths: list[int], sampling: InferConfig) -> list[list[int]]:
     """Consecutive index groups of length-sorted prompts: at most `batch_size` prompts each, and
     within `batch_tokens` (counting the padded prompts and every sample's new tokens) if set."""
@@ -130,7 +147,8 @@ def batches(sorted_lengths: list[int], sampling: InferConfig) -> list[list[int]]
 
 
 def _generate_batch(
-    model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, sampling: InferConfig, eos_ids: list[int], pad_id: int
+    model: Any, tokenizer: Any, input_ids: Any, attention_mask: Any, sampling: InferConfig, eos_ids: list[int], pad_id: int,
+    constraints: list[Any] | None = None,
 ) -> Any:
     """New tokens of one left-padded batch: [prompts * K, max_new_tokens] (one row per prompt if greedy)."""
     from transformers import StoppingCriteriaList, StopStringCriteria
@@ -149,6 +167,7 @@ def _generate_batch(
                     lambda logits: draw(logits, sampling.temperature, sampling.top_p, top_k)
                 ),
                 eos_ids=eos_ids, pad_id=pad_id, stop=(lambda gen: stops(gen, None)) if stops else None,
+                constraints=constraints,
             ).cpu()
         except SharedPrefixUnsupported as e:
             log.warning("%s: decoding with plain `generate` (%s)", type(model).__name__, e)
@@ -157,11 +176,33 @@ def _generate_batch(
         "max_new_tokens": sampling.max_new_tokens, "pad_token_id": pad_id, "eos_token_id": eos_ids,
         "num_return_sequences": copies, "do_sample": False, "stopping_criteria": stops,
     }
+    processors: list[Any] = [] if constraints is None else [_Constrained(constraints, input_ids.shape[1])]
     if not greedy:
         # Sampled here, picked by `generate`'s argmax: see `draw`.
-        kwargs["logits_processor"] = [lambda ids, scores: _only(scores, draw(scores, sampling.temperature, sampling.top_p, top_k))]
+        processors.append(lambda ids, scores: _only(scores, draw(scores, sampling.temperature, sampling.top_p, top_k)))
+    if processors:
+        kwargs["logits_processor"] = processors
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return out[:, input_ids.shape[1]:].cpu()
+
+
+class _Constrained:
+    """Per-row constraints as a `generate` logits processor: feed each row its last token, then mask."""
+
+    def __init__(self, constraints: list[Any], prompt_width: int):
+        self.constraints, self.width = constraints, prompt_width
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        last = input_ids[:, -1].tolist() if input_ids.shape[1] > self.width else None
+        for i, c in enumerate(self.constraints):
+            if c is None or c.is_finished():
+                continue
+            if last is not None:
+                c.accept(last[i])
+                if c.is_finished():
+                    continue
+            c.mask_logits(scores[i])
+        return scores
 
 
 def _only(scores: Any, tokens: Any) -> Any:

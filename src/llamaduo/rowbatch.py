@@ -81,9 +81,10 @@ class RowBatch:
         """Prefill `req` and add its `req.n` rows; returns the events of their first tokens."""
         import torch
 
-        from llamaduo.models import encode_prompt
+        from llamaduo.infer import prompt_ids
 
-        ids = encode_prompt(self.tokenizer, req.messages)
+        # The rendered prompt when the chat template itself rendered the tools; else the messages.
+        ids = prompt_ids(self.tokenizer, req.prompt or req.messages)
         s = req.sampling
         seed = fresh_seed() if req.seed is None else req.seed
         adapter = getattr(req, "adapter", None)

@@ -8,6 +8,8 @@ and its tokens are streamed as they are produced (`stream: true`, OpenAI's chunk
 fine-tuned from one base are served from one process under their own names, one LoRA adapter
 each on the shared base (`served.py`). A plain generator function (a test double, another
 backend) is batched per sampling group instead (`batcher.py`) and answers whole.
+`response_format` and forced tool calls decode under a grammar (`grammar.py`), applied per row of
+the batch; tools are rendered into the prompt and read back as `tool_calls` (`tools.py`).
 
 With a fallback client, a request whose local generation raises or exceeds
 `latency_budget_s` (the first token, when streaming) is answered by the service LLM instead
@@ -15,7 +17,7 @@ With a fallback client, a request whose local generation raises or exceeds
 
 GPU route: the merged directory written by `llamaduo deploy` is a plain Hugging Face model
 with its chat template, so vLLM's own OpenAI-compatible server serves it as is:
-`vllm serve runs/<name>/deploy/merged`.
+`vllm serve runs/<name>/deploy/merged` (its switches for tools and LoRA adapters: docs/serving.md).
 """
 
 import asyncio
@@ -39,6 +41,7 @@ from llamaduo.chat_api import (
     completion_body,
     delta,
     parse_chat_request,
+    read_tool_calls,
     sse_chunk,
     stream_events,
     usage_chunk,
@@ -46,8 +49,10 @@ from llamaduo.chat_api import (
 from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
 from llamaduo.fallback import from_service as fallback_answer
+from llamaduo.grammar import Grammars
 from llamaduo.scheduler import Scheduler, Stream, StreamClosed
 from llamaduo.served import ServedModel, load_served, resolve_model_dir
+from llamaduo.tools import render_conversation, renders_tools
 
 if TYPE_CHECKING:
     from llamaduo.drift import DriftMonitor
@@ -100,6 +105,7 @@ def create_app(
     shadow: "ShadowSender | None" = None,
     drift: "DriftMonitor | None" = None,
     metrics: "ServeMetrics | None" = None,
+    tokenizer: Any = None,
 ):
     """The FastAPI app. `defaults` fills sampling fields a request leaves out (the run's infer config).
 
@@ -110,7 +116,8 @@ def create_app(
     a request naming none of several served models is a 404. `shadow` (started by the lifespan) is
     offered every locally answered request; while `drift` says drifted and fallback is on, the service
     answers (a sampled share still runs locally, off the request path, for the judge). `metrics`
-    backs `GET /metrics`.
+    backs `GET /metrics`. `tokenizer` (the engine's) enables structured output and tools: without
+    it, a request that needs a grammar is a 400.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -132,6 +139,7 @@ def create_app(
         client = m.fallback_client if (m.serve or cfg).fallback else None
         name = m.fallback_model or getattr(getattr(client, "cfg", None), "model", None) or "service"
         return client, name
+    grammars = Grammars(tokenizer) if tokenizer is not None else None
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -182,10 +190,10 @@ def create_app(
         return bytes(buf)
 
     def pick_model(name: str | None) -> ServedModel:
+        if name is None:
+            return served[0]  # a request that names no model gets the (first) served one
         if name in by_name:
             return by_name[name]
-        if len(served) == 1:
-            return served[0]  # one model answers whatever name the application was written for
         raise APIError(404, f"The model {name!r} does not exist; served: {', '.join(by_name)}", "model",
                        "model_not_found")
 
@@ -266,12 +274,19 @@ def create_app(
             check_auth(request, m.name)
             req = parse_chat_request(raw, m.serve or cfg, m.defaults or defaults or InferConfig())
             req.adapter = m.adapter
+            if req.logprobs is not None and not isinstance(engine, Scheduler):
+                raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
+            await structure(req, tokenizer, grammars)
+            # Tool calls are read from the whole answer: such a stream is sent once it is complete.
+            whole = req.stream and req.calls_tools
+            req.stream = req.stream and not whole
             t0 = time.perf_counter()
             stream, got, used_fallback = await start(m, req, request)
+            req.stream = req.stream or whole
         except APIError as e:
             return error(e)
-        if used_fallback or not req.stream:
-            answered = got if used_fallback else stream.choices
+        if used_fallback or not req.stream or whole:
+            answered = [read_tool_calls(c, req) for c in (got if used_fallback else stream.choices)]
             metrics.answered(fallback_of(m)[1] if used_fallback else m.name, answered, time.perf_counter() - t0)
             if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
                 shadow.offer(req, answered[0].text, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
@@ -279,8 +294,8 @@ def create_app(
         created = int(clock())
         name = fallback_of(m)[1] if used_fallback else m.name
         headers = {"x-llamaduo-served-by": "service" if used_fallback else "local"}
-        if used_fallback or not req.stream:
-            choices = got if used_fallback else stream.choices
+        if used_fallback or not req.stream or whole:
+            choices = answered
             if req.stream:
                 events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
@@ -305,6 +320,16 @@ def create_app(
         cards = [{"id": m.name, "object": "model", "created": int(clock()), "owned_by": "llamaduo"} for m in visible]
         return {"object": "list", "data": cards}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str, request: Request):
+        if model_id not in by_name:
+            return error(APIError(404, f"The model {model_id!r} does not exist; served: {', '.join(by_name)}", "model",
+                                  "model_not_found"))
+        if not authorized(request, model_id):
+            return error(APIError(401, "invalid or missing API key (send Authorization: Bearer <key>)", None,
+                                  "invalid_api_key"))
+        return {"id": model_id, "object": "model", "created": int(clock()), "owned_by": "llamaduo"}
+
     @app.get("/health")
     async def health():
         return {
@@ -318,6 +343,22 @@ def create_app(
         }
 
     return app
+
+
+async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None) -> None:
+    """Set the request's grammar constraint and, for templates that render tools, its prompt text."""
+    if req.grammar is not None:
+        param = "tool_choice" if req.grammar.tools_required else "response_format"
+        if grammars is None:
+            raise APIError(400, f"{param} needs constrained decoding, which this server's generator does not run",
+                           param, "unsupported_parameter")
+        try:  # compiling a new schema takes a moment on a large vocabulary: off the event loop
+            req.constraint = await asyncio.to_thread(grammars.factory, req.grammar, req.sampling.max_new_tokens)
+        except Exception as e:
+            raise APIError(400, f"{param} cannot be enforced: {e}", param, "invalid_value") from None
+    tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in req.conversation)
+    if tokenizer is not None and (req.prompt_tools or tool_turns) and renders_tools(tokenizer):
+        req.prompt = render_conversation(tokenizer, req.conversation, req.prompt_tools)
 
 
 # ------------------------------------------------------------------ local model
@@ -349,7 +390,8 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
         from llamaduo.shadow import for_run
 
         shadow, drift = for_run(cfg, paths[0])
-    app = create_app(engine, cfg.serve, served[0].name, defaults=cfg.infer, models=served, shadow=shadow, drift=drift)
+    app = create_app(engine, cfg.serve, served[0].name, defaults=cfg.infer, models=served, shadow=shadow, drift=drift,
+                     tokenizer=tokenizer)
     return app, served[0].name
 
 
