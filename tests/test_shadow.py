@@ -27,7 +27,7 @@ def test_shadowing_at_rate_one_stores_and_judges_every_request(tmp_path, monkeyp
     assert all(p.score == 100 for p in pairs[:12])  # the student answers task A like the service
     assert pairs[0].service_answer == task_a(0)[1] and pairs[0].local_answer == task_a(0)[1]
     assert pairs[0].reasons["precision"] and pairs[0].service_latency_ms is not None
-    assert "[EMAIL]" in pairs[-1].messages[0]["content"]  # redacted like capture
+    assert "[REDACTED:email]" in pairs[-1].messages[0]["content"]  # redacted like capture
     store.close()
     raw = (tmp_path / "monitor.sqlite").read_bytes() + b"".join(p.read_bytes() for p in tmp_path.glob("monitor.sqlite-*"))
     assert b"sk-caller-secret-123" not in raw and b"anna@example.com" not in raw

@@ -23,12 +23,11 @@ with its chat template, so vLLM's own OpenAI-compatible server serves it as is:
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,20 +38,17 @@ from llamaduo.chat_api import (
     ChatRequest,
     Choice,
     completion_body,
-    delta,
     parse_chat_request,
     read_tool_calls,
-    sse_chunk,
     stream_events,
-    usage_chunk,
 )
 from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
 from llamaduo.fallback import from_service as fallback_answer
 from llamaduo.grammar import Grammars
+from llamaduo.request_flow import requested_model, structure, tokens_as_sse, watch_disconnect
 from llamaduo.scheduler import Scheduler, Stream, StreamClosed
 from llamaduo.served import ServedModel, load_served, resolve_model_dir
-from llamaduo.tools import render_conversation, renders_tools
 
 if TYPE_CHECKING:
     from llamaduo.drift import DriftMonitor
@@ -74,22 +70,6 @@ def _bearer_key(cfg: ServeConfig) -> str | None:
     if not key:
         raise UserError(f"serve.api_key_env names {cfg.api_key_env}, but that environment variable is not set")
     return key
-
-
-def _requested_model(raw: bytes) -> str | None:
-    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
-        name = json.loads(raw).get("model")
-        return name if isinstance(name, str) else None
-    return None
-
-
-async def _watch_disconnect(receive: Callable[[], Any], stream: Stream) -> None:
-    """Cancel `stream` (its rows leave the batch) once the client has gone away."""
-    while True:
-        message = await receive()
-        if message.get("type") == "http.disconnect":
-            stream.cancel()
-            return
 
 
 def create_app(
@@ -215,7 +195,7 @@ def create_app(
             return None, choices, True
         budget = (m.serve or cfg).latency_budget_s if client is not None else None
         stream = engine.submit(req)
-        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request.receive, stream))
+        watcher = asyncio.get_running_loop().create_task(watch_disconnect(request.receive, stream))
         try:
             got = await asyncio.wait_for(stream.next() if req.stream else stream.result(), budget)
             return stream, got, False
@@ -239,38 +219,11 @@ def create_app(
             else:
                 stream.watcher = watcher
 
-    async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any) -> AsyncIterator[str]:
-        """The chunks of a streamed local answer, each sent as soon as its tokens are decoded."""
-        req = stream.request
-        try:
-            for i in range(req.n):
-                yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
-            events = first
-            while events is not None:
-                for e in events:
-                    if e.text or e.logprobs:
-                        yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
-                    if e.finish_reason is not None:
-                        yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=e.finish_reason)])
-                events = await stream.next()
-            if req.include_usage:
-                yield usage_chunk(rid, created, name, stream.choices, False)
-            yield "data: [DONE]\n\n"
-        except Exception as e:  # too late for a status code: the stream ends with an error event
-            log.exception("local generation failed while streaming")
-            body = APIError(500, f"local generation failed: {type(e).__name__}: {e}", None, "generation_failed",
-                            "server_error").body()
-            yield f"data: {json.dumps(body)}\n\n"
-        finally:
-            stream.cancel()
-            if stream.watcher is not None:
-                stream.watcher.cancel()
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         try:
             raw = await read_body(request)
-            m = pick_model(_requested_model(raw))
+            m = pick_model(requested_model(raw))
             check_auth(request, m.name)
             req = parse_chat_request(raw, m.serve or cfg, m.defaults or defaults or InferConfig())
             req.adapter = m.adapter
@@ -345,23 +298,6 @@ def create_app(
     return app
 
 
-async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None) -> None:
-    """Set the request's grammar constraint and, for templates that render tools, its prompt text."""
-    if req.grammar is not None:
-        param = "tool_choice" if req.grammar.tools_required else "response_format"
-        if grammars is None:
-            raise APIError(400, f"{param} needs constrained decoding, which this server's generator does not run",
-                           param, "unsupported_parameter")
-        try:  # compiling a new schema takes a moment on a large vocabulary: off the event loop
-            req.constraint = await asyncio.to_thread(grammars.factory, req.grammar, req.sampling.max_new_tokens)
-        except Exception as e:
-            raise APIError(400, f"{param} cannot be enforced: {e}", param, "invalid_value") from None
-    tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in req.conversation)
-    if tokenizer is not None and (req.prompt_tools or tool_turns) and renders_tools(tokenizer):
-        req.prompt = render_conversation(tokenizer, req.conversation, req.prompt_tools)
-
-
-# ------------------------------------------------------------------ local model
 def local_engine(model: Any, tokenizer: Any, max_batch: int) -> "Scheduler | Generator":
     """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`."""
     from llamaduo.decode import SharedPrefixUnsupported

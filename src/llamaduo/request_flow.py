@@ -1,0 +1,80 @@
+"""The steps of one chat request around the engine: the model it names, watching for its client to
+leave, fitting its grammar and prompt (structured output, tools), and sending its tokens as SSE."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from llamaduo.chat_api import APIError, ChatRequest, delta, sse_chunk, usage_chunk
+from llamaduo.grammar import Grammars
+from llamaduo.scheduler import Stream
+from llamaduo.tools import render_conversation, renders_tools
+
+log = logging.getLogger("llamaduo.serve")
+
+
+def requested_model(raw: bytes) -> str | None:
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        name = json.loads(raw).get("model")
+        return name if isinstance(name, str) else None
+    return None
+
+
+async def watch_disconnect(receive: Callable[[], Any], stream: Stream) -> None:
+    """Cancel `stream` (its rows leave the batch) once the client has gone away."""
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            stream.cancel()
+            return
+
+
+async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None) -> None:
+    """Set the request's grammar constraint and, for templates that render tools, its prompt text."""
+    if req.grammar is not None:
+        param = "tool_choice" if req.grammar.tools_required else "response_format"
+        if grammars is None:
+            raise APIError(400, f"{param} needs constrained decoding, which this server's generator does not run",
+                           param, "unsupported_parameter")
+        try:  # compiling a new schema takes a moment on a large vocabulary: off the event loop
+            req.constraint = await asyncio.to_thread(grammars.factory, req.grammar, req.sampling.max_new_tokens)
+        except Exception as e:
+            raise APIError(400, f"{param} cannot be enforced: {e}", param, "invalid_value") from None
+    tool_turns = any(m["role"] == "tool" or m.get("tool_calls") for m in req.conversation)
+    if tokenizer is not None and (req.prompt_tools or tool_turns) and renders_tools(tokenizer):
+        req.prompt = render_conversation(tokenizer, req.conversation, req.prompt_tools)
+
+
+# ------------------------------------------------------------------ local model
+
+async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any) -> AsyncIterator[str]:
+    """The chunks of a streamed local answer, each sent as soon as its tokens are decoded."""
+    req = stream.request
+    try:
+        for i in range(req.n):
+            yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
+        events = first
+        while events is not None:
+            for e in events:
+                if e.text or e.logprobs:
+                    yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
+                if e.finish_reason is not None:
+                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=e.finish_reason)])
+            events = await stream.next()
+        if req.include_usage:
+            yield usage_chunk(rid, created, name, stream.choices, False)
+        yield "data: [DONE]\n\n"
+    except Exception as e:  # too late for a status code: the stream ends with an error event
+        log.exception("local generation failed while streaming")
+        body = APIError(500, f"local generation failed: {type(e).__name__}: {e}", None, "generation_failed",
+                        "server_error").body()
+        yield f"data: {json.dumps(body)}\n\n"
+    finally:
+        stream.cancel()
+        if stream.watcher is not None:
+            stream.watcher.cancel()
