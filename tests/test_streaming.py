@@ -40,7 +40,7 @@ def test_streamed_chunks_arrive_while_the_answer_is_still_being_generated(untrai
     with srv:
         c = client(srv)
         t0 = time.perf_counter()
-        stream = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Omar"}], max_tokens=400,
+        stream = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Omar"}], max_tokens=400,
                                            stream=True, stream_options={"include_usage": True})
         arrivals, chunks = [], []
         for chunk in stream:
@@ -48,7 +48,7 @@ def test_streamed_chunks_arrive_while_the_answer_is_still_being_generated(untrai
             if chunk.choices and chunk.choices[0].delta.content:
                 arrivals.append(time.perf_counter() - t0)
         total = time.perf_counter() - t0
-        whole = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Omar"}], max_tokens=400)
+        whole = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Omar"}], max_tokens=400)
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert len(arrivals) > 10 and arrivals[0] < total / 2
     assert streamed == whole.choices[0].message.content
@@ -64,12 +64,12 @@ def test_concurrent_requests_with_different_settings_share_steps_and_greedy_answ
         c = openai.AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
 
         async def streamed(q: str) -> str:
-            s = await c.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], stream=True)
+            s = await c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": q}], stream=True)
             return "".join([ch.choices[0].delta.content or "" async for ch in s if ch.choices])
 
-        jobs = [c.chat.completions.create(model="m", messages=[{"role": "user", "content": q}]) for q in QUESTIONS]
+        jobs = [c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": q}]) for q in QUESTIONS]
         jobs += [streamed(q) for q in QUESTIONS]
-        jobs += [c.chat.completions.create(model="m", messages=[{"role": "user", "content": q}], temperature=1.0,
+        jobs += [c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": q}], temperature=1.0,
                                            top_p=0.9, max_tokens=5 + i, n=2) for i, q in enumerate(QUESTIONS)]
         out = await asyncio.gather(*jobs)
         await c.close()
@@ -92,7 +92,7 @@ def test_same_seed_same_sample_and_unseeded_samples_differ(untrained):
         c = client(srv)
 
         def ask(**kw) -> str:
-            r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": "Anna"}], temperature=1.0,
+            r = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Anna"}], temperature=1.0,
                                           max_tokens=24, **kw)
             return r.choices[0].message.content
 
@@ -104,7 +104,7 @@ def test_a_client_that_disconnects_leaves_the_batch(untrained):
     model, tok = untrained
     srv, app = engine_server(model, tok)
     engine = app.state.batcher
-    body = {"model": "m", "messages": [{"role": "user", "content": "Omar"}], "max_tokens": 2000, "stream": True}
+    body = {"model": "tiny-student", "messages": [{"role": "user", "content": "Omar"}], "max_tokens": 2000, "stream": True}
     with srv:
         for streaming in (True, False):
             with httpx.Client(timeout=30) as h:
