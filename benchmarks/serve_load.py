@@ -66,8 +66,12 @@ def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_token
     srv.thread.join()
 
 
+EXTRA: dict = {}  # fields added to every request body (set per server by a comparison)
+
+
 def body(i: int, model: str, max_tokens: int, stream: bool = False) -> dict:
-    b = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0}
+    b = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0,
+         **EXTRA}
     return {**b, "stream": True} if stream else b
 
 

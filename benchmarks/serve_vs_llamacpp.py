@@ -6,7 +6,8 @@ Both serve the packaged Gemma 3 270M (llama.cpp the Q4_K_M GGUF itself, llamaduo
 weights), one server at a time on the same 127.0.0.1, with the same prompts, greedy, streamed:
   1. one client, a few requests one after another (single-stream tok/s, first-token time),
   2. `--clients` concurrent clients, `--requests` requests (aggregate tok/s, first-token p50).
-Tokens are counted as streamed content chunks. The last line is exactly:
+Tokens are counted as streamed content chunks. llama.cpp's requests carry a `logit_bias` against
+the base model's end tokens, without which its chat format makes the base answer nothing. The last line is exactly:
 
     aggregate_ratio=<ours ÷ llama.cpp's best aggregate tok/s> single_ratio=<ours ÷ llama.cpp, one client>
     ttft_p50_ms=<ours, N clients> errors=<n>
@@ -22,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import serve_load
 from serve_load import concurrent, p50, sequential, start_server
 
 SINGLE = 4  # one-client requests per server
@@ -90,6 +92,9 @@ def run_against_llamacpp(args) -> int:
         proc.terminate()
         proc.wait(10)
     proc, url = start_llamacpp(gguf, threads)
+    # The pretrained base in llama.cpp's chat format ends its turn at once (an empty answer); with its
+    # end tokens (<eos> 1, <end_of_turn> 106) biased away it generates, as ours does, up to max_tokens.
+    serve_load.EXTRA = {"logit_bias": {"1": -100, "106": -100}}
     try:
         theirs = measure(url, "gemma", args)
     finally:
@@ -104,6 +109,9 @@ def run_against_llamacpp(args) -> int:
               f"{1000 * m['ttft']:>13.0f}{m['with_tokens']:>9}/{args.requests}")
     best = max(theirs["agg_tps"], theirs["single_tps"])
     errors = ours["errors"]  # llama.cpp's requests that got no tokens show in its row
-    print(f"aggregate_ratio={ours['agg_tps'] / best:.2f} single_ratio={ours['single_tps'] / theirs['single_tps']:.2f} "
+    def ratio(a: float, b: float) -> str:  # llama.cpp streaming no tokens at all is no ratio: n/a
+        return f"{a / b:.2f}" if b > 0 else "n/a"
+
+    print(f"aggregate_ratio={ratio(ours['agg_tps'], best)} single_ratio={ratio(ours['single_tps'], theirs['single_tps'])} "
           f"ttft_p50_ms={1000 * ours['ttft']:.0f} errors={errors}")
     return 0 if errors == 0 else 1

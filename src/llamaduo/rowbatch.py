@@ -12,7 +12,9 @@ attention over the same keys), so a served greedy answer is the batch-inference 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,14 +70,36 @@ class RowBatch:
         self.device = next(model.parameters()).device
         # A PEFT model with adapters takes one adapter name per row (PEFT's mixed-adapter batches).
         self.adapters = bool(getattr(model, "peft_config", None))
+        self._names: list[str] | None = None
+        if self.adapters:
+            self._hook_adapter_layers()
         self.cache = RowCache()
         self.rows: list[_Row] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def _forward_kwargs(self, adapters: list[str | None]) -> dict[str, Any]:
-        return {"adapter_names": [a or "__base__" for a in adapters]} if self.adapters else {}
+    def _hook_adapter_layers(self) -> None:
+        """Hand each LoRA layer this step's per-row adapter names, as PEFT's `adapter_names=` forward
+        argument does; PEFT would walk every module twice per forward to set its hooks up (~10 ms a
+        step on the tiny model, more than the step), these are set up once."""
+        from peft.tuners.lora import LoraLayer
+        from peft.utils.other import AuxiliaryTrainingWrapper
+
+        def inject(module: Any, args: Any, kwargs: dict) -> Any:
+            return None if self._names is None else (args, {**kwargs, "adapter_names": self._names})
+
+        for m in self.model.modules():
+            if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)):
+                m.register_forward_pre_hook(inject, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def _adapters(self, adapters: list[str | None]) -> Iterator[None]:
+        self._names = [a or "__base__" for a in adapters] if self.adapters else None
+        try:
+            yield
+        finally:
+            self._names = None
 
     def add(self, key: Any, req: ChatRequest) -> list[Event]:
         """Prefill `req` and add its `req.n` rows; returns the events of their first tokens."""
@@ -88,8 +112,8 @@ class RowBatch:
         s = req.sampling
         seed = fresh_seed() if req.seed is None else req.seed
         adapter = getattr(req, "adapter", None)
-        with torch.inference_mode():
-            keys, values, last = prefill(self.model, ids, **self._forward_kwargs([adapter]))
+        with torch.inference_mode(), self._adapters([adapter]):
+            keys, values, last = prefill(self.model, ids)
             first = last[None].repeat(req.n, 1)
         rows = []
         for j in range(req.n):
@@ -111,18 +135,22 @@ class RowBatch:
         """One decode step of every live row."""
         import torch
 
-        from llamaduo.decode import _attention
+        from llamaduo.decode import SharedPrefixUnsupported
 
         if not self.rows:
             return []
         self.cache.begin_step()
         tokens = torch.tensor([[r.next] for r in self.rows], dtype=torch.long, device=self.device)
         positions = self.cache.lengths[:, None]
-        with torch.inference_mode(), _attention(self.model, ATTENTION):
-            out = self.model(
-                input_ids=tokens, position_ids=positions, use_cache=False, logits_to_keep=1, row_cache=self.cache,
-                **self._forward_kwargs([r.adapter for r in self.rows]),
-            )
+        if self.model.config._attn_implementation != ATTENTION:
+            # Switched once and left so (switching walks every module): prefills and any other use of
+            # the model fall through to sdpa (see `rowcache.row_attention`).
+            self.model.set_attn_implementation(ATTENTION)
+            if self.model.config._attn_implementation != ATTENTION:
+                raise SharedPrefixUnsupported(f"{type(self.model).__name__} cannot switch its attention implementation")
+        with torch.inference_mode(), self._adapters([r.adapter for r in self.rows]):
+            out = self.model(input_ids=tokens, position_ids=positions, use_cache=False, logits_to_keep=1,
+                             row_cache=self.cache)
             self.cache.end_step()
             picks = pick(out.logits[:, -1], [r.sampling for r in self.rows], self.top_k)
         events = [self._take(r, p) for r, p in zip(self.rows, picks, strict=True)]

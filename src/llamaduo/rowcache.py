@@ -115,7 +115,14 @@ def row_attention(
 
     from llamaduo.decode import SharedPrefixUnsupported
 
-    if row_cache is None or query.shape[2] != 1:
+    if row_cache is None:
+        # Not one of the batch's decode steps (a prefill, or `generate` on the same model): sdpa, whose
+        # mask this implementation is registered with.
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      sliding_window=sliding_window, softcap=softcap, **kwargs)
+    if query.shape[2] != 1:
         raise SharedPrefixUnsupported("the row-cache attention only runs decode steps")
     for name in ("s_aux", "position_bias", "sinks"):
         if kwargs.get(name) is not None:
@@ -144,8 +151,10 @@ def row_attention(
 
 def register() -> None:
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
     AttentionInterface.register(ATTENTION, row_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
 def prefill(model: Any, ids: list[int], **forward: Any) -> tuple[list[Any], list[Any], Any]:

@@ -25,6 +25,7 @@ import contextlib
 import hmac
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -302,6 +303,9 @@ def local_engine(model: Any, tokenizer: Any, max_batch: int) -> "Scheduler | Gen
     """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`."""
     from llamaduo.decode import SharedPrefixUnsupported
 
+    # The generation thread holds the GIL between torch ops; at the default 5 ms switch interval the
+    # event loop (reading requests, sending every stream's chunks) waits that long each time it wakes.
+    sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
     scheduler = Scheduler(model, tokenizer, max_batch)
     try:
         scheduler.batch.probe()
