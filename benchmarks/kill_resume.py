@@ -8,7 +8,8 @@ The kill moments come from the reference run's events, not from the clock, so ev
 delivered whatever the machine's speed: each planned kill names a stage (a train stage, where
 checkpoints are being written; infer; judge; synth), the report written after a round, or
 `deploy`; the resumed process is watched (`--json` events) until that stage starts, then killed
-at a random point of the stage's reference duration. Last line:
+at a random point of the stage's reference duration (or as soon as the stage ends, on a machine
+faster than the reference's). Last line:
 
     kills=<n> resumed_ok=<n> extra_requests=<n> possibly_paid_twice=<n> identical=<true|false>
 
@@ -94,14 +95,16 @@ class Watched:
             if ev is None or pred(ev):
                 return ev
 
-    def kill_at(self, moment: float) -> bool:
-        delay = moment - time.monotonic()
-        if delay > 0:
+    def kill_at(self, moment: float, stage: str | None = None) -> bool:
+        """SIGKILL at `moment`, or as soon as `stage` is seen done if that comes first (a machine faster
+        than the reference's must not finish the stage, or the run, before its kill)."""
+        while (left := moment - time.monotonic()) > 0 and self.proc.poll() is None:
             try:
-                self.proc.wait(timeout=delay)
-                return False  # finished before its kill moment
-            except subprocess.TimeoutExpired:
-                pass
+                ev = self.events.get(timeout=min(left, 0.05))
+            except queue.Empty:
+                continue
+            if ev is None or (stage is not None and ev.get("event") == "stage_done" and ev.get("stage") == stage):
+                break
         if self.proc.poll() is not None:
             return False
         self.proc.send_signal(signal.SIGKILL)
@@ -213,7 +216,7 @@ def main() -> None:
                 if unfinished and Watched(["run", str(int_cfg), "--json"]).finish() == 0:  # the run ends before deploy
                     resumed_ok, pending = resumed_ok + pending, 0
                 w = Watched(["deploy", str(run_dir)])
-                moment = w.t0 + rng.uniform(0.3, 0.9) * duration["deploy"]
+                moment = w.t0 + rng.uniform(0.2, 0.6) * duration["deploy"]
             else:
                 w = Watched(["run", str(int_cfg), "--json"])
                 if target.startswith("report"):
@@ -229,7 +232,7 @@ def main() -> None:
                     print(f"  {target}: the run ended before its kill moment")
                     continue
                 resumed_ok, pending = resumed_ok + pending, 0  # it read what the last kill left and went on
-            if w.kill_at(moment):
+            if w.kill_at(moment, target if "/" in target else None):
                 kills += 1
                 pending += 1
                 where.append(target)
