@@ -94,9 +94,14 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        # The grammar engine reads the vocabulary once, in the background, before the first JSON request.
+        warming = asyncio.create_task(asyncio.to_thread(grammars.warm)) if grammars is not None else None
         try:
             yield
         finally:
+            if warming is not None:
+                with contextlib.suppress(Exception):
+                    await warming
             await batcher.stop()
 
     app = FastAPI(title="llamaduo", lifespan=lifespan)
