@@ -1,8 +1,11 @@
 """The OpenAI chat-completions wire format of `llamaduo serve`.
 
-Validating a request body into a `ChatRequest` (every bad field is a 400 naming it), the
-error body, the response body and the SSE chunks of a streamed answer. No I/O: the app in
-`serve.py` reads the request and sends what these functions build.
+Validating a request body into a `ChatRequest` (every bad field is a 400 naming it; the
+structured-output fields are read by `chat_formats.py`), the error body, the response body and
+the SSE chunks of a streamed answer, tool calls included. A conversation with tool turns keeps
+its OpenAI shape in `ChatRequest.conversation` and is flattened into plain turns in `messages`
+(the text format of `tools.py`). No I/O: the app in `serve.py` reads the request and sends what
+these functions build.
 """
 
 import json

@@ -127,9 +127,14 @@ def create_app(
         engine.start()
         if shadow is not None:
             shadow.start()
+        # The grammar engine reads the vocabulary once, in the background, before the first JSON request.
+        warming = asyncio.create_task(asyncio.to_thread(grammars.warm)) if grammars is not None else None
         try:
             yield
         finally:
+            if warming is not None:
+                with contextlib.suppress(Exception):
+                    await warming
             await engine.stop()
             if shadow is not None:
                 await asyncio.to_thread(shadow.stop)
