@@ -34,6 +34,23 @@ async def watch_disconnect(receive: Callable[[], Any], stream: Stream) -> None:
             return
 
 
+def check_context(req: ChatRequest, tokenizer: Any, context_length: int | None) -> None:
+    """A prompt plus `max_tokens` beyond the model's context is a 400, as OpenAI answers, before it
+    costs the batch anything (one oversized request must not hold the others up)."""
+    if tokenizer is None or not context_length:
+        return
+    from llamaduo.infer import prompt_ids
+
+    prompt = len(prompt_ids(tokenizer, req.prompt or req.messages))
+    asked = prompt + req.sampling.max_new_tokens
+    if asked > context_length:
+        raise APIError(
+            400, f"This model's maximum context length is {context_length} tokens. However, you requested {asked} "
+            f"tokens ({prompt} in the messages, {req.sampling.max_new_tokens} in the completion).", "messages",
+            "context_length_exceeded",
+        )
+
+
 async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None) -> None:
     """Set the request's grammar constraint and, for templates that render tools, its prompt text."""
     if req.grammar is not None:

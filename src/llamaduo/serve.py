@@ -47,7 +47,7 @@ from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
 from llamaduo.fallback import from_service as fallback_answer
 from llamaduo.grammar import Grammars
-from llamaduo.request_flow import requested_model, structure, tokens_as_sse, watch_disconnect
+from llamaduo.request_flow import check_context, requested_model, structure, tokens_as_sse, watch_disconnect
 from llamaduo.scheduler import Scheduler, Stream, StreamClosed
 from llamaduo.served import ServedModel, load_served, resolve_model_dir
 
@@ -87,6 +87,7 @@ def create_app(
     drift: "DriftMonitor | None" = None,
     metrics: "ServeMetrics | None" = None,
     tokenizer: Any = None,
+    context_length: int | None = None,
 ):
     """The FastAPI app. `defaults` fills sampling fields a request leaves out (the run's infer config).
 
@@ -235,6 +236,7 @@ def create_app(
             req.adapter = m.adapter
             if req.logprobs is not None and not isinstance(engine, Scheduler):
                 raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
+            check_context(req, tokenizer, context_length)
             await structure(req, tokenizer, grammars)
             # Tool calls are read from the whole answer: such a stream is sent once it is complete.
             whole = req.stream and req.calls_tools
@@ -336,7 +338,7 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
 
         shadow, drift = for_run(cfg, paths[0])
     app = create_app(engine, cfg.serve, served[0].name, defaults=cfg.infer, models=served, shadow=shadow, drift=drift,
-                     tokenizer=tokenizer)
+                     tokenizer=tokenizer, context_length=getattr(model.config, "max_position_embeddings", None))
     return app, served[0].name
 
 
