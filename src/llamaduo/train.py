@@ -17,8 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
-
+from llamaduo.artifacts import TrainResult
 from llamaduo.config import Config
 from llamaduo.data import Example
 from llamaduo.errors import UserError
@@ -28,24 +27,6 @@ from llamaduo.train_progress import quiet_libraries, rich_progress
 
 class TrainError(UserError):
     pass
-
-
-class TrainResult(BaseModel):
-    adapter_dir: Path
-    method: str
-    train_loss: float
-    val_loss: float | None = None
-    steps: int
-    examples: int
-    tokens: int  # non-padding tokens seen (all epochs)
-    seconds: float
-    tokens_per_s: float
-    lora_r: int | None = None
-    lora_alpha: int | None = None
-    resumed_from_step: int | None = None
-    dropped_too_long: int = 0  # examples whose prompt alone filled max_length
-    bf16: bool = False  # bf16 mixed precision (and a bf16 base under LoRA)
-    padding_free: bool = False
 
 
 def lora_schedule(n_examples: int) -> tuple[int, int]:
