@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from llamaduo.config import DataConfig, FieldMap
-from llamaduo.data import DataError, Problem, content_id, load_coverage
+from llamaduo.coverage import DataError, Problem, load_coverage
+from llamaduo.data import content_id
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -121,7 +122,7 @@ def test_turns_after_the_last_assistant_turn_and_bad_roles_are_errors(tmp_path):
     lines = [str(p) for p in e.value.problems]
     assert lines == [
         "chat.jsonl:2: field 'messages[2]': 1 turn(s) after the last assistant turn have no target",
-        "chat.jsonl:3: field 'messages[0].role': must be system, user or assistant, got 'human'",
+        "chat.jsonl:3: field 'messages[0].role': must be system, user, assistant or tool, got 'human'",
         "chat.jsonl:3: field 'messages[1].content': must be a string, got int",
         "chat.jsonl:4: field 'messages': has no assistant turn to learn from",
     ]

@@ -9,8 +9,9 @@ import pytest
 
 from llamaduo import loop
 from llamaduo.config import Config, from_dict
-from llamaduo.data import DataError, Example, load_examples, make_example
+from llamaduo.data import Example, load_examples, make_example
 from llamaduo.files import read_json
+from llamaduo.ingest import DataError
 from llamaduo.prepare import compute_stats, prepare, render_stats_table, split
 from llamaduo.store import RunStore
 from tests.test_data import RECORDS, broken_file, write_jsonl

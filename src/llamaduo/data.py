@@ -1,25 +1,64 @@
-"""Coverage data: the `Example` type, mapping and validating the records `ingest` reads."""
+"""The `Example` type (turns, tool calls, the structure its request carries) and run-directory examples.
+
+Reading a coverage file into examples is `coverage.py`."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from llamaduo.config import DataConfig, FieldMap
-from llamaduo.ingest import DataError, Problem, RawRecord, detect_format, read_records
+TOOL_CALL_OPEN = "<tool_call>\n"
+TOOL_CALL_END = "}\n</tool_call>"  # closes the call object and its block
+TOOL_CALL_SEPARATOR = "\n"
+
+
+def tool_call_prefix(name: str) -> str:
+    """A call block up to its arguments (the grammar's fixed text before the arguments JSON)."""
+    return TOOL_CALL_OPEN + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
+
+
+def tool_call_text(name: str, arguments: Any) -> str:
+    """One call as the model writes it (the text format of `tools.py`); `arguments` a dict or JSON text."""
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return tool_call_prefix(name) + args + TOOL_CALL_END
+
+
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "tool"]
     content: str
+    tool_calls: list[ToolCall] | None = None  # an assistant turn's function calls
+    tool_call_id: str | None = None  # a tool turn: the call it answers
+
+    @property
+    def text(self) -> str:
+        """The turn as the model reads or writes it: content, then each call as a `<tool_call>` block."""
+        if not self.tool_calls:
+            return self.content
+        calls = [tool_call_text(c.function.name, c.function.arguments) for c in self.tool_calls]
+        return TOOL_CALL_SEPARATOR.join([self.content, *calls] if self.content else calls)
+
+    def openai(self) -> dict[str, Any]:
+        """The turn as an OpenAI chat message."""
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class Lineage(BaseModel):
@@ -35,13 +74,22 @@ class Lineage(BaseModel):
 
 
 class Example(BaseModel):
-    """One training/test pair. `messages` ends with the assistant target turn."""
+    """One training/test pair. `messages` ends with the assistant target turn (text, tool calls or both).
+
+    A structured task's example also carries what its application sends with the request:
+    the offered `tools` (with `tool_choice` / `parallel_tool_calls`) and a `response_format`.
+    They are OpenAI's request fields as given; `structure.py` validates them and turns them into
+    the grammar that inference and `serve` both enforce."""
 
     model_config = ConfigDict(extra="forbid")
     id: str
     messages: list[Message]
     category: str = "default"
     lineage: Lineage = Field(default_factory=Lineage)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def prompt_messages(self) -> list[Message]:
@@ -58,12 +106,30 @@ class Example(BaseModel):
 
     @property
     def response(self) -> str:
-        return self.messages[-1].content
+        """The target as the model writes it (tool calls as `<tool_call>` blocks)."""
+        return self.messages[-1].text
+
+    @property
+    def structured(self) -> bool:
+        """Whether the example needs more than plain chat turns: tools, tool turns or a response format."""
+        return bool(self.tools or self.response_format or any(m.role == "tool" or m.tool_calls for m in self.messages))
+
+    def request_fields(self) -> dict[str, Any]:
+        """The structured-output fields an application sends with this prompt (OpenAI's names)."""
+        fields = {"tools": self.tools, "tool_choice": self.tool_choice,
+                  "parallel_tool_calls": self.parallel_tool_calls, "response_format": self.response_format}
+        return {k: v for k, v in fields.items() if v is not None}
 
 
-def content_id(messages: list[Message]) -> str:
+def content_id(messages: list[Message], extra: dict[str, Any] | None = None) -> str:
     """Stable id from content alone: the same pair gets the same id in every run."""
-    blob = json.dumps([[m.role, m.content] for m in messages], ensure_ascii=False).encode()
+    rows: list[Any] = [
+        [m.role, m.content] if not (m.tool_calls or m.tool_call_id) else [m.role, m.content, m.openai()]
+        for m in messages
+    ]
+    if extra:  # tools / response format: the same text under another schema is another example
+        rows.append(extra)
+    blob = json.dumps(rows, ensure_ascii=False, sort_keys=True).encode()
     return "ex-" + hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -89,53 +155,6 @@ def load_examples(path: Path) -> list[Example]:
     return read_rows(path, Example, "the run's data is damaged: rerun `llamaduo prepare` (or `llamaduo run`)")
 
 
-# ------------------------------------------------------------------ field mapping
-def to_example(
-    rec: RawRecord, fields: FieldMap, default_category: str
-) -> tuple[Example | None, list[Problem]]:
-    """Map one record to an Example, or return every problem it has."""
-    probs: list[Problem] = []
-
-    def problem(field: str | None, msg: str) -> None:
-        probs.append(Problem(source=rec.source, line=rec.line, unit=rec.unit, field=field, message=msg))
-
-    if rec.error:
-        problem(None, rec.error)
-        return None, probs
-    d = rec.data
-    if not isinstance(d, dict):
-        problem(None, f"expected an object, got {type(d).__name__}")
-        return None, probs
-    category = d.get(fields.category)
-    if category is None or (isinstance(category, str) and not category.strip()):
-        category = default_category
-    elif not isinstance(category, str):
-        problem(fields.category, f"must be a string, got {type(category).__name__}")
-    elif (bad := lone_surrogate(category)) is not None:
-        problem(fields.category, bad)
-    system = d.get(fields.system)
-    if system is not None and not isinstance(system, str):
-        problem(fields.system, f"must be a string, got {type(system).__name__}")
-        system = None
-    if isinstance(system, str) and (bad := lone_surrogate(system)) is not None:
-        problem(fields.system, bad)
-        system = None
-    system = system if system and system.strip() else None
-    if fields.prompt in d or fields.response in d or fields.messages not in d:
-        messages = _from_prompt_response(d, fields, system, problem)
-    else:
-        messages = _from_messages(d[fields.messages], fields.messages, problem)
-        if messages and system and messages[0].role != "system":
-            messages.insert(0, Message(role="system", content=system))
-    if probs or messages is None:
-        return None, probs
-    lineage = Lineage(source="coverage", origin=rec.where)
-    # The user's own id when the record has one (their joins and reports use it); a content hash otherwise.
-    rid = d.get(fields.id)
-    ex_id = str(rid) if rid is not None and rid != "" and not isinstance(rid, (dict, list)) else content_id(messages)
-    return Example(id=ex_id, messages=messages, category=category, lineage=lineage), probs
-
-
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -143,161 +162,3 @@ def lone_surrogate(text: str) -> str | None:
     """The problem with a string holding half of a UTF-16 pair (JSON allows `"\\ud800"`; UTF-8 cannot hold it)."""
     m = _SURROGATE.search(text)
     return None if m is None else f"holds a lone surrogate (\\u{ord(m.group(0)):04x}) at character {m.start() + 1}; not valid Unicode"
-
-
-def _text_field(d: dict, name: str, problem: Callable[[str | None, str], None], setting: str) -> str | None:
-    if name not in d:
-        have = ", ".join(sorted(map(str, d))[:20]) or "none"
-        problem(name, f"missing (the record's fields: {have}; map yours with data.fields.{setting})")
-        return None
-    v = d[name]
-    if v is None:
-        problem(name, "is null")
-        return None
-    if not isinstance(v, str):
-        problem(name, f"must be a string, got {type(v).__name__}")
-        return None
-    if not v.strip():
-        problem(name, "empty")
-        return None
-    if (bad := lone_surrogate(v)) is not None:
-        problem(name, bad)
-        return None
-    return v
-
-
-def _from_prompt_response(d: dict, fields: FieldMap, system: str | None, problem) -> list[Message] | None:
-    prompt = _text_field(d, fields.prompt, problem, "prompt")
-    response = _text_field(d, fields.response, problem, "response")
-    if prompt is None or response is None:
-        return None
-    msgs = [Message(role="system", content=system)] if system else []
-    return msgs + [Message(role="user", content=prompt), Message(role="assistant", content=response)]
-
-
-def _content_text(content: Any) -> str | None:
-    """A turn's text: a string, or OpenAI content parts that are all text."""
-    if isinstance(content, str):
-        return content
-    if (
-        isinstance(content, list)
-        and content
-        and all(
-            isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-            for p in content
-        )
-    ):
-        return "".join(p["text"] for p in content)
-    return None
-
-
-def _from_messages(raw: Any, name: str, problem) -> list[Message] | None:
-    """OpenAI-style turns: the last assistant turn is the target, everything before it context."""
-    if not isinstance(raw, list) or not raw:
-        problem(name, "must be a non-empty list of {role, content}")
-        return None
-    msgs: list[Message] = []
-    ok = True
-    for i, m in enumerate(raw):
-        where = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            problem(where, f"must be an object with role and content, got {type(m).__name__}")
-            ok = False
-            continue
-        role, content = m.get("role"), _content_text(m.get("content"))
-        if role not in ("system", "user", "assistant"):
-            problem(f"{where}.role", f"must be system, user or assistant, got {m.get('role')!r}")
-            ok = False
-        if content is None:
-            got = "missing" if "content" not in m else "null" if m["content"] is None else type(m["content"]).__name__
-            problem(f"{where}.content", f"must be a string, got {got}")
-            ok = False
-        elif (bad := lone_surrogate(content)) is not None:
-            problem(f"{where}.content", bad)
-            ok = False
-        if ok:
-            msgs.append(Message(role=role, content=content))
-    if not ok:
-        return None
-    last = max((i for i, m in enumerate(msgs) if m.role == "assistant"), default=None)
-    if last is None:
-        problem(name, "has no assistant turn to learn from")
-        return None
-    if last != len(msgs) - 1:
-        problem(
-            f"{name}[{last + 1}]",
-            f"{len(msgs) - 1 - last} turn(s) after the last assistant turn have no target",
-        )
-        return None
-    if not msgs[-1].content.strip():
-        problem(f"{name}[{last}].content", "empty")
-        return None
-    if not any(m.role == "user" and m.content.strip() for m in msgs[:-1]):
-        problem(name, "has no non-empty user turn before the target")
-        return None
-    return msgs
-
-
-# --------------------------------------------------------------------- validation
-@dataclass
-class Coverage:
-    """A validated coverage file: unique examples plus what was dropped and why."""
-
-    examples: list[Example]
-    records: int
-    duplicates: int = 0  # exact same messages seen again: kept once
-    filtered_out: int = 0  # outside `data.categories`
-    warnings: list[str] = field(default_factory=list)
-
-
-def load_coverage(path: Path, cfg: DataConfig) -> Coverage:
-    """Read and validate a whole coverage file. Raises DataError listing every problem."""
-    path = Path(path)
-    fmt = detect_format(path, cfg.format)
-    problems: list[Problem] = []
-    examples: list[Example] = []
-    seen_ids: dict[str, str] = {}
-    seen_content: set[str] = set()
-    duplicates = n = 0
-    for rec in read_records(path, fmt):
-        n += 1
-        ex, probs = to_example(rec, cfg.fields, cfg.default_category)
-        problems += probs
-        rid = rec.data.get(cfg.fields.id) if isinstance(rec.data, dict) else None
-        if rid is not None and rid != "":
-            rid = str(rid)
-            if rid in seen_ids:
-                msg = f"duplicate id {rid!r} (first at {seen_ids[rid]})"
-                problems.append(
-                    Problem(source=rec.source, line=rec.line, unit=rec.unit, field=cfg.fields.id, message=msg)
-                )
-            else:
-                seen_ids[rid] = rec.where
-        if ex is None:
-            continue
-        same = content_id(ex.messages)  # exact duplicates by content, whatever their ids
-        if same in seen_content:
-            duplicates += 1
-            continue
-        seen_content.add(same)
-        examples.append(ex)
-    if problems:
-        raise DataError(problems, path.name, n)
-    if n == 0:
-        raise DataError([Problem(source=path.name, message="no records")], path.name, 0)
-    cov = Coverage(examples=examples, records=n, duplicates=duplicates)
-    if duplicates:
-        cov.warnings.append(f"{path.name}: {duplicates} exact duplicate record(s) kept once")
-    if cfg.categories is not None:
-        keep = set(cfg.categories)
-        missing = sorted(keep - {e.category for e in examples})
-        if missing:
-            cov.warnings.append(
-                f"{path.name}: no records in categor{'y' if len(missing) == 1 else 'ies'} {missing}"
-            )
-        cov.examples = [e for e in examples if e.category in keep]
-        cov.filtered_out = len(examples) - len(cov.examples)
-        if not cov.examples:
-            msg = f"no records in categories {sorted(keep)}"
-            raise DataError([Problem(source=path.name, field="category", message=msg)], path.name, n)
-    return cov

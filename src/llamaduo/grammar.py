@@ -259,7 +259,10 @@ class Grammars:
         return lambda: GrammarConstraint(compiled, vocab, max_tokens)
 
 
-def _compile(compiler: Any, spec: GrammarSpec) -> Any:
+def structural_tag(spec: GrammarSpec) -> Any:
+    """The xgrammar structural tag of a spec with tools: `<tool_call>` blocks (one or more, or one
+    when not parallel), or — under `auto` with a response schema — either blocks or that JSON.
+    vLLM's guided decoding takes the same tag (as JSON), so both backends enforce one grammar."""
     from xgrammar.structural_tag import (
         JSONSchemaFormat,
         OrFormat,
@@ -268,9 +271,6 @@ def _compile(compiler: Any, spec: GrammarSpec) -> Any:
         TagsWithSeparatorFormat,
     )
 
-    if not spec.tools:
-        assert spec.schema is not None, "a GrammarSpec constrains to a schema, tool calls, or both"
-        return compiler.compile_json_schema(spec.schema, any_whitespace=False, strict_mode=spec.strict)
     tags = [
         TagFormat(
             begin=tool_call_prefix(name),
@@ -283,6 +283,13 @@ def _compile(compiler: Any, spec: GrammarSpec) -> Any:
     calls = TagsWithSeparatorFormat(tags=tags, separator=TOOL_CALL_SEPARATOR, at_least_one=True,
                                     stop_after_first=not spec.parallel)
     if spec.tools_required or spec.schema is None:
-        return compiler.compile_structural_tag(StructuralTag(format=calls))
+        return StructuralTag(format=calls)
     answer = JSONSchemaFormat(json_schema=json.loads(spec.schema), max_whitespace_cnt=1)
-    return compiler.compile_structural_tag(StructuralTag(format=OrFormat(elements=[calls, answer])))
+    return StructuralTag(format=OrFormat(elements=[calls, answer]))
+
+
+def _compile(compiler: Any, spec: GrammarSpec) -> Any:
+    if not spec.tools:
+        assert spec.schema is not None, "a GrammarSpec constrains to a schema, tool calls, or both"
+        return compiler.compile_json_schema(spec.schema, any_whitespace=False, strict_mode=spec.strict)
+    return compiler.compile_structural_tag(structural_tag(spec))

@@ -249,10 +249,27 @@ def vllm_available() -> bool:
     return torch.cuda.is_available()
 
 
+def vllm_guided(spec: Any) -> dict[str, Any]:
+    """vLLM's guided decoding for a `GrammarSpec` (None: free text): the response schema as JSON, or
+    the tool-call structural tag `grammar.py` compiles for the transformers route."""
+    if spec is None:
+        return {}
+    import json
+
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if not spec.tools:
+        return {"structured_outputs": StructuredOutputsParams(json=json.loads(spec.schema), disable_any_whitespace=True)}
+    from llamaduo.grammar import structural_tag
+
+    return {"structured_outputs": StructuredOutputsParams(structural_tag=structural_tag(spec).model_dump_json())}
+
+
 def generate_vllm(
-    cfg: Config, prompts: list[tuple[str, list[Message]]], adapter_dir: Path | None, model_hash: str, adapter_hash: str
+    cfg: Config, test: list[Example], adapter_dir: Path | None, model_hash: str, adapter_hash: str
 ) -> list[Completion]:
-    """The GPU route: vLLM with the round's LoRA adapter."""
+    """The GPU route: vLLM with the round's LoRA adapter; a structured prompt decodes under vLLM's
+    guided decoding with the same JSON schema / tool-call grammar as the transformers route."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -263,11 +280,17 @@ def generate_vllm(
     is_lora = adapter_dir is not None and (adapter_dir / "adapter_config.json").exists()
     llm = LLM(model=str(adapter_dir if adapter_dir and not is_lora else base), enable_lora=is_lora, seed=cfg.seed)
     s = cfg.infer
-    params = SamplingParams(
-        n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens, stop=s.stop or None,
-        seed=cfg.seed,
-    )
-    texts = [models.render_prompt(tok, msgs) for _, msgs in prompts]
+    from llamaduo import structure
+
+    prompts = [(e.id, structure.prompt_for(tok, e)) for e in test]
+    params = [
+        SamplingParams(
+            n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
+            stop=s.stop or None, seed=cfg.seed, **vllm_guided(structure.spec(e)),
+        )
+        for e in test
+    ]
+    texts = [p if isinstance(p, str) else models.render_prompt(tok, p) for _, p in prompts]
     lora = LoRARequest("round", 1, str(adapter_dir)) if is_lora else None
     outs = llm.generate(texts, params, lora_request=lora)
     return [
@@ -286,15 +309,33 @@ def run_inference(
     """Load the round's model and answer every test prompt K times."""
     from llamaduo import models
 
-    prompts = [(e.id, e.prompt_messages) for e in test]
     mh, ah = models.model_hash(cfg.model), models.adapter_hash(adapter_dir)
     if cfg.infer.backend == "vllm" and not vllm_available():
         raise UserError("infer.backend=vllm needs the vllm package and a CUDA GPU; use infer.backend=transformers")
     if cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available()):
-        return generate_vllm(cfg, prompts, adapter_dir, mh, ah)
+        return generate_vllm(cfg, test, adapter_dir, mh, ah)
     model, tok = load_round_model(cfg, adapter_dir)
     model = for_generation(model, cfg.infer)
-    return generate(model, tok, prompts, cfg.infer, seed=cfg.seed, model_hash=mh, adapter_hash=ah, progress=progress)
+    prompts, constraints = structured_prompts(tok, test, stop_token_ids(model, tok), cfg.infer.max_new_tokens)
+    return generate(model, tok, prompts, cfg.infer, seed=cfg.seed, model_hash=mh, adapter_hash=ah, progress=progress,
+                    constraints=constraints)
+
+
+def structured_prompts(
+    tokenizer: Any, test: list[Example], stop_ids: list[int], max_tokens: int
+) -> tuple[list[tuple[str, Any]], list[ConstraintFactory | None] | None]:
+    """Each test prompt as the model sees it, and the grammar its answer decodes under — the
+    prompt and the constraint `serve` applies to the same request (`structure.py`)."""
+    from llamaduo import structure
+
+    prompts = [(e.id, structure.prompt_for(tokenizer, e)) for e in test]
+    specs = [structure.spec(e) for e in test]
+    if not any(specs):
+        return prompts, None
+    from llamaduo.grammar import Grammars
+
+    grammars = Grammars(tokenizer, stop_ids)
+    return prompts, [grammars.factory(s, max_tokens) if s is not None else None for s in specs]
 
 
 # Below this size a decoding step is bound by per-step overhead and the KV cache, not by reading

@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from llamaduo.data import Example, content_id, load_coverage
+from llamaduo import structure
+from llamaduo.coverage import load_coverage
+from llamaduo.data import Example, content_id
 from llamaduo.ingest import DataError, Problem
 
 if TYPE_CHECKING:
@@ -194,11 +196,11 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
     if cfg.data.input is None:
         raise DataError([Problem(source="config", field="data.input", message="not set")], "config")
     src = Path(cfg.data.input)
-    cov = load_coverage(src, cfg.data)
+    cov = load_coverage(src, cfg.data, check=structure.check)
     warnings = list(cov.warnings)
     removed = 0
     if cfg.data.test_file is not None:
-        test_cov = load_coverage(Path(cfg.data.test_file), cfg.data)
+        test_cov = load_coverage(Path(cfg.data.test_file), cfg.data, check=structure.check)
         warnings += test_cov.warnings
         test = test_cov.examples
         # Decontaminate: a pair in the given test file must not also be trained on.

@@ -44,11 +44,15 @@ import re
 import uuid
 from typing import Any
 
-from llamaduo.data import Message
+from llamaduo.data import (  # noqa: F401  (the call format lives with the Message type; re-exported here)
+    TOOL_CALL_END,
+    TOOL_CALL_OPEN,
+    TOOL_CALL_SEPARATOR,
+    Message,
+    tool_call_prefix,
+    tool_call_text,
+)
 
-TOOL_CALL_OPEN = "<tool_call>\n"
-TOOL_CALL_END = "}\n</tool_call>"  # closes the call object and its block
-TOOL_CALL_SEPARATOR = "\n"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _PROBE = "llamaduo_probe_tool"
 _renders_tools: dict[tuple[int, str], bool] = {}
@@ -62,17 +66,6 @@ TOOLS_FOOTER = (
     '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
     "</tool_call>"
 )
-
-
-def tool_call_prefix(name: str) -> str:
-    """A call block up to its arguments (the grammar's fixed text before the arguments JSON)."""
-    return TOOL_CALL_OPEN + '{"name": ' + json.dumps(name, ensure_ascii=False) + ', "arguments": '
-
-
-def tool_call_text(name: str, arguments: Any) -> str:
-    """One call as the model writes it; `arguments` a dict or a JSON string."""
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return tool_call_prefix(name) + args + TOOL_CALL_END
 
 
 def tools_text(tools: list[dict[str, Any]]) -> str:

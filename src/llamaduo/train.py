@@ -71,10 +71,13 @@ def use_bf16(cfg: Config) -> bool:
 
 def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
     """input_ids = prompt + target turn; completion_mask marks the target tokens (the loss)."""
-    from llamaduo.models import completion_text, encode_prompt
+    from llamaduo.infer import prompt_ids as encode
+    from llamaduo.structure import completion_for, prompt_for
 
-    prompt_ids = encode_prompt(tokenizer, example.prompt_messages)
-    target_ids = tokenizer(completion_text(tokenizer, example.messages), add_special_tokens=False)["input_ids"]
+    # A structured example (tools, tool turns, a response format) is rendered exactly as `serve`
+    # renders the same request, so the model learns the token sequence it is served with.
+    prompt_ids = encode(tokenizer, prompt_for(tokenizer, example))
+    target_ids = tokenizer(completion_for(tokenizer, example), add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + target_ids)[:max_length]
     mask = ([0] * len(prompt_ids) + [1] * len(target_ids))[:max_length]
     return {"input_ids": ids, "completion_mask": mask}

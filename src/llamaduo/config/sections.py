@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -73,6 +73,11 @@ class DataConfig(Strict):
     default_category: str = Field("default", description="Category for records that have none.")
     tokenizer: str | None = Field(
         None, description="Tokenizer (local dir) for token-length stats; None reports characters only."
+    )
+    response_format: dict[str, Any] | None = Field(
+        None,
+        description="The task's OpenAI response_format (json_object, or json_schema with its schema), for records "
+        "that carry none: references are validated against it, inference and serving enforce it.",
     )
 
 
