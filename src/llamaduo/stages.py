@@ -270,7 +270,7 @@ class Run:
         cfg, store = self.cfg, self.store
         components = {
             "upstream": upstream,
-            "infer": cfg.infer.model_dump(mode="json"),
+            "infer": cfg.infer.model_dump(mode="json", exclude={"vllm"}),  # the GPU layout changes no answer
             "test": hash_file(store.test_path),
             "seed": str(cfg.seed),
         }

@@ -31,11 +31,12 @@ from llamaduo.config.sections import (
     SynthConfig,
     TrackingConfig,
     TrainConfig,
+    VLLMConfig,
 )
 from llamaduo.config.serving import DeployConfig, ServeConfig
 
 __all__ = [
-    "DEFAULT_PRICES", "Config", "ConfigError", "DataConfig", "DedupConfig", "DeployConfig", "FieldMap", "InferConfig",
+    "DEFAULT_PRICES", "Config", "ConfigError", "DataConfig", "DedupConfig", "DeployConfig", "FieldMap", "InferConfig", "VLLMConfig",
     "JudgeConfig", "LoopConfig", "ModelConfig", "PassRule", "Price", "ServeConfig", "ServiceConfig", "Strict",
     "SynthConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "dump_config", "format_validation_error", "from_dict",
 ]

@@ -267,6 +267,24 @@ class TrainConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- infer
+class VLLMConfig(Strict):
+    """How the vLLM backend lays the infer stage over GPUs (ignored by the transformers backend)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards each layer over.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="GPUs one engine splits the layers over (in stages).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Engines, each in its own process on its own tensor × pipeline GPUs, each answering "
+        "a shard of the test prompts.",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    max_model_len: int | None = Field(None, ge=1, description="Context length of the engine; None = the model's.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs (less memory, slower decoding).")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="How one engine's tensor/pipeline workers run: processes ('mp') or Ray (across nodes); "
+        "None = vLLM's choice.",
+    )
+
+
 class InferConfig(Strict):
     backend: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="'auto' = vLLM when installed with CUDA, else transformers."
@@ -282,6 +300,7 @@ class InferConfig(Strict):
         "length-sorted batches close early rather than exceed it (a longer prompt runs alone). None = batch_size only.",
     )
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Parallel layout of the vLLM backend.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Weights for generation: 'auto' = bf16 when sampling where the hardware computes bf16 "
