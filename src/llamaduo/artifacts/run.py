@@ -202,6 +202,7 @@ class LedgerRow(_Artifact):
     usd: float = 0.0
     saved_usd: float = 0.0  # what the cache hits would have cost
     possibly_billed: int = 0  # sent by a process that died before the reply came: maybe billed, never stored
+    possibly_billed_usd: float = 0.0  # the most those may have cost; counted against the budget
 
     @property
     def tokens(self) -> int:

@@ -140,7 +140,9 @@ class ServiceClient:
                     wait = self.pacer.wait_left()  # a 429 seen meanwhile holds everyone
                 self.budget.check()  # spending may have crossed the budget while we waited
                 t0 = time.monotonic()
-                sent = self.log.sending(h, n, stage, round)  # before it goes out: a kill now leaves it unanswered
+                # Logged before it goes out (a kill now leaves it unanswered), with the most it can cost.
+                in_tokens = est - max_tokens
+                sent = self.log.sending(h, n, stage, round, self.cost(model, in_tokens, max_tokens), est)
                 try:
                     return await asyncio.wait_for(self.provider.send(conn, model, messages, params), self.cfg.timeout_s + 5)
                 except asyncio.TimeoutError as e:  # our own deadline, above the transport's
