@@ -87,7 +87,7 @@ def _measure(cfg: Config, store: RunStore, client: Client, name: str, runtime: A
     for src in (store.predictions_path("accept"), store.judgments_path("accept"), store.scores_path("accept"),
                 store.accept_comparison_path):
         shutil.copyfile(src, keep / src.name)
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     served = candidate_scores(store.read_judgments("accept"), rule.metric)
     ref, label = reference
     row = ParityRow(
@@ -179,7 +179,7 @@ def run_parity(cfg: Config, store: RunStore, client: Client, *, artifact: str = 
 
     r = pick_round(store, round)
     test = judge_mod.select_test(cfg, load_examples(store.test_path))
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     if endpoint is not None:
         factories: dict[str, Callable[[], Any]] = {"endpoint": lambda: _Endpoint(endpoint, model)}
         shipped = "endpoint"
