@@ -174,13 +174,13 @@ def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model
     preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency, extra_body))
     ev = evaluate(cfg, client, store, "accept", test, preds)
 
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # the judge's scores are compared; the verdict reads the whole rule
     served = candidate_scores(store.read_judgments("accept"), rule.metric)
     ref = candidate_scores(store.read_judgments(r), rule.metric)
     diff, lo, hi = paired_bootstrap(served, ref, rule.statistic, cfg.seed)
     pids = sorted(set(served) & set(ref))
     baseline = store.read_scores("baseline") if store.scores_path("baseline").exists() else None
-    passed = bool(evaluate_pass(ev.scores, rule, baseline).passed)
+    passed = bool(evaluate_pass(ev.scores, cfg.judge.pass_rule, baseline).passed)
     result = AcceptResult(
         endpoint=endpoint,
         model=model,
