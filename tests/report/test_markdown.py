@@ -89,3 +89,35 @@ def test_a_free_text_run_has_no_exact_metrics_section(tmp_path):
     report.write_report(store)
     assert "Exact metrics" not in store.report_md.read_text()
     assert "id='exact'" not in store.report_html.read_text()
+
+
+def test_a_rejected_shipped_artifact_and_what_passes_instead_are_in_both_reports(tmp_path):
+    from llamaduo.artifacts import Parity, ParityRow
+    from llamaduo.files import write_json
+
+    store = build_run(tmp_path / "run")
+    parity = Parity(round=2, metric="precision", statistic="mean", round_value=88.0, max_drop=2.0, shipped="q4_k_m",
+                    shipped_rejected=True, passes_instead=["q8_0"], rows=[
+                        ParityRow(artifact="merged", runtime="llamaduo serve", value=88.0, ci=(85.0, 91.0),
+                                  difference=0.0, difference_ci=(0.0, 0.0), identical=1.0, tokens_per_s=9.9,
+                                  peak_rss_mb=900, prompts=4, rejected=False),
+                        ParityRow(artifact="q8_0", runtime="llama.cpp", value=87.5, difference=-0.5,
+                                  difference_ci=(-1.5, 0.5), identical=0.95, tokens_per_s=40.0, prompts=4, rejected=False),
+                        ParityRow(artifact="q4_k_m", runtime="llama.cpp", value=70.0, difference=-18.0,
+                                  difference_ci=(-25.0, -11.0), identical=0.25, tokens_per_s=55.0, prompts=4, rejected=True),
+                        ParityRow(artifact="f16", runtime="llama.cpp", error="llama.cpp did not start"),
+                    ])
+    write_json(store.parity_path, parity.model_dump(mode="json", exclude_none=True))
+    report.write_report(store)
+    md, html = store.report_md.read_text(), store.report_html.read_text()
+    verdict = "The shipped artifact (q4_k_m) is REJECTED"
+    assert verdict in md and verdict in html and "Passes instead: q8_0." in md and "Passes instead: q8_0." in html
+    assert "| q4_k_m (shipped) | llama.cpp | 70.0 | n/a | -18.0 | [-25.0, -11.0] | 25% | 55.0 | n/a | rejected |" in md
+    assert "| f16 | llama.cpp | n/a | n/a | n/a | n/a | n/a | n/a | n/a | not measured: llama.cpp did not start |" in md
+    assert "id='shipping'" in html
+
+
+def test_a_run_never_deployed_has_no_shipping_section(tmp_path):
+    store = build_run(tmp_path / "run")
+    report.write_report(store)
+    assert "Shipping" not in store.report_md.read_text() and "id='shipping'" not in store.report_html.read_text()

@@ -134,6 +134,8 @@ def collect(store: RunStore) -> ReportView:
     _fill_projection(rd, view)
     view.calibration = rd.get(store.calibration_path, store.read_calibration, None)
     view.production = rd.get(store.monitor_db, lambda: production_view(store), None)
+    if store.parity_path.exists():
+        view.parity = rd.get(store.parity_path, store.read_parity, None)
     return view
 
 

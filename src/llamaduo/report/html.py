@@ -19,6 +19,7 @@ from llamaduo.report.views import (
     CUT_TEXT,
     EXACT_HEAD,
     JUDGING_HEAD,
+    PARITY_HEAD,
     PROBE_HEAD,
     STAGE_COLORS,
     STATS,
@@ -34,6 +35,8 @@ from llamaduo.report.views import (
     fmt,
     fmt_usd,
     judging_rows,
+    parity_rows,
+    parity_verdict,
     passed_text,
     probe_rows,
     rule_text,
@@ -316,6 +319,18 @@ def _html_production(view: ReportView) -> str:
             f"{_e(spend)}.</p>{table}{'<ul>' + events + '</ul>' if events else ''}{''.join(items)}</section>")
 
 
+def _html_shipping(view: ReportView) -> str:
+    p = view.parity
+    if p is None:
+        return ""
+    bad = " style='color:var(--fail)'" if p.shipped_rejected else ""
+    return (f"<section id='shipping'><h2>Shipping: judged through the runtime that serves it</h2>"
+            f"<p{bad}><b>{_e(parity_verdict(p))}</b></p>"
+            + _table(PARITY_HEAD, [[_e(c) for c in row] for row in parity_rows(p)], text_cols=(0, 1, 9))
+            + f"<p class='note'>{_e(p.statistic)} {_e(p.metric)} per artifact on the test prompts, paired with round "
+            f"{p.round} ({_e(fmt(p.round_value))}); gate: deploy.max_drop {p.max_drop:g} points.</p></section>")
+
+
 def render_html(view: ReportView) -> str:
     """The whole report as one self-contained HTML page: no scripts, no external resources."""
     problems = "".join(f"<li>{_e(p)}</li>" for p in view.problems)
@@ -337,6 +352,7 @@ def render_html(view: ReportView) -> str:
         + _html_worst(view)
         + _html_projection(view)
         + _html_production(view)
+        + _html_shipping(view)
         + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"
         + "</main></body></html>\n"
     )

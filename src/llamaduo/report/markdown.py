@@ -13,6 +13,7 @@ from llamaduo.report.views import (
     CUT_TEXT,
     EXACT_HEAD,
     JUDGING_HEAD,
+    PARITY_HEAD,
     PROBE_HEAD,
     STATS,
     ReportView,
@@ -27,6 +28,8 @@ from llamaduo.report.views import (
     fmt,
     fmt_usd,
     judging_rows,
+    parity_rows,
+    parity_verdict,
     passed_text,
     probe_rows,
     rule_text,
@@ -198,10 +201,18 @@ def _md_production(view: ReportView) -> list[str]:
     return L
 
 
+def _md_shipping(view: ReportView) -> list[str]:
+    p = view.parity
+    if p is None:
+        return []
+    return (["## Shipping: judged through the runtime that serves it", "", f"**{_md(parity_verdict(p))}**", ""]
+            + _md_table(PARITY_HEAD, [[_md(c) for c in row] for row in parity_rows(p)]) + [""])
+
+
 def render_markdown(view: ReportView) -> str:
     """The report as Markdown: the same numbers and texts, without charts."""
     L = _md_header(view) + _md_rounds(view) + _md_exact(view) + _md_cost(view) + _md_data(view) + _md_judging(view) + _md_judge_card(view)
-    L += _md_worst(view) + _md_projection(view) + _md_production(view)
+    L += _md_worst(view) + _md_projection(view) + _md_production(view) + _md_shipping(view)
     if view.problems:
         L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]
     return "\n".join(L)

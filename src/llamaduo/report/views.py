@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llamaduo import cost as cost_mod
-from llamaduo.artifacts import EXACT_METRICS, Agreement, Calibration, Counts, LedgerRow, Scores
+from llamaduo.artifacts import EXACT_METRICS, Agreement, Calibration, Counts, LedgerRow, Parity, Scores
 
 if TYPE_CHECKING:
     from llamaduo.monitor import ProductionView
@@ -118,6 +118,40 @@ class ReportView:
     problems: list[str] = field(default_factory=list)  # unreadable pieces, one line each
     calibration: Calibration | None = None  # the judge card: agreement with people and bias probes
     production: ProductionView | None = None  # monitor.ProductionView once live traffic was shadowed; None: no section
+    parity: Parity | None = None  # deploy/parity.json: what shipped, judged through its runtime; None: no section
+
+
+PARITY_HEAD = ["artifact", "runtime", "score", "95% CI", "vs best round", "95% CI", "identical greedy", "tokens/s",
+               "peak RSS MB", "verdict"]
+
+
+def parity_rows(p: Parity) -> list[list[str]]:
+    """The shipping table's cells (plain text; each renderer escapes them)."""
+    def ci(v: tuple[float, float] | None) -> str:
+        return "n/a" if v is None else f"[{fmt(v[0])}, {fmt(v[1])}]"
+
+    rows = []
+    for r in p.rows:
+        verdict = ("not measured: " + r.error) if r.error else (
+            "rejected" if r.rejected else "n/a" if r.rejected is None else "passes")
+        rows.append([r.artifact + (" (shipped)" if r.artifact == p.shipped else ""), r.runtime, fmt(r.value), ci(r.ci),
+                     fmt(r.difference, suffix=""), ci(r.difference_ci),
+                     "n/a" if r.identical is None else f"{r.identical:.0%}", fmt(r.tokens_per_s),
+                     fmt(r.peak_rss_mb, 0), verdict])
+    return rows
+
+
+def parity_verdict(p: Parity) -> str:
+    """One sentence: is the shipped artifact accepted, and what passes instead when it is not."""
+    if p.shipped is None:
+        return "No artifact is marked as shipped."
+    if p.shipped_rejected is None:
+        return f"The shipped artifact ({p.shipped}) could not be judged."
+    if not p.shipped_rejected:
+        return f"The shipped artifact ({p.shipped}) is within {p.max_drop:g} points of round {p.round}."
+    instead = ", ".join(p.passes_instead) or "none of the others"
+    return (f"The shipped artifact ({p.shipped}) is REJECTED: it scores more than {p.max_drop:g} points below round "
+            f"{p.round} (beyond the CI). Passes instead: {instead}.")
 
 
 # ------------------------------------------------------------------ text shared by the renderers
