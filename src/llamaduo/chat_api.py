@@ -87,6 +87,14 @@ class ChatRequest:
         return bool(self.tools) and self.tool_choice != "none"
 
     @property
+    def call_names(self) -> set[str]:
+        """The functions an answer's calls may name (only the named one under a forced function)."""
+        if not self.calls_tools:
+            return set()
+        return {t["function"]["name"] for t in self.tools
+                if self.tool_choice != "function" or t["function"]["name"] == self.tool_name}
+
+    @property
     def prompt_tools(self) -> list[dict[str, Any]] | None:
         """The tools shown to the model: none with `tool_choice: none` (it must not call)."""
         return self.tools if self.calls_tools else None
@@ -263,13 +271,14 @@ def read_tool_calls(choice: Choice, req: ChatRequest) -> Choice:
     A call that was cut off by `max_tokens` does not parse: the text stays, `finish_reason` `length`."""
     if not req.calls_tools or choice.text is None:
         return choice
-    names = {t["function"]["name"] for t in req.tools if req.tool_choice != "function" or t["function"]["name"] == req.tool_name}
-    content, calls = parse_tool_calls(choice.text, names)
+    content, calls = parse_tool_calls(choice.text, req.call_names)
     if not calls:
         return choice
     if not req.parallel_tool_calls:
         calls = calls[:1]
-    choice.text, choice.tool_calls, choice.finish_reason = content, calls, "tool_calls"
+    cut = choice.finish_reason == "length" and content is not None and "<tool_call>" in content
+    choice.text, choice.tool_calls = content, calls
+    choice.finish_reason = "length" if cut else "tool_calls"  # a later call cut off: the answer is not whole
     return choice
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from llamaduo.chat_api import APIError, ChatRequest, delta, sse_chunk, usage_chunk
 from llamaduo.grammar import Grammars
 from llamaduo.scheduler import Stream
+from llamaduo.tool_stream import ToolCallStream
 from llamaduo.tools import render_conversation, renders_tools
 
 log = logging.getLogger("llamaduo.serve")
@@ -72,16 +73,33 @@ async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None)
 async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any) -> AsyncIterator[str]:
     """The chunks of a streamed local answer, each sent as soon as its tokens are decoded."""
     req = stream.request
+    # An answer that may call tools: its text goes through one streamer per choice (content and
+    # tool-call deltas as OpenAI sends them, see `tool_stream.py`).
+    calls = [ToolCallStream(req.call_names, req.parallel_tool_calls) for _ in range(req.n)] if req.calls_tools else None
     try:
         for i in range(req.n):
             yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
         events = first
         while events is not None:
             for e in events:
-                if e.text or e.logprobs:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
-                if e.finish_reason is not None:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=e.finish_reason)])
+                if calls is None:
+                    if e.text or e.logprobs:
+                        yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
+                    reason = e.finish_reason
+                else:
+                    parts = calls[e.index].feed(e.text)
+                    if e.finish_reason is not None:
+                        more, reason = calls[e.index].finish(e.finish_reason)
+                        parts += more
+                    else:
+                        reason = None
+                    if e.logprobs and not parts:
+                        parts = [{}]
+                    for k, d in enumerate(parts):
+                        lp = {"logprobs": {"content": e.logprobs, "refusal": None}} if e.logprobs and k == 0 else {}
+                        yield sse_chunk(rid, created, name, False, [{"index": e.index, "delta": d, "finish_reason": None, **lp}])
+                if reason is not None:
+                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=reason)])
             events = await stream.next()
         if req.include_usage:
             yield usage_chunk(rid, created, name, stream.choices, False)

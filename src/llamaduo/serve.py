@@ -238,15 +238,11 @@ def create_app(
                 raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
             check_context(req, tokenizer, context_length)
             await structure(req, tokenizer, grammars)
-            # Tool calls are read from the whole answer: such a stream is sent once it is complete.
-            whole = req.stream and req.calls_tools
-            req.stream = req.stream and not whole
             t0 = time.perf_counter()
             stream, got, used_fallback = await start(m, req, request)
-            req.stream = req.stream or whole
         except APIError as e:
             return error(e)
-        if used_fallback or not req.stream or whole:
+        if used_fallback or not req.stream:
             answered = [read_tool_calls(c, req) for c in (got if used_fallback else stream.choices)]
             metrics.answered(fallback_of(m)[1] if used_fallback else m.name, answered, time.perf_counter() - t0)
             if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
@@ -255,7 +251,7 @@ def create_app(
         created = int(clock())
         name = fallback_of(m)[1] if used_fallback else m.name
         headers = {"x-llamaduo-served-by": "service" if used_fallback else "local"}
-        if used_fallback or not req.stream or whole:
+        if used_fallback or not req.stream:
             choices = answered
             if req.stream:
                 events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)
