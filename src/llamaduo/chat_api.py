@@ -75,6 +75,7 @@ class ChatRequest:
     constraint: ConstraintFactory | None = None  # one TokenConstraint per generated sequence, set from `grammar`
     adapter: str | None = None  # the LoRA adapter that answers (a served model name); None = the base
     prompt: str | None = None  # the rendered prompt, when the server's template renders tools itself
+    request_fields: dict[str, Any] = field(default_factory=dict)  # tools ... response_format as sent (fallback forwards them)
 
     @property
     def group_key(self) -> tuple:
@@ -236,6 +237,8 @@ def parse_chat_request(raw: bytes, cfg: ServeConfig, defaults: InferConfig) -> C
         parallel_tool_calls=True if parallel is None else parallel,
         logprobs=top if logprobs else None,
     )
+    req.request_fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+                          if body.get(k) is not None}
     req.messages = plain_messages(conversation, req.prompt_tools)
     req.grammar = grammar_spec(response_format, tools, choice, name, req.parallel_tool_calls)
     return req

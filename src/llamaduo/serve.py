@@ -45,6 +45,7 @@ from llamaduo.chat_api import (
 )
 from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
+from llamaduo.fallback import cannot_carry
 from llamaduo.fallback import from_service as fallback_answer
 from llamaduo.grammar import Grammars
 from llamaduo.request_flow import check_context, requested_model, structure, tokens_as_sse, watch_disconnect
@@ -194,7 +195,7 @@ def create_app(
         """(stream, its first events | the whole answer, served by fallback). Errors before the first
         token (or the whole answer, when not streaming) go to the fallback or become a 500."""
         client, _ = fallback_of(m)
-        if client is not None and drift is not None and drift.drifted:
+        if client is not None and drift is not None and drift.drifted and cannot_carry(client, req) is None:
             choices = await from_service(m, req, f"drift: {drift.state.reason}")
             if shadow is not None and shadow.sample():  # the judge keeps watching the local model
                 local = asyncio.ensure_future(engine.submit(req).result())
