@@ -8,11 +8,14 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from llamaduo.chat_api import APIError, ChatRequest, delta, sse_chunk, usage_chunk
 from llamaduo.grammar import Grammars
+from llamaduo.rowbatch import Event
 from llamaduo.scheduler import Stream
+from llamaduo.tool_stream import ToolCallStream
 from llamaduo.tools import render_conversation, renders_tools
 
 log = logging.getLogger("llamaduo.serve")
@@ -69,19 +72,50 @@ async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None)
 
 # ------------------------------------------------------------------ local model
 
+def merged(events: list[Event]) -> list[Event]:
+    """Consecutive events of one choice as one (several steps handed over at once go out as one chunk)."""
+    out: list[Event] = []
+    for e in events:
+        last = out[-1] if out else None
+        if last is not None and last.index == e.index and last.finish_reason is None:
+            logprobs = (last.logprobs or []) + (e.logprobs or []) if (last.logprobs or e.logprobs) else None
+            out[-1] = replace(last, text=last.text + e.text, logprobs=logprobs, finish_reason=e.finish_reason,
+                              completion_tokens=e.completion_tokens, tokens=last.tokens + e.tokens)
+        else:
+            out.append(e)
+    return out
+
+
 async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any) -> AsyncIterator[str]:
     """The chunks of a streamed local answer, each sent as soon as its tokens are decoded."""
     req = stream.request
+    # An answer that may call tools: its text goes through one streamer per choice (content and
+    # tool-call deltas as OpenAI sends them, see `tool_stream.py`).
+    calls = [ToolCallStream(req.call_names, req.parallel_tool_calls) for _ in range(req.n)] if req.calls_tools else None
     try:
         for i in range(req.n):
             yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
         events = first
         while events is not None:
-            for e in events:
-                if e.text or e.logprobs:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
-                if e.finish_reason is not None:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=e.finish_reason)])
+            for e in merged(events):
+                if calls is None:
+                    if e.text or e.logprobs:
+                        yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
+                    reason = e.finish_reason
+                else:
+                    parts = calls[e.index].feed(e.text)
+                    if e.finish_reason is not None:
+                        more, reason = calls[e.index].finish(e.finish_reason)
+                        parts += more
+                    else:
+                        reason = None
+                    if e.logprobs and not parts:
+                        parts = [{}]
+                    for k, d in enumerate(parts):
+                        lp = {"logprobs": {"content": e.logprobs, "refusal": None}} if e.logprobs and k == 0 else {}
+                        yield sse_chunk(rid, created, name, False, [{"index": e.index, "delta": d, "finish_reason": None, **lp}])
+                if reason is not None:
+                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=reason)])
             events = await stream.next()
         if req.include_usage:
             yield usage_chunk(rid, created, name, stream.choices, False)

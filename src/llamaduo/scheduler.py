@@ -97,6 +97,8 @@ class Scheduler:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._closing = False
+        self._pending: list[tuple[Stream, list[Event] | BaseException]] | None = None  # not yet taken by the loop
+        self._pending_lock = threading.Lock()
 
     @property
     def queued(self) -> int:
@@ -120,15 +122,33 @@ class Scheduler:
 
     # ------------------------------------------------------------- generation thread
     def _deliver(self, groups: dict[Stream, list[Event]] | list[tuple[Stream, BaseException]]) -> None:
+        """Hand a step's events to the event loop. While the loop has not yet taken the previous
+        hand-over, later steps ride along with it: one wake-up (and one chunk per stream, see
+        `request_flow`) carries several tokens when the loop is the bottleneck."""
         items = list(groups.items()) if isinstance(groups, dict) else groups
+        if not items or self._loop is None:
+            return
+        with self._pending_lock:
+            if self._pending is not None:
+                self._pending.extend(items)
+                return
+            self._pending = list(items)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
+            self._loop.call_soon_threadsafe(self._put_pending)
 
-        def put_all() -> None:
-            for stream, payload in items:
+    def _put_pending(self) -> None:
+        with self._pending_lock:
+            items, self._pending = self._pending or [], None
+        merged: dict[Stream, list[Event]] = {}
+        for stream, payload in items:
+            if isinstance(payload, BaseException):  # after the events before it
+                if stream in merged:
+                    stream.put(merged.pop(stream))
                 stream.put(payload)
-
-        if items and self._loop is not None:
-            with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
-                self._loop.call_soon_threadsafe(put_all)
+            else:
+                merged.setdefault(stream, []).extend(payload)
+        for stream, events in merged.items():
+            stream.put(events)
 
     def _pull(self) -> None:
         """Move new requests from the inbox to the waiting line; block while there is nothing to do."""

@@ -45,6 +45,7 @@ from llamaduo.chat_api import (
 )
 from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
+from llamaduo.fallback import cannot_carry
 from llamaduo.fallback import from_service as fallback_answer
 from llamaduo.grammar import Grammars
 from llamaduo.request_flow import check_context, requested_model, structure, tokens_as_sse, watch_disconnect
@@ -194,7 +195,7 @@ def create_app(
         """(stream, its first events | the whole answer, served by fallback). Errors before the first
         token (or the whole answer, when not streaming) go to the fallback or become a 500."""
         client, _ = fallback_of(m)
-        if client is not None and drift is not None and drift.drifted:
+        if client is not None and drift is not None and drift.drifted and cannot_carry(client, req) is None:
             choices = await from_service(m, req, f"drift: {drift.state.reason}")
             if shadow is not None and shadow.sample():  # the judge keeps watching the local model
                 local = asyncio.ensure_future(engine.submit(req).result())
@@ -238,15 +239,11 @@ def create_app(
                 raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
             check_context(req, tokenizer, context_length)
             await structure(req, tokenizer, grammars)
-            # Tool calls are read from the whole answer: such a stream is sent once it is complete.
-            whole = req.stream and req.calls_tools
-            req.stream = req.stream and not whole
             t0 = time.perf_counter()
             stream, got, used_fallback = await start(m, req, request)
-            req.stream = req.stream or whole
         except APIError as e:
             return error(e)
-        if used_fallback or not req.stream or whole:
+        if used_fallback or not req.stream:
             answered = [read_tool_calls(c, req) for c in (got if used_fallback else stream.choices)]
             metrics.answered(fallback_of(m)[1] if used_fallback else m.name, answered, time.perf_counter() - t0)
             if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
@@ -255,7 +252,7 @@ def create_app(
         created = int(clock())
         name = fallback_of(m)[1] if used_fallback else m.name
         headers = {"x-llamaduo-served-by": "service" if used_fallback else "local"}
-        if used_fallback or not req.stream or whole:
+        if used_fallback or not req.stream:
             choices = answered
             if req.stream:
                 events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)

@@ -240,10 +240,17 @@ class ServiceClient:
         sample_index: int = 0,
         stage: str = "",
         round: int | None = None,
+        request_fields: dict[str, Any] | None = None,
     ) -> ServiceReply:
-        """One plain-text call (e.g. the service baseline's own answers)."""
+        """One plain-text call (e.g. the service baseline's own answers).
+
+        `request_fields`: an application's tools / tool_choice / parallel_tool_calls / response_format,
+        sent along (raises `UnsupportedField` where the provider cannot carry one); the reply's
+        tool calls come back in `raw` as `<tool_call>` blocks."""
         model = model or self.cfg.model
         params = self.params(temperature, max_tokens, None)
+        if request_fields:
+            params = {**params, **self.provider.request_fields(request_fields)}
         text, tin, tout, cost, attempts, error, cached, h, row = await self._call(
             model, [dict(m) for m in messages], params, sample_index, stage, round
         )
