@@ -40,6 +40,7 @@ class Stream:
         self.queue: asyncio.Queue[list[Event] | BaseException] = asyncio.Queue()
         self.cancelled = False
         self.watcher: asyncio.Task | None = None  # the route's disconnect watch, while it streams
+        self.deadline: float | None = None  # time.monotonic() past which the request is cut off (serve.request_timeout_s)
         self.open = request.n
         want = getattr(request, "logprobs", None) is not None
         self.choices = [Choice(text="", logprobs=[] if want else None) for _ in range(request.n)]
