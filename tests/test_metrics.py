@@ -76,3 +76,46 @@ def test_monitoring_windows_are_logged_to_the_runs_mlflow_run(tmp_path):
     assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 100.0), (2, 1.0)]
     drifted = MlflowClient(tracking_uri(cfg)).get_metric_history(tracker.parent_id, "monitor.drifted")
     assert sorted((m.step, m.value) for m in drifted) == [(1, 0.0), (2, 1.0)]
+
+
+def test_each_served_run_drifts_on_its_own_traffic_and_only_its_requests_fall_back(tmp_path):
+    import openai
+
+    from llamaduo.serve import BackgroundServer, create_app
+    from llamaduo.served import ServedModel
+    from tests.monitoring import DEFAULTS
+
+    answers = service_answers()
+    with SimulatedService(responder(answers)) as svc:
+        cfg = config(svc, tmp_path, fallback=True)
+        (tmp_path / "a").mkdir()
+        (tmp_path / "b").mkdir()
+        shadow_a, store_a, drift_a = sender(cfg, tmp_path / "a", rate=1.0, drift=True)
+        shadow_b, store_b, drift_b = sender(cfg, tmp_path / "b", rate=1.0, drift=True)
+        fallback = ServiceClient(cfg.service, db_path=tmp_path / "service.sqlite")
+        models = [ServedModel(n, None, cfg.serve, DEFAULTS, fallback, "fake-model") for n in ("run-a", "run-b")]
+        app = create_app(student(dict(task_a(i) for i in range(50))), cfg.serve, "run-a", defaults=DEFAULTS,
+                         models=models, shadow={"run-a": shadow_a, "run-b": shadow_b},
+                         drift={"run-a": drift_a, "run-b": drift_b})
+        with BackgroundServer(app, model_name="run-a") as srv:
+            api = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+
+            def ask_as(model: str, prompt: str):
+                return api.chat.completions.with_raw_response.create(
+                    model=model, messages=[{"role": "user", "content": prompt}])
+
+            for n in range(8):  # run-a's traffic moves to a task it never learnt; run-b's stays on its task
+                ask_as("run-a", task_b(n)[0])
+                ask_as("run-b", task_a(n)[0])
+            assert shadow_a.drain(30) and shadow_b.drain(30)
+            assert drift_a.drifted and not drift_b.drifted
+            served_by = {m: ask_as(m, task_a(9)[0]).headers["x-llamaduo-served-by"] for m in ("run-a", "run-b")}
+            fams = _families(srv)
+    fallback.close()
+    assert served_by == {"run-a": "service", "run-b": "local"}
+    assert len(store_a.pairs()) >= 8 and all(p.model == "run-a" for p in store_a.pairs())
+    assert len(store_b.pairs()) == 9 and all(p.model == "run-b" for p in store_b.pairs())  # 8 + the last ask
+    assert _value(fams["llamaduo_drifted"], "llamaduo_drifted", model="run-a") == 1.0
+    assert _value(fams["llamaduo_drifted"], "llamaduo_drifted", model="run-b") == 0.0
+    store_a.close()
+    store_b.close()

@@ -74,37 +74,63 @@ class ServeMetrics:
 
 
 class _Owned(Collector):
+    """Series read from their owners at scrape time; shadow and drift series carry the served model
+    they watch (`model`), since each served run has its own monitoring."""
+
     def __init__(self, batcher: Any, shadow: Any, drift: Any):
-        self.batcher, self.shadow, self.drift = batcher, shadow, drift
+        self.batcher = batcher
+        self.shadows = _by_model(shadow)
+        self.drifts = _by_model(drift)
 
     def collect(self) -> Iterator[Any]:
         if self.batcher is not None:
             st = self.batcher.stats
             yield SummaryMetricFamily("llamaduo_batch_size", "Requests per generate batch.",
                                       count_value=st.batches, sum_value=st.requests)
-        if self.shadow is not None:
-            sent = CounterMetricFamily("llamaduo_shadow_requests", "Shadowed requests by outcome.", labels=["outcome"])
-            for outcome in ("sampled", "sent", "judged", "unjudged", "failed"):
-                sent.add_metric([outcome], self.shadow.counts.get(outcome, 0))
-            yield sent
-            dropped = CounterMetricFamily("llamaduo_shadow_dropped", "Shadow work dropped, by reason.", labels=["reason"])
-            for reason in ("queue_full", "budget"):
-                dropped.add_metric([reason], self.shadow.dropped().get(reason, 0))
-            yield dropped
-            yield GaugeMetricFamily("llamaduo_shadow_spend_usd", "USD spent on shadow answers and judging.",
-                                    value=self.shadow.spend_usd)
-            yield GaugeMetricFamily("llamaduo_shadow_queue", "Shadow work waiting.", value=self.shadow.queue.qsize())
-        if self.drift is not None:
-            last = self.drift.last
-            # No window yet: the series is absent (n/a), never a 0 that reads as a failing score.
-            if last is not None and last.value is not None:
-                yield GaugeMetricFamily("llamaduo_shadow_score", "The last monitoring window's score.", value=last.value)
-                if last.ci_low is not None:
-                    yield GaugeMetricFamily("llamaduo_shadow_score_ci_low", "Its 95 % CI, lower bound.", value=last.ci_low)
-                    yield GaugeMetricFamily("llamaduo_shadow_score_ci_high", "Its 95 % CI, upper bound.", value=last.ci_high)
-            yield GaugeMetricFamily("llamaduo_shadow_target", "The run's target for the score.", value=self.drift.target)
-            yield GaugeMetricFamily("llamaduo_drifted", "1 while live traffic is judged below target.",
-                                    value=float(self.drift.drifted))
+        if self.shadows:
+            sent = CounterMetricFamily("llamaduo_shadow_requests", "Shadowed requests by outcome.",
+                                       labels=["model", "outcome"])
+            dropped = CounterMetricFamily("llamaduo_shadow_dropped", "Shadow work dropped, by reason.",
+                                          labels=["model", "reason"])
+            spend = GaugeMetricFamily("llamaduo_shadow_spend_usd", "USD spent on shadow answers and judging.",
+                                      labels=["model"])
+            queue = GaugeMetricFamily("llamaduo_shadow_queue", "Shadow work waiting.", labels=["model"])
+            for model, sh in self.shadows.items():
+                for outcome in ("sampled", "sent", "judged", "unjudged", "failed"):
+                    sent.add_metric([model, outcome], sh.counts.get(outcome, 0))
+                for reason in ("queue_full", "budget"):
+                    dropped.add_metric([model, reason], sh.dropped().get(reason, 0))
+                spend.add_metric([model], sh.spend_usd)
+                queue.add_metric([model], sh.queue.qsize())
+            yield from (sent, dropped, spend, queue)
+        if self.drifts:
+            score = GaugeMetricFamily("llamaduo_shadow_score", "The last monitoring window's score.", labels=["model"])
+            low = GaugeMetricFamily("llamaduo_shadow_score_ci_low", "Its 95 % CI, lower bound.", labels=["model"])
+            high = GaugeMetricFamily("llamaduo_shadow_score_ci_high", "Its 95 % CI, upper bound.", labels=["model"])
+            target = GaugeMetricFamily("llamaduo_shadow_target", "The run's target for the score.", labels=["model"])
+            drifted = GaugeMetricFamily("llamaduo_drifted", "1 while live traffic is judged below target.",
+                                        labels=["model"])
+            scored = False
+            for model, d in self.drifts.items():
+                last = d.last
+                # No window yet: the series is absent (n/a), never a 0 that reads as a failing score.
+                if last is not None and last.value is not None:
+                    scored = True
+                    score.add_metric([model], last.value)
+                    if last.ci_low is not None:
+                        low.add_metric([model], last.ci_low)
+                        high.add_metric([model], last.ci_high)
+                target.add_metric([model], d.target)
+                drifted.add_metric([model], float(d.drifted))
+            yield from ((score, low, high) if scored else ())
+            yield from (target, drifted)
+
+
+def _by_model(owner: Any) -> dict[str, Any]:
+    """{served model: owner} from one owner (unlabelled: model "") or a dict of them."""
+    if owner is None:
+        return {}
+    return dict(owner) if isinstance(owner, dict) else {"": owner}
 
 
 class MetricsMiddleware:

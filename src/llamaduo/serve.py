@@ -84,8 +84,8 @@ def create_app(
     defaults: InferConfig | None = None,
     fallback_model: str | None = None,
     models: Sequence[ServedModel] | None = None,
-    shadow: "ShadowSender | None" = None,
-    drift: "DriftMonitor | None" = None,
+    shadow: "ShadowSender | dict[str, ShadowSender] | None" = None,
+    drift: "DriftMonitor | dict[str, DriftMonitor] | None" = None,
     metrics: "ServeMetrics | None" = None,
     tokenizer: Any = None,
     context_length: int | None = None,
@@ -98,7 +98,8 @@ def create_app(
     its own adapter, settings and fallback (default: `model_name` alone with `cfg` and `defaults`);
     a request naming none of several served models is a 404. `shadow` (started by the lifespan) is
     offered every locally answered request; while `drift` says drifted and fallback is on, the service
-    answers (a sampled share still runs locally, off the request path, for the judge). `metrics`
+    answers (a sampled share still runs locally, off the request path, for the judge). Either may be
+    given per served name (each run watched by its own monitoring); one alone watches every name. `metrics`
     backs `GET /metrics`. `tokenizer` (the engine's) enables structured output and tools: without
     it, a request that needs a grammar is a 400.
     """
@@ -113,10 +114,13 @@ def create_app(
     engine = generator if isinstance(generator, Scheduler) else Batcher(generator, cfg.max_batch, cfg.batch_wait_ms / 1000.0)
     from llamaduo.metrics import MetricsMiddleware, ServeMetrics
 
+    shadows = shadow if isinstance(shadow, dict) else {m.name: shadow for m in served} if shadow is not None else {}
+    drifts = drift if isinstance(drift, dict) else {m.name: drift for m in served} if drift is not None else {}
+    senders = list({id(sh): sh for sh in shadows.values()}.values())
     metrics = metrics or ServeMetrics()
-    metrics.watch(engine, shadow, drift)
-    if shadow is not None:
-        shadow.busy = metrics.busy  # shadow work waits while requests are being answered
+    metrics.watch(engine, shadows, drifts)
+    for sh in senders:
+        sh.busy = metrics.busy  # shadow work waits while requests are being answered
 
     def fallback_of(m: ServedModel) -> "tuple[Client | None, str]":
         client = m.fallback_client if (m.serve or cfg).fallback else None
@@ -127,8 +131,8 @@ def create_app(
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
-        if shadow is not None:
-            shadow.start()
+        for sh in senders:
+            sh.start()
         # The grammar engine reads the vocabulary once, in the background, before the first JSON request.
         warming = asyncio.create_task(asyncio.to_thread(grammars.warm)) if grammars is not None else None
         try:
@@ -138,8 +142,8 @@ def create_app(
                 with contextlib.suppress(Exception):
                     await warming
             await engine.stop()
-            if shadow is not None:
-                await asyncio.to_thread(shadow.stop)
+            for sh in senders:
+                await asyncio.to_thread(sh.stop)
 
     app = FastAPI(title="llamaduo", lifespan=lifespan)
     app.add_middleware(MetricsMiddleware, metrics=metrics, model=served[0].name,
@@ -195,6 +199,7 @@ def create_app(
         """(stream, its first events | the whole answer, served by fallback). Errors before the first
         token (or the whole answer, when not streaming) go to the fallback or become a 500."""
         client, _ = fallback_of(m)
+        drift, shadow = drifts.get(m.name), shadows.get(m.name)  # this run's own monitoring
         if client is not None and drift is not None and drift.drifted and cannot_carry(client, req) is None:
             choices = await from_service(m, req, f"drift: {drift.state.reason}")
             if shadow is not None and shadow.sample():  # the judge keeps watching the local model
@@ -252,8 +257,8 @@ def create_app(
         if used_fallback or not req.stream:
             answered = [read_tool_calls(c, req) for c in (got if used_fallback else stream.choices)]
             metrics.answered(fallback_of(m)[1] if used_fallback else m.name, answered, time.perf_counter() - t0)
-            if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
-                shadow.offer(req, answered[0].text, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
+            if (sh := shadows.get(m.name)) is not None and not used_fallback:  # queued, never awaited
+                sh.offer(req, answered[0].text, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         created = int(clock())
         name = fallback_of(m)[1] if used_fallback else m.name
@@ -268,9 +273,9 @@ def create_app(
 
         def streamed(choices: list[Choice]) -> None:  # the whole answer has gone out
             metrics.counted(m.name, choices)
-            if shadow is not None:
+            if (sh := shadows.get(m.name)) is not None:
                 answer = read_tool_calls(choices[0], req).text  # what the non-streamed path offers
-                shadow.offer(req, answer, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
+                sh.offer(req, answer, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
 
         return StreamingResponse(tokens_as_sse(rid, created, name, stream, got, streamed),
                                  media_type="text/event-stream", headers=headers)
@@ -347,11 +352,15 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
 
     serving_threads(model)
     engine = local_engine(model, tokenizer, cfg.serve.max_batch)
-    shadow = drift = None
-    if cfg.serve.shadow_rate > 0:
+    shadow: dict[str, Any] = {}
+    drift: dict[str, Any] = {}
+    if cfg.serve.shadow_rate > 0:  # each served run is watched by its own monitoring store and judge
         from llamaduo.shadow import for_run
 
-        shadow, drift = for_run(cfg, paths[0])
+        for path, m in zip(paths, served, strict=True):
+            # the run's judge and target; the server's shadow settings (`--shadow` applies to every run)
+            run_cfg = (m.config or cfg).model_copy(update={"serve": cfg.serve})
+            shadow[m.name], drift[m.name] = for_run(run_cfg, path)
     app = create_app(engine, cfg.serve, served[0].name, defaults=cfg.infer, models=served, shadow=shadow, drift=drift,
                      tokenizer=tokenizer, context_length=getattr(model.config, "max_position_embeddings", None))
     return app, served[0].name

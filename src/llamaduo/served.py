@@ -34,6 +34,7 @@ class ServedModel:
     defaults: InferConfig | None = None  # sampling a request leaves out (None: the server's)
     fallback_client: Client | None = None
     fallback_model: str | None = None
+    config: Config | None = None  # its run's whole config (judge protocol, target) for its own monitoring
 
 
 def resolve_model_dir(model_or_run_dir: Path) -> tuple[Path, str]:
@@ -121,7 +122,7 @@ def load_served(paths: list[Path], cfg: Config, overrides: list[str] | None = No
         model = for_generation(model, cfg.infer)  # served in the precision the rounds were judged in
         store = RunStore(paths[0])
         fb = _fallback(cfg, store.service_db if store.exists() else None)
-        return model, tokenizer, [ServedModel(name, None, cfg.serve, cfg.infer, fb, cfg.service.model)]
+        return model, tokenizer, [ServedModel(name, None, cfg.serve, cfg.infer, fb, cfg.service.model, cfg)]
     adapters = [_adapter_of(Path(p), cfg, overrides, i == 0) for i, p in enumerate(paths)]
     names = [a.name for a in adapters]
     dup = next((n for n in names if names.count(n) > 1), None)
@@ -138,10 +139,10 @@ def load_served(paths: list[Path], cfg: Config, overrides: list[str] | None = No
     # The first adapter is PEFT's "default"; the others are loaded beside it under their run's name.
     model, tokenizer = models.load_model(base_cfg, adapter=first.path)
     served = [ServedModel(first.name, "default", first.cfg.serve, first.cfg.infer, _fallback(first.cfg, first.store_db),
-                          first.cfg.service.model)]
+                          first.cfg.service.model, first.cfg)]
     for a in adapters[1:]:
         model.load_adapter(str(a.path), adapter_name=a.name)
         served.append(ServedModel(a.name, a.name, a.cfg.serve, a.cfg.infer, _fallback(a.cfg, a.store_db),
-                                  a.cfg.service.model))
+                                  a.cfg.service.model, a.cfg))
     model.eval()
     return for_generation(model, first.cfg.infer), tokenizer, served
