@@ -67,12 +67,14 @@ def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_token
 
 
 EXTRA: dict = {}  # fields added to every request body (set per server by a comparison)
+RENDER = None  # set: requests go to /v1/completions with the chat prompt rendered by this function
 
 
 def body(i: int, model: str, max_tokens: int, stream: bool = False) -> dict:
-    b = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": max_tokens, "temperature": 0,
-         **EXTRA}
-    return {**b, "stream": True} if stream else b
+    turn = {"messages": [{"role": "user", "content": prompt(i)}]} if RENDER is None else {"prompt": RENDER(prompt(i))}
+    b = {"model": model, **turn, "max_tokens": max_tokens, "temperature": 0, **EXTRA}
+    # Usage at the end of the stream: a chunk may carry several tokens, so chunks are not tokens.
+    return {**b, "stream": True, "stream_options": {"include_usage": True}} if stream else b
 
 
 @dataclass
@@ -84,16 +86,20 @@ class Result:
 
 
 def _stream_result(t: float, status: int, lines: list[tuple[float, str]]) -> Result:
-    first, tokens = None, 0
+    first, chunks, usage = None, 0, None
     for at, line in lines:
         if not line.startswith("data: ") or line == "data: [DONE]":
             continue
         chunk = json.loads(line[6:])
-        if any((c.get("delta") or {}).get("content") for c in chunk.get("choices") or []):
-            tokens += 1
+        if chunk.get("usage"):
+            usage = chunk["usage"].get("completion_tokens")
+        # chat chunks carry delta.content, completions chunks text
+        if any((c.get("delta") or {}).get("content") or c.get("text") for c in chunk.get("choices") or []):
+            chunks += 1
             first = at if first is None else first
     end = lines[-1][0] if lines else time.perf_counter()
-    return Result(end - t, None if first is None else first - t, tokens, status == 200 and tokens > 0)
+    tokens = usage if usage is not None else chunks  # a server without usage: one token per chunk
+    return Result(end - t, None if first is None else first - t, tokens, status == 200 and chunks > 0)
 
 
 def request_sync(c, url: str, b: dict) -> Result:

@@ -6,8 +6,9 @@ Both serve the packaged Gemma 3 270M (llama.cpp the Q4_K_M GGUF itself, llamaduo
 weights), one server at a time on the same 127.0.0.1, with the same prompts, greedy, streamed:
   1. one client, a few requests one after another (single-stream tok/s, first-token time),
   2. `--clients` concurrent clients, `--requests` requests (aggregate tok/s, first-token p50).
-Tokens are counted as streamed content chunks. llama.cpp's requests carry a `logit_bias` against
-the base model's end tokens, without which its chat format makes the base answer nothing. The last line is exactly:
+Tokens are the streams' reported usage (content chunks where a server reports none). llama.cpp is
+asked through its `/v1/completions` with the very prompt text our chat template renders (its chat
+endpoint answers this pretrained base with an empty turn). The last line is exactly:
 
     aggregate_ratio=<ours ÷ llama.cpp's best aggregate tok/s> single_ratio=<ours ÷ llama.cpp, one client>
     ttft_p50_ms=<ours, N clients> errors=<n>
@@ -46,7 +47,7 @@ def start_llamacpp(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
     while time.monotonic() - t0 < 300:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}/v1/chat/completions"
+                return proc, f"http://127.0.0.1:{port}/v1/completions"
         except httpx.HTTPError:
             pass
         if proc.poll() is not None:
@@ -92,9 +93,9 @@ def run_against_llamacpp(args) -> int:
         proc.terminate()
         proc.wait(10)
     proc, url = start_llamacpp(gguf, threads)
-    # The pretrained base in llama.cpp's chat format ends its turn at once (an empty answer); with its
-    # end tokens (<eos> 1, <end_of_turn> 106) biased away it generates, as ours does, up to max_tokens.
-    serve_load.EXTRA = {"logit_bias": {"1": -100, "106": -100}}
+    # The same prompt text both servers decode from: ours renders it from the chat messages.
+    tokenizer, _ = models.load_tokenizer(ModelConfig(base=str(hf_dir)))
+    serve_load.RENDER = lambda text: models.render_prompt(tokenizer, [{"role": "user", "content": text}])
     try:
         theirs = measure(url, "gemma", args)
     finally:
