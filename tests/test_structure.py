@@ -120,7 +120,7 @@ def test_a_tool_conversation_is_the_same_token_sequence_in_training_and_in_servi
     cov = load_coverage(write(tmp_path / "c.jsonl", GOOD), DataConfig(), check=structure.check)
     for ex in cov.examples:
         row = tokenize_example(tok, ex, max_length=4096)
-        n_prompt = row["completion_mask"].index(1)
+        n_prompt = len(prompt_ids(tok, structure.prompt_for(tok, ex)))  # the rest is the target
         body = {"model": "m", "messages": [m.openai() for m in ex.prompt_messages], **ex.request_fields()}
         req = parse_chat_request(json.dumps(body).encode(), ServeConfig(), InferConfig())
         asyncio.run(fit_request(req, tok, None if req.grammar is None else _grammars(tok)))
@@ -150,3 +150,19 @@ def test_answer_problem_says_why_a_generated_answer_does_not_fit(tmp_path):
     assert "makes none" in structure.answer_problem(ex, "I will look it up")
     bad = '<tool_call>\n{"name": "refund", "arguments": {"order_id": "1", "reason": "lost"}}\n</tool_call>'
     assert "'lost' is not one of" in structure.answer_problem(ex, bad)
+
+
+def test_a_tool_exchange_learns_every_assistant_turn_and_no_user_or_tool_text(tmp_path, tiny_model):  # noqa: F811
+    from llamaduo.config import ModelConfig
+    from llamaduo.models import load_tokenizer
+    from llamaduo.train import tokenize_example
+
+    tok, _ = load_tokenizer(ModelConfig(base=str(tiny_model)))
+    exchange = load_coverage(write(tmp_path / "c.jsonl", GOOD[2:]), DataConfig(), check=structure.check).examples[0]
+    row = tokenize_example(tok, exchange, max_length=4096)
+    learnt = tok.decode([t for t, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m])
+    skipped = tok.decode([t for t, m in zip(row["input_ids"], row["completion_mask"], strict=True) if not m])
+    assert '"name": "track", "arguments": {"order_id": "3"}' in learnt  # the earlier call
+    assert "Order 3 has shipped." in learnt  # the target
+    assert "Where is order 3?" in skipped and '"status": "shipped"' in skipped and "Where is order 3?" not in learnt
+    assert '"status": "shipped"' not in learnt and "# Tools" not in learnt

@@ -168,3 +168,21 @@ def completion_for(tokenizer: Any, example: Example) -> str:
             return full[len(prompt):]
         return example.response + (tokenizer.eos_token or "")
     return completion_text(tokenizer, plain_messages(conv, shown))
+
+
+def history_spans(tokenizer: Any, example: Example, prompt_text: str) -> list[tuple[int, int]]:
+    """Character spans, in the rendered prompt, of the assistant turns before the target (a tool
+    conversation's earlier calls and answers): they are the model's own turns, so they are learnt
+    too. A turn whose rendering is not where the template puts it is left out (no loss), never guessed."""
+    spans = []
+    for i, m in enumerate(example.messages[:-1]):
+        if m.role != "assistant":
+            continue
+        upto = example.model_copy(update={"messages": example.messages[:i + 1]})  # turn i as the target
+        before = prompt_for(tokenizer, upto)
+        if not isinstance(before, str) or not prompt_text.startswith(before):
+            continue
+        own = completion_for(tokenizer, upto)
+        if prompt_text.startswith(own, len(before)):
+            spans.append((len(before), len(before) + len(own)))
+    return spans

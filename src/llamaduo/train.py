@@ -70,16 +70,26 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> dict[str, list[int]]:
-    """input_ids = prompt + target turn; completion_mask marks the target tokens (the loss)."""
+    """input_ids = prompt + target turn; completion_mask marks the loss: the target's tokens, and in a
+    tool conversation the assistant's earlier turns (its calls) too."""
     from llamaduo.infer import prompt_ids as encode
-    from llamaduo.structure import completion_for, prompt_for
+    from llamaduo.structure import completion_for, history_spans, prompt_for
 
     # A structured example (tools, tool turns, a response format) is rendered exactly as `serve`
     # renders the same request, so the model learns the token sequence it is served with.
-    prompt_ids = encode(tokenizer, prompt_for(tokenizer, example))
+    prompt = prompt_for(tokenizer, example)
+    prompt_ids = encode(tokenizer, prompt)
     target_ids = tokenizer(completion_for(tokenizer, example), add_special_tokens=False)["input_ids"]
+    prompt_mask = [0] * len(prompt_ids)
+    spans = history_spans(tokenizer, example, prompt) if isinstance(prompt, str) and example.structured else []
+    if spans and getattr(tokenizer, "is_fast", False):
+        # The conversation's earlier assistant turns (its calls) are in the loss as well; user, system
+        # and tool-result tokens are not. Offsets of the prompt tokenized whole, as `serve` tokenizes it.
+        offsets = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        if len(offsets) == len(prompt_ids):
+            prompt_mask = [int(any(a <= s and e <= b for a, b in spans) and e > s) for s, e in offsets]
     ids = (prompt_ids + target_ids)[:max_length]
-    mask = ([0] * len(prompt_ids) + [1] * len(target_ids))[:max_length]
+    mask = (prompt_mask + [1] * len(target_ids))[:max_length]
     return {"input_ids": ids, "completion_mask": mask}
 
 
