@@ -62,7 +62,8 @@ def main() -> None:
         base = subprocess.run([sys.executable, "-c", BASELINE, str(tmp / "coverage.jsonl")], capture_output=True,
                               text=True, check=True)
         base_peak = float(base.stdout.strip().splitlines()[-1])
-        train = sum(1 for _ in open(next((tmp / "runs").glob("*/data/train.jsonl"))))
+        with open(next((tmp / "runs").glob("*/data/train.jsonl"))) as fh:
+            train = sum(1 for _ in fh)
         print(f"train rows written: {train}")
     print(f"records={args.records} seconds={seconds:.1f} peak_mb={peak:.0f} baseline_peak_mb={base_peak:.0f} "
           f"ratio={peak / base_peak:.3f}")
