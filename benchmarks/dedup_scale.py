@@ -122,6 +122,7 @@ def main() -> None:
         k, v = item.split("=", 1)
         setattr(cfg.dedup, k, type(getattr(cfg.dedup, k))(v))
 
+    before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t0 = time.perf_counter()
     kept, rejected = clean(examples, [], test, cfg)
     seconds = time.perf_counter() - t0
@@ -138,7 +139,7 @@ def main() -> None:
     contam_found = len(planted["contam"] & by_reason.get("test_contamination", set())) / max(1, len(planted["contam"]))
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(
-        f"records={len(examples)} build_s={built:.1f} kept={len(kept)} "
+        f"records={len(examples)} build_s={built:.1f} peak_before_clean_mb={before_mb:.0f} kept={len(kept)} "
         + " ".join(f"{k}={len(v)}" for k, v in sorted(by_reason.items()))
         + f" planted_near={len(planted['near'])} planted_exact={len(planted['exact'])} planted_contam={len(planted['contam'])}"
         + f" exact_recall={exact_found:.4f} contam_recall={contam_found:.4f} near_removed_any_reason={len(found)}"

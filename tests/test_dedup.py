@@ -131,3 +131,24 @@ def test_empty_and_wordless_inputs_are_handled():
     odd = [make_example("?!", "..."), make_example("¿¡", "…")]
     kept, rejected = dedup.clean(odd, [], corpus(2), Config())
     assert len(kept) == 2 and rejected == []
+
+
+def test_a_cluster_of_thousands_is_checked_against_its_representatives_not_every_pair():
+    import time
+
+    rng = random.Random(12)
+    seed = corpus(1, seed=13)[0]
+    words = seed.response.split()
+    cluster = [seed]
+    for k in range(3000):  # each variant has one word of its own in a random place
+        w = list(words)
+        w[rng.randrange(len(w))] = f"zz{k}"
+        cluster.append(make_example(seed.prompt, " ".join(w), lineage=Lineage(source="synthetic", round=1)))
+    assert len({e.id for e in cluster}) == 3001
+    t0 = time.perf_counter()
+    kept, rejected = dedup.clean(cluster + corpus(20, seed=14), [], [], Config())
+    assert time.perf_counter() - t0 < 20  # every pair of 3,000 would be 4.5 million ROUGE-L checks
+    kept_ids = {e.id for e in kept}
+    assert seed.id in kept_ids and all(e.id in kept_ids for e in corpus(20, seed=14))
+    # LSH proposes pairs by chance: a variant may share no band with a representative (a few in 3,000).
+    assert len(rejected) >= 0.99 * (len(cluster) - 1) and all(r["reason"] == "near_duplicate" for r in rejected)

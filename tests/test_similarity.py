@@ -47,3 +47,14 @@ def test_vectorised_signatures_equal_datasketch_minhash(shingle):
         for k in keys[owner == d].tolist():
             m.update(k)
         assert np.array_equal(sig[d], m.hashvalues), f"document {d}"
+
+
+def test_tokens_split_text_exactly_as_the_word_pattern_does():
+    texts = ["It's 42°C — fine!", "naïve café, straße", "tabs\tand\x1fcontrol\x00chars", "", "   ", "snake_case x2",
+             "ＦＵＬＬ width", "emoji 🙂 between", "it’s curly"]
+    got = similarity.tokens(texts)
+    assert [[t.decode() for t in toks] for toks in got] == [similarity._WORD.findall(t) for t in texts]
+    assert similarity.tokens([]) == []
+    # Token hashes are keyed by bytes but equal those of the same token as text.
+    vocab = similarity.TokenHashes()
+    assert vocab[b"caf\xc3\xa9"] == vocab["café"]

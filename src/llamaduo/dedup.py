@@ -14,52 +14,42 @@ rejected row (with its reason and the id it duplicates) for every other one:
 Contamination is checked before near-duplication so that a dropped test look-alike never
 stands as the representative that removes a clean pair.
 
+Documents are read a chunk at a time (`CHUNK`): each chunk is normalised, tokenised and
+sketched (`similarity.sketch`), checked against the test split (`decontam.TestItems`), and only
+its LSH band keys (documents × bands, uint64) are kept for the near-duplicate pass; no token
+array, normalised text or signature of the whole set is ever held. Exact duplicates are found by
+a 16-byte digest of the normalised pair. Near duplicates are resolved in document order against
+the representatives kept so far in each shared bucket, so a cluster of thousands costs one
+check per member, not a check per pair.
+
 The similarity measures (ROUGE-L, MinHash signatures, LSH buckets) are in `similarity.py`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from dataclasses import dataclass
+import hashlib
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 
 from llamaduo.config import Config, DedupConfig
 from llamaduo.data import Example
+from llamaduo.decontam import TestItems
 from llamaduo.similarity import (
-    MAX_CHECKS,
     TokenHashes,
     band_keys,
-    candidates,
-    flatten,
     lsh_params,
-    ngram_keys,
     normalize,
     rouge_l_f1,
-    signatures,
+    shared_buckets,
+    sketch,
     words,
 )
 
-
-# ----------------------------------------------------------------------- clean
-@dataclass
-class _Docs:
-    """Documents as the similarity checks see them: two segments each (instruction, response)."""
-
-    examples: list[Example]
-    pairs: list[tuple[str, str]]  # normalised (instruction, response)
-    th: np.ndarray  # token hashes of all segments, concatenated
-    seg_len: np.ndarray  # documents × 2
-    sig: np.ndarray  # MinHash signatures, documents × num_perm
-    has: np.ndarray  # documents with at least one shingle
-
-    @classmethod
-    def of(cls, examples: list[Example], pairs: list[tuple[str, str]], vocab: TokenHashes, dc: DedupConfig) -> _Docs:
-        th, seg_len = flatten(pairs, vocab, normalized=True)
-        keys, owner = ngram_keys(th, seg_len, dc.shingle, short=True)
-        sig, has = signatures(keys, owner, len(examples), dc.num_perm)
-        return cls(examples, pairs, th, seg_len, sig, has)
+CHUNK = 8192  # documents sketched at a time
+MAX_CHECKS = 32  # candidate representatives confirmed per document, most similar first
 
 
 def _row(ex: Example, reason: str, duplicate_of: str | None, detail: str) -> dict[str, Any]:
@@ -76,8 +66,15 @@ def _row(ex: Example, reason: str, duplicate_of: str | None, detail: str) -> dic
     }
 
 
-def _normalized(examples: list[Example]) -> list[tuple[str, str]]:
-    return [(normalize(ex.prompt), normalize(ex.response)) for ex in examples]
+def _chunks(examples: list[Example]) -> Iterator[tuple[int, list[tuple[str, str]]]]:
+    """(offset, normalised (instruction, response) pairs) a chunk at a time."""
+    for c0 in range(0, len(examples), CHUNK):
+        yield c0, [(normalize(ex.prompt), normalize(ex.response)) for ex in examples[c0 : c0 + CHUNK]]
+
+
+def _digest(pair: tuple[str, str]) -> bytes:
+    """16 bytes standing for the normalised pair (the instruction's length keeps the split unambiguous)."""
+    return hashlib.blake2b(f"{len(pair[0])}:{pair[0]}\x00{pair[1]}".encode(), digest_size=16).digest()
 
 
 def clean(
@@ -86,124 +83,111 @@ def clean(
     """Filter `new` against itself, `existing` and `test`; returns (kept, rejected rows)."""
     dc: DedupConfig = cfg.dedup
     rejected: dict[int, dict[str, Any]] = {}
-
-    # 1. exact duplicates
-    pairs_new, pairs_old = _normalized(new), _normalized(existing)
-    seen: dict[tuple[str, str], str] = {}
-    for ex, key in zip(existing, pairs_old, strict=True):
-        seen.setdefault(key, ex.id)
-    for i, (ex, key) in enumerate(zip(new, pairs_new, strict=True)):
-        if key in seen:
-            rejected[i] = _row(ex, "exact_duplicate", seen[key], "same normalised instruction and response")
-        else:
-            seen[key] = ex.id
-    alive = [i for i in range(len(new)) if i not in rejected]
-    if not alive:
-        return [], [rejected[i] for i in sorted(rejected)]
-
+    if not new:
+        return [], []
     vocab = TokenHashes()
-    docs = _Docs.of([new[i] for i in alive], [pairs_new[i] for i in alive], vocab, dc)
-    old = _Docs.of(existing, pairs_old, vocab, dc)
+    items = TestItems(test, dc, vocab) if test else None
+    bands, rows = lsh_params(dc.jaccard, dc.num_perm)
+    seen: dict[bytes, int] = {}  # digest → the first document with it: existing as -1 - i, new as i
+    keys: list[np.ndarray] = []  # LSH band keys of the documents that take part, in order
+    refs: list[np.ndarray] = []  # which document each row of `keys` is (same encoding as `seen`)
 
-    # 2. decontamination against the test split
-    if test:
-        for pos, (test_id, detail) in _contaminated(docs, old, test, dc, vocab).items():
-            rejected[alive[pos]] = _row(docs.examples[pos], "test_contamination", test_id, detail)
+    # Existing data: its pairs are seen first (so it always wins), its runs are boilerplate.
+    for c0, pairs in _chunks(existing):
+        for i, pair in enumerate(pairs):
+            seen.setdefault(_digest(pair), -1 - (c0 + i))
+        sk = sketch(pairs, vocab, dc.shingle, dc.num_perm)
+        if items is not None:
+            items.drop_boilerplate(sk)
+        live = np.flatnonzero(sk.has)  # a document without words has no meaningful signature
+        keys.append(band_keys(sk.sig[live], bands, rows))
+        refs.append(-1 - (c0 + live))
+
+    for c0, pairs in _chunks(new):
+        # 1. exact duplicates
+        alive = []
+        for i, pair in enumerate(pairs):
+            d = _digest(pair)
+            first = seen.setdefault(d, c0 + i)
+            if first != c0 + i:
+                dup = existing[-1 - first] if first < 0 else new[first]
+                rejected[c0 + i] = _row(new[c0 + i], "exact_duplicate", dup.id, "same normalised instruction and response")
+            else:
+                alive.append(i)
+        if not alive:
+            continue
+        pairs = [pairs[i] for i in alive]
+        sk = sketch(pairs, vocab, dc.shingle, dc.num_perm)
+        # 2. decontamination against the test split, before near duplicates, so that a dropped
+        # test look-alike never stands as the representative that removes a clean pair
+        keep = sk.has.copy()
+        if items is not None:
+            for pos, (test_id, detail) in items.contaminated(pairs, sk).items():
+                i = c0 + alive[pos]
+                rejected[i] = _row(new[i], "test_contamination", test_id, detail)
+                keep[pos] = False
+        live = np.flatnonzero(keep)
+        keys.append(band_keys(sk.sig[live], bands, rows))
+        refs.append(c0 + np.asarray(alive, dtype=np.int64)[live])
 
     # 3. near duplicates among what is left; existing data first, so it always wins
-    rows = [p for p, i in enumerate(alive) if i not in rejected]
-    if rows:
-        both = old.examples + [docs.examples[p] for p in rows]
-        sig = np.concatenate([old.sig, docs.sig[rows]])
-        has = np.concatenate([old.has, docs.has[rows]])
-        for d, c, score in _near_duplicates(both, sig, has, len(existing), dc):
-            i = alive[rows[d - len(existing)]]
-            rejected[i] = _row(new[i], "near_duplicate", both[c].id, f"ROUGE-L F1 {score:.2f}")
+    ref = np.concatenate(refs) if refs else np.zeros(0, dtype=np.int64)
+
+    def doc(row: int) -> Example:
+        r = int(ref[row])
+        return existing[-1 - r] if r < 0 else new[r]
+
+    first_new = int(np.count_nonzero(ref < 0))
+    all_keys = np.concatenate(keys) if keys else np.zeros((0, bands), dtype=np.uint64)
+    for d, c, score in _near_duplicates(all_keys, first_new, doc, dc.rouge_l):
+        i = int(ref[d])
+        rejected[i] = _row(new[i], "near_duplicate", doc(c).id, f"ROUGE-L F1 {score:.2f}")
 
     kept = [ex for i, ex in enumerate(new) if i not in rejected]
     return kept, [rejected[i] for i in sorted(rejected)]
 
 
-def _drop_found(keys: np.ndarray, owners: np.ndarray, others: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """`keys` (and their owners) without those that occur in `others`."""
-    uniq, inverse = np.unique(keys, return_inverse=True)
-    # Look the few distinct keys up in the (possibly huge) other array, not the other way round.
-    at = np.searchsorted(uniq, others).clip(max=len(uniq) - 1)
-    found = np.zeros(len(uniq), dtype=bool)
-    found[at[uniq[at] == others]] = True
-    keep = ~found[inverse.ravel()]
-    return keys[keep], owners[keep]
-
-
-def _contaminated(docs: _Docs, old: _Docs, test: list[Example], dc: DedupConfig, vocab: TokenHashes) -> dict[int, tuple[str, str]]:
-    """Position in `docs` → (test id, why) for each document that leaks a test item."""
-    found: dict[int, tuple[str, str]] = {}
-    tdocs = _Docs.of(test, _normalized(test), vocab, dc)
-
-    # (a) a test prompt repeated as an instruction
-    prompts = {p: t.id for t, (p, _) in zip(test, tdocs.pairs, strict=True) if p}
-    for pos, (p, _) in enumerate(docs.pairs):
-        if p in prompts:
-            found[pos] = (prompts[p], "instruction repeats a test prompt")
-
-    # (b) a shared run of decontam_ngram words. Runs that the existing training data also
-    # holds are the task's boilerplate (a fixed instruction, a shared passage), not a leak of
-    # one test item, so they do not count.
-    n = dc.decontam_ngram
-    tkeys, towner = ngram_keys(tdocs.th, tdocs.seg_len, n, short=False)
-    if len(tkeys) and old.th.size:
-        tkeys, towner = _drop_found(tkeys, towner, ngram_keys(old.th, old.seg_len, n, short=False)[0])
-    if len(tkeys):
-        order = np.argsort(tkeys)
-        tkeys, towner = tkeys[order], towner[order]
-        nkeys, nowner = ngram_keys(docs.th, docs.seg_len, n, short=False)
-        at = np.searchsorted(tkeys, nkeys).clip(max=len(tkeys) - 1)
-        hit = tkeys[at] == nkeys
-        for pos, t in zip(nowner[hit].tolist(), towner[at[hit]].tolist(), strict=True):
-            found.setdefault(pos, (test[t].id, f"shares a {n}-word run with a test item"))
-
-    # (c) MinHash Jaccard estimate with a test item, test items bucketed by LSH
-    bands, rows = lsh_params(dc.decontam_jaccard, dc.num_perm)
-    bt, bn = band_keys(tdocs.sig, bands, rows), band_keys(docs.sig, bands, rows)
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    for t in np.flatnonzero(tdocs.has).tolist():
-        for k in range(bands):
-            buckets[(k, int(bt[t, k]))].append(t)
-    for k in range(bands):
-        for pos in np.flatnonzero(np.isin(bn[:, k], bt[tdocs.has, k]) & docs.has).tolist():
-            if pos in found:
-                continue
-            for t in buckets.get((k, int(bn[pos, k])), []):
-                est = float(np.mean(docs.sig[pos] == tdocs.sig[t]))
-                if est >= dc.decontam_jaccard:
-                    found[pos] = (test[t].id, f"MinHash Jaccard {est:.2f} with a test item")
-                    break
-    return found
-
-
 def _near_duplicates(
-    docs: list[Example], sig: np.ndarray, has: np.ndarray, first_new: int, dc: DedupConfig
+    keys: np.ndarray, first_new: int, doc: Callable[[int], Example], threshold: float
 ) -> list[tuple[int, int, float]]:
-    """(document, the kept earlier document it duplicates, ROUGE-L F1) for each new near
-    duplicate; documents before `first_new` are existing data and never removed."""
-    bands, rows = lsh_params(dc.jaccard, dc.num_perm)
-    index = np.flatnonzero(has)  # a document without words has no meaningful signature
-    cands = candidates(band_keys(sig[index], bands, rows), index, first_new)
-    kept = np.ones(len(docs), dtype=bool)
+    """(row, the kept earlier row it duplicates, ROUGE-L F1) for each new near duplicate; rows
+    before `first_new` are existing data and never removed.
+
+    Rows are taken in order, so every earlier row's fate is known: a row is checked against the
+    representatives (rows kept so far) of each bucket it shares, those sharing most bands first,
+    up to MAX_CHECKS of them; a huge bucket offers its first and its latest representatives.
+    A row that is kept becomes a representative of its shared buckets.
+    """
+    shared = shared_buckets(keys)
+    reps: list[dict[int, list[int]]] = [{} for _ in range(keys.shape[1])]
     tokens: dict[int, list[str]] = {}
 
-    def toks(d: int) -> list[str]:
-        if d not in tokens:
-            tokens[d] = words(docs[d].prompt + "\n" + docs[d].response)
-        return tokens[d]
+    def toks(r: int) -> list[str]:
+        if r not in tokens:
+            ex = doc(r)
+            tokens[r] = words(ex.prompt + "\n" + ex.response)
+        return tokens[r]
 
     found = []
-    for d in sorted(cands):  # in order, so every earlier document's fate is already known
-        shared = cands[d]
-        for c in sorted((c for c in shared if kept[c]), key=lambda c: (-shared[c], c))[:MAX_CHECKS]:
-            score = rouge_l_f1(toks(d), toks(c))
-            if score > dc.rouge_l:
-                kept[d] = False
-                found.append((d, c, score))
-                break
+    for d in np.flatnonzero(shared.any(axis=1)).tolist():
+        mine = [(k, key) for k, (key, s) in enumerate(zip(keys[d].tolist(), shared[d].tolist(), strict=True)) if s]
+        if d >= first_new:
+            near: list[int] = []
+            for k, key in mine:
+                lst = reps[k].get(key)
+                if lst:
+                    near += lst if len(lst) <= 2 * MAX_CHECKS else lst[:MAX_CHECKS] + lst[-MAX_CHECKS:]
+            count = Counter(near)  # bands shared with each representative
+            hit = None
+            for c in sorted(count, key=lambda c: (-count[c], c))[:MAX_CHECKS]:
+                score = rouge_l_f1(toks(d), toks(c))
+                if score > threshold:
+                    hit = (d, c, score)
+                    break
+            if hit is not None:
+                found.append(hit)
+                tokens.pop(d, None)
+                continue
+        for k, key in mine:
+            reps[k].setdefault(key, []).append(d)
     return found

@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from itertools import chain
 
 import numpy as np
 
@@ -23,8 +24,7 @@ _U64 = np.uint64
 # The LSH only proposes pairs (ROUGE-L or the Jaccard estimate decides), so a missed pair
 # costs far more than an extra check: weight false negatives heavily when choosing bands.
 _LSH_WEIGHTS = (0.05, 0.95)
-MAX_CHECKS = 32  # candidate representatives confirmed per document, most similar first
-_CHUNK = 1 << 17  # shingles per signature block (× num_perm × 4 bytes of scratch)
+_CHUNK = 1 << 14  # shingles per signature block (× num_perm × 4 bytes of scratch: 8 MB, within the L3 cache)
 _ROLL = _U64(0x100000001B3)  # multiplier of the polynomial n-gram hash
 
 
@@ -63,12 +63,35 @@ def rouge_l_f1(a: Sequence[str], b: Sequence[str]) -> float:
 
 # --------------------------------------------------------------------- hashing
 class TokenHashes(dict):
-    """Stable 64-bit hash per distinct token (blake2b), computed once per vocabulary entry."""
+    """Stable 64-bit hash per distinct token (blake2b of its UTF-8 bytes), computed once per
+    vocabulary entry. Keys are the tokens' UTF-8 bytes (what `tokens` gives); a str key hashes
+    the same as its bytes."""
 
-    def __missing__(self, tok: str) -> int:
-        h = int.from_bytes(hashlib.blake2b(tok.encode(), digest_size=8).digest(), "little")
+    def __missing__(self, tok: bytes | str) -> int:
+        data = tok.encode() if isinstance(tok, str) else tok
+        h = int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
         self[tok] = h
         return h
+
+
+# ASCII bytes that are not word characters become spaces; NUL (the segment separator) and the
+# bytes of multi-byte UTF-8 characters stay.
+_ASCII_WORDS = bytes(c if c == 0 or c >= 128 or chr(c).isalnum() or c == ord("_") else 32 for c in range(256))
+
+
+def tokens(texts: Sequence[str]) -> list[list[bytes]]:
+    """`_WORD.findall` of each text, as UTF-8 bytes, for many texts at once.
+
+    ASCII text (most of it) is tokenised by one byte translation and `split` instead of the
+    regex, which costs several times more per character; other text goes through the regex
+    and is joined by spaces, so both come out of the same split.
+    """
+    if not texts:
+        return []
+    joined = b"\x00".join(
+        t.encode() if t.isascii() and "\x00" not in t else " ".join(_WORD.findall(t)).encode() for t in texts
+    )
+    return [part.split() for part in joined.translate(_ASCII_WORDS).split(b"\x00")]
 
 
 def flatten(
@@ -76,16 +99,12 @@ def flatten(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Token hashes of every segment of every document, concatenated, and segment lengths
     (shape docs × segments). Shingles never span two segments."""
-    flat: list[int] = []
-    lengths: list[int] = []
-    get = vocab.__getitem__
-    for segments in docs:
-        for text in segments:
-            toks = _WORD.findall(text if normalized else normalize(text))
-            flat.extend(map(get, toks))
-            lengths.append(len(toks))
     nseg = len(docs[0]) if docs else 0
-    return np.array(flat, dtype=_U64), np.array(lengths, dtype=np.int64).reshape(len(docs), nseg)
+    texts = [text if normalized else normalize(text) for segments in docs for text in segments]
+    toks = tokens(texts)
+    lengths = np.fromiter(map(len, toks), dtype=np.int64, count=len(toks))
+    flat = np.fromiter(map(vocab.__getitem__, chain.from_iterable(toks)), dtype=_U64, count=int(lengths.sum()))
+    return flat, lengths.reshape(len(docs), nseg)
 
 
 def ngram_keys(th: np.ndarray, seg_len: np.ndarray, n: int, short: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -120,6 +139,25 @@ def ngram_keys(th: np.ndarray, seg_len: np.ndarray, n: int, short: bool) -> tupl
             order = np.argsort(docs, kind="stable")
             keys, docs = keys[order], docs[order]
     return keys, docs
+
+
+@dataclass
+class Sketch:
+    """A chunk of documents as the similarity checks see them: token hashes of every segment,
+    segment lengths (documents × segments), MinHash signatures and which documents have words."""
+
+    th: np.ndarray
+    seg_len: np.ndarray
+    sig: np.ndarray
+    has: np.ndarray
+
+
+def sketch(docs: Sequence[Sequence[str]], vocab: TokenHashes, shingle: int, num_perm: int) -> Sketch:
+    """`flatten` (of normalised text), shingles of `shingle` words, and their signatures."""
+    th, seg_len = flatten(docs, vocab, normalized=True)
+    keys, owner = ngram_keys(th, seg_len, shingle, short=True)
+    sig, has = signatures(keys, owner, len(docs), num_perm)
+    return Sketch(th, seg_len, sig, has)
 
 
 def shingle_hash(key: np.ndarray) -> np.ndarray:
@@ -192,27 +230,13 @@ def band_keys(sig: np.ndarray, bands: int, rows: int) -> np.ndarray:
     return out
 
 
-def candidates(keys: np.ndarray, index: np.ndarray, first_new: int) -> dict[int, dict[int, int]]:
-    """For each new document: earlier documents sharing a bucket, with the number of bands shared."""
-    cands: dict[int, dict[int, int]] = defaultdict(dict)
+def shared_buckets(keys: np.ndarray) -> np.ndarray:
+    """documents × bands: whether another document shares this document's bucket in that band."""
+    shared = np.zeros(keys.shape, dtype=bool)
     for k in range(keys.shape[1]):
-        col = keys[:, k]
-        order = np.argsort(col, kind="stable")  # stable: members of a bucket stay in index order
-        sorted_keys = col[order]
-        edges = np.flatnonzero(sorted_keys[1:] != sorted_keys[:-1]) + 1
-        starts = np.concatenate(([0], edges))
-        ends = np.concatenate((edges, [len(order)]))
-        for s, e in zip(starts[ends - starts > 1], ends[ends - starts > 1], strict=True):
-            members = index[order[s:e]]
-            for pos in range(1, len(members)):
-                j = int(members[pos])
-                if j < first_new:
-                    continue
-                seen = cands[j]
-                # A huge bucket (one big cluster) is capped: its first members, which are the
-                # likely representatives, and the nearest earlier ones.
-                near = members[max(0, pos - 2 * MAX_CHECKS) : pos]
-                head = members[: min(pos, 2 * MAX_CHECKS)]
-                for i in set(near.tolist()) | set(head.tolist()):
-                    seen[i] = seen.get(i, 0) + 1
-    return cands
+        order = np.argsort(keys[:, k])
+        col = keys[order, k]
+        same = col[1:] == col[:-1]
+        shared[order[1:][same], k] = True
+        shared[order[:-1][same], k] = True
+    return shared

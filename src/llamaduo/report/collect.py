@@ -16,17 +16,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
 from llamaduo import cost as cost_mod
 from llamaduo import exact
 from llamaduo.artifacts import EXACT_METRICS, METRICS, Judgment, Ledger, LedgerRow, Manifest
 from llamaduo.config_file import load_config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
-from llamaduo.files import read_rows
 from llamaduo.judge import judge_models
 from llamaduo.monitor import production_view
+from llamaduo.report.samples import kept_sample, rejected_sample
 from llamaduo.report.views import WORST_N, CostView, ReportView, RoundView, WorstItem
 from llamaduo.scoring import candidate_means
 from llamaduo.service.ledger import ledger_from_db
@@ -37,13 +35,6 @@ T = TypeVar("T")
 # ValueError) from readers that do not wrap them (`load_examples`); the OS and SQLite for the
 # call log. Anything else is a bug in the report and propagates (the loop still catches it).
 UNREADABLE = (UserError, ValueError, OSError, sqlite3.Error)
-
-
-class Rejection(BaseModel):
-    """A row of rejected.jsonl as far as the report reads it (synth and dedup each add their own fields)."""
-
-    model_config = ConfigDict(extra="allow")
-    reason: str = "unknown"
 
 
 class _Reader:
@@ -163,12 +154,16 @@ def _round_view(rd: _Reader, m: Manifest, r: int) -> tuple[RoundView, list[Judgm
             rv.target, rv.relative = d.target, d.relative
             if rv.scores is not None and rv.scores.stat(d.metric, d.statistic) is None:
                 rv.value = None  # no judged candidate: the decision's value is a placeholder, not a score
-    else:  # a round still under way: what its files say so far
-        synthetic = rd.get(store.synthetic_path(r), lambda: load_examples(store.synthetic_path(r)), None)
-        rv.synthetic_added = len(synthetic) if synthetic is not None else None
+    # The round's synthetic data, streamed: counts of every row, SAMPLE_N rows shown.
     rerun = f"rerun `llamaduo synth {store.root} --round {r}`"
-    rejected = rd.get(store.rejected_path(r), lambda: read_rows(store.rejected_path(r), Rejection, rerun), [])
-    rv.rejected = Counter(x.reason for x in rejected)
+    rv.kept_total, rv.kept_sample = rd.get(
+        store.synthetic_path(r), lambda: kept_sample(store.synthetic_path(r), r, rerun), (None, [])
+    )
+    if rec is None:  # a round still under way: what its files say so far
+        rv.synthetic_added = rv.kept_total
+    rv.rejected, rv.rejected_sample = rd.get(
+        store.rejected_path(r), lambda: rejected_sample(store.rejected_path(r), r, rerun), (Counter(), {})
+    )
     tr = rd.get(store.train_result_path(r), lambda: store.read_train_result(r), None)
     if tr is not None:
         rv.train_loss = tr.train_loss

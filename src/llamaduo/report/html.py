@@ -21,6 +21,7 @@ from llamaduo.report.views import (
     JUDGING_HEAD,
     PARITY_HEAD,
     PROBE_HEAD,
+    SAMPLE_LIMIT,
     STAGE_COLORS,
     STATS,
     ReportView,
@@ -40,6 +41,7 @@ from llamaduo.report.views import (
     passed_text,
     probe_rows,
     rule_text,
+    shown_text,
     simulated_text,
     stat_text,
     worst_scores_text,
@@ -213,7 +215,25 @@ def _html_data(view: ReportView) -> str:
         train, test = view.split
         split = f"<p class='note'>Coverage split: {_e(count_text(train))} train, {_e(count_text(test))} test.</p>"
     body = (chart + split + table) or "<p class='note'>n/a: no training data recorded yet.</p>"
-    return f"<section id='data'><h2>Training data</h2>{body}</section>"
+    return f"<section id='data'><h2>Training data</h2>{body}{_html_samples(view)}</section>"
+
+
+def _html_samples(view: ReportView) -> str:
+    """A few synthetic pairs of each round, kept and rejected by reason, each block saying of how many."""
+    out = []
+    for rv in view.rounds:
+        blocks = []
+        if rv.kept_sample:
+            blocks.append((shown_text(len(rv.kept_sample), rv.kept_total, "kept pairs"), rv.kept_sample, "seed"))
+        for reason, rows in rv.rejected_sample.items():
+            blocks.append((shown_text(len(rows), rv.rejected.get(reason), f"rejected as {reason}"), rows, "why"))
+        for title, rows, note in blocks:
+            cells = [[_e(clip(x.instruction, SAMPLE_LIMIT)), _e(clip(x.response, SAMPLE_LIMIT)), _e(x.note)] for x in rows]
+            out.append(f"<h3>{_e(rv.label)}: {_e(title)}</h3>" + _table(["instruction", "response", note], cells, (0, 1, 2)))
+    if not out:
+        return ""
+    return ("<h3>Synthetic pairs, sampled</h3><p class='note'>A few rows drawn at random (seeded per round) from each "
+            "round's synthetic and rejected files; the counts above cover every row.</p>" + "".join(out))
 
 
 def _html_exact(view: ReportView) -> str:

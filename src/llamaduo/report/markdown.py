@@ -15,6 +15,7 @@ from llamaduo.report.views import (
     JUDGING_HEAD,
     PARITY_HEAD,
     PROBE_HEAD,
+    SAMPLE_LIMIT,
     STATS,
     ReportView,
     agreement_rows,
@@ -33,6 +34,7 @@ from llamaduo.report.views import (
     passed_text,
     probe_rows,
     rule_text,
+    shown_text,
     simulated_text,
     stat_text,
     value_text,
@@ -134,7 +136,23 @@ def _md_data(view: ReportView) -> list[str]:
         ["round", "train examples", "synthetic kept", "rejected"] + [_md(k) for k in reasons],
         [[_md(rv.label), _md(count_text(rv.train_examples)), _md(count_text(rv.synthetic_added)), str(sum(rv.rejected.values()))]
          + [str(rv.rejected.get(k, 0)) for k in reasons] for rv in view.rounds],
-    )
+    ) + _md_samples(view)
+
+
+def _md_samples(view: ReportView) -> list[str]:
+    """A few synthetic pairs of each round, kept and rejected by reason, each table saying of how many."""
+    L: list[str] = []
+    for rv in view.rounds:
+        blocks = [(shown_text(len(rv.kept_sample), rv.kept_total, "kept pairs"), rv.kept_sample, "seed")] if rv.kept_sample else []
+        blocks += [(shown_text(len(rows), rv.rejected.get(reason), f"rejected as {reason}"), rows, "why")
+                   for reason, rows in rv.rejected_sample.items()]
+        for title, rows, note in blocks:
+            L += [f"### {_md(rv.label)}: {_md(title)}", ""] + _md_table(
+                ["instruction", "response", note],
+                [[_md(clip(x.instruction, SAMPLE_LIMIT)), _md(clip(x.response, SAMPLE_LIMIT)), _md(x.note)] for x in rows],
+            )
+    return (["Synthetic pairs, sampled: a few rows drawn at random (seeded per round) from each round's files; the "
+             "counts above cover every row.", ""] + L) if L else []
 
 
 def _md_judging(view: ReportView) -> list[str]:

@@ -20,12 +20,23 @@ if TYPE_CHECKING:
 STATS = ("mean", "median", "coverage@50", "coverage@70")
 WORST_N = 5
 TEXT_LIMIT = 1200  # characters of prompt/reference/candidate shown per worst item
+SAMPLE_N = 3  # synthetic pairs shown per round, and rejected pairs per reason (sampled, seeded)
+SAMPLE_LIMIT = 300  # characters of each sampled instruction/response shown
 STAGE_COLORS = {"synth": "#f08c00", "judge": "#1971c2", "baseline": "#7048e8", "accept": "#2b8a3e"}
 OTHER_COLOR = "#868e96"
 METRIC_COLORS = {"similarity": "#74c0fc", "precision": "#1864ab"}
 
 
 # ------------------------------------------------------------------ what is shown
+@dataclass
+class SampleRow:
+    """One sampled synthetic pair: kept, or rejected (with why and what it duplicates)."""
+
+    instruction: str
+    response: str
+    note: str = ""
+
+
 @dataclass
 class RoundView:
     label: str  # r00, r01, ... or "service baseline" / "served model"
@@ -40,6 +51,9 @@ class RoundView:
     candidate_scores: dict[str, list[float]] = field(default_factory=dict)  # metric → sorted candidate means
     judge_errors: Counter[str] = field(default_factory=Counter)
     rejected: Counter[str] = field(default_factory=Counter)  # synthesis rejections by reason
+    kept_total: int | None = None  # rows of the round's synthetic file; None: no file
+    kept_sample: list[SampleRow] = field(default_factory=list)  # SAMPLE_N of them
+    rejected_sample: dict[str, list[SampleRow]] = field(default_factory=dict)  # reason → SAMPLE_N of its rows
     train_loss: float | None = None
 
     def stat(self, metric: str, statistic: str) -> float | None:
@@ -233,8 +247,13 @@ def passed_text(p: bool | None) -> str:
     return "n/a" if p is None else ("pass" if p else "fail")
 
 
-def clip(s: str) -> str:
-    return s if len(s) <= TEXT_LIMIT else s[:TEXT_LIMIT] + f" … [{len(s) - TEXT_LIMIT:,} more characters]"
+def clip(s: str, limit: int = TEXT_LIMIT) -> str:
+    return s if len(s) <= limit else s[:limit] + f" … [{len(s) - limit:,} more characters]"
+
+
+def shown_text(shown: int, total: int | None, what: str) -> str:
+    """"3 of 166,120 near_duplicate rows shown": a sample always says what it is a sample of."""
+    return f"{shown:,} of {count_text(total) if total is None else f'{total:,}'} {what} shown"
 
 
 JUDGING_HEAD = ["round", "candidates", "judged", "unjudged", "not sent", "cut by the token limit", "judgments",
