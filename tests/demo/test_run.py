@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from llamaduo.store import RunStore
 
 
@@ -30,11 +32,13 @@ def test_quick_demo_improves_reports_deploys_and_serves(tmp_path):
         assert noise not in log, noise
 
 
+@pytest.mark.slow  # 10+ minutes on a shared 2-core machine: its prompts carry the tools block
+@pytest.mark.timeout(2400)
 def test_quick_tools_demo_learns_to_route_messages_to_calls_and_serves_a_call(tmp_path):
     out = tmp_path / "demo-tools-quick"
     proc = subprocess.run(
         [sys.executable, "-m", "llamaduo.cli", "demo", "--task", "tools", "--quick", "--no-serve", "--out", str(out)],
-        capture_output=True, text=True, timeout=1500, env={**os.environ, "HOME": str(tmp_path)},
+        capture_output=True, text=True, timeout=2300, env={**os.environ, "HOME": str(tmp_path)},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     store = RunStore(out)
