@@ -140,11 +140,12 @@ def test_custom_redaction_patterns_replace_the_default():
     assert default_redact("call 555-123-4567") == "call [REDACTED:phone]"
 
 
-def test_tool_and_image_exchanges_are_not_recorded():
+def test_image_exchanges_are_not_recorded_and_tool_turns_are():
     tool = {"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "x", "tool_call_id": "1"}]}
     image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:"}}]}]}
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
-    assert build_record(tool, "r", None, "c", default_redact) is None
+    assert build_record(tool, "r", None, "c", default_redact)["messages"][1] == {"role": "tool", "content": "x",
+                                                                                  "tool_call_id": "1"}
     assert build_record(image, "r", None, "c", default_redact) is None
     assert build_record(parts, "r", None, "c", default_redact)["messages"][0]["content"] == "ab"
 
@@ -172,3 +173,88 @@ def test_captured_file_is_a_coverage_dataset_for_prepare(proxy, tmp_path):
     one = next(e for e in examples if e.prompt.startswith("Order 3 "))
     assert one.prompt == "Order 3 mugs, tel [REDACTED:phone]" and one.response == "reply to: Order 3 mugs, tel [REDACTED:phone]"
     assert one.messages[0].role == "system" and one.category == "extract"
+
+
+ROUTE = {"type": "object", "properties": {"team": {"enum": ["billing", "sales"]}, "contact": {"type": "string"}},
+         "required": ["team", "contact"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "route", "description": "Send to a team", "parameters": ROUTE}}]
+ORDER = {"type": "json_schema", "json_schema": {"name": "order", "strict": True, "schema": {
+    "type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"], "additionalProperties": False}}}
+HISTORY = [
+    {"role": "user", "content": "Route this: bob@example.com wants a refund"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_a", "type": "function", "function": {
+        "name": "route", "arguments": '{"team": "sales", "contact": "bob@example.com"}'}}]},
+    {"role": "tool", "tool_call_id": "call_a", "content": "sales says: not ours"},
+    {"role": "user", "content": "Try again"},
+]
+
+
+def structured_service(request: dict):
+    """Calls `route` when offered tools, else answers JSON; the reply carries what the request asked for."""
+    from llamaduo.demo.faults import chat_completion
+
+    body = chat_completion(request, '{"item": "mug"}')
+    if request.get("tools"):
+        body["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_b", "type": "function",
+             "function": {"name": "route", "arguments": '{"team": "billing", "contact": "bob@example.com"}'}}]}
+        body["choices"][0]["finish_reason"] = "tool_calls"
+    return body
+
+
+def load_captured(path, tmp_path):
+    from llamaduo import structure
+    from llamaduo.config import DataConfig
+    from llamaduo.coverage import load_coverage
+
+    return load_coverage(path, DataConfig(input=str(path)), check=structure.check).examples
+
+
+def test_tools_calls_and_response_format_are_captured_redacted_and_load_as_coverage(tmp_path):
+    out = tmp_path / "captured.jsonl"
+    with SimulatedService(structured_service) as up, BackgroundServer(create_capture_app(up.base_url, out)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+        called = client.chat.completions.create(model="gpt-4o", messages=HISTORY, tools=TOOLS, tool_choice="required",
+                                                parallel_tool_calls=False)
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "Order a mug"}],
+                                       response_format=ORDER)
+        sent = up.requests[0]["body"]
+    assert called.choices[0].message.tool_calls[0].function.name == "route"
+    assert "bob@example.com" in sent["messages"][0]["content"]  # forwarded unchanged
+    calls, fmt = (json.loads(x) for x in out.read_text().splitlines())
+    assert calls["tools"] == TOOLS and calls["tool_choice"] == "required" and calls["parallel_tool_calls"] is False
+    assert calls["messages"][2] == {"role": "tool", "content": "sales says: not ours", "tool_call_id": "call_a"}
+    target = calls["messages"][-1]
+    assert target["tool_calls"][0]["id"] == "call_b"
+    assert json.loads(target["tool_calls"][0]["function"]["arguments"]) == {"team": "billing",
+                                                                           "contact": "[REDACTED:email]"}
+    assert "bob@example.com" not in out.read_text()
+    assert fmt["response_format"] == ORDER and fmt["messages"][-1] == {"role": "assistant", "content": '{"item": "mug"}'}
+    ex_calls, ex_fmt = load_captured(out, tmp_path)  # validated against the tools and schema they carry
+    assert ex_calls.tools == TOOLS and ex_calls.tool_choice == "required" and ex_calls.parallel_tool_calls is False
+    assert [m.role for m in ex_calls.messages] == ["user", "assistant", "tool", "user", "assistant"]
+    assert ex_calls.messages[-1].tool_calls[0].function.name == "route"
+    assert ex_calls.request_fields() == {k: calls[k] for k in ("tools", "tool_choice", "parallel_tool_calls")}
+    assert ex_fmt.response_format == ORDER and ex_fmt.response == '{"item": "mug"}'
+
+
+def test_streamed_tool_calls_are_assembled_from_their_deltas(tmp_path):
+    # The upstream is llamaduo's own server: it streams a call as a head delta, then argument fragments.
+    answer = '<tool_call>\n{"name": "route", "arguments": {"team": "sales", "contact": "ann@example.org"}}\n</tool_call>'
+
+    def gen(prompts, sampling, seed):
+        return [type("Out", (), {"text": answer})() for _ in prompts]
+
+    out = tmp_path / "captured.jsonl"
+    upstream_app = create_app(gen, ServeConfig(), "student", defaults=InferConfig(max_new_tokens=8))
+    with BackgroundServer(upstream_app) as up, BackgroundServer(create_capture_app(up.base_url, out)) as srv:
+        client = openai.OpenAI(base_url=srv.base_url, api_key=CANARY, max_retries=0)
+        chunks = list(client.chat.completions.create(model="student", messages=HISTORY, tools=TOOLS, stream=True))
+    assert sum(bool(c.choices and c.choices[0].delta.tool_calls) for c in chunks) >= 2
+    [rec] = lines(out)
+    [call] = rec["messages"][-1]["tool_calls"]
+    assert call["id"].startswith("call_") and call["function"]["name"] == "route"
+    assert json.loads(call["function"]["arguments"]) == {"team": "sales", "contact": "[REDACTED:email]"}
+    assert rec["tools"] == TOOLS
+    [ex] = load_captured(out, tmp_path)
+    assert ex.messages[-1].tool_calls[0].function.name == "route" and ex.tools == TOOLS

@@ -71,3 +71,37 @@ def test_an_fsdp_launch_gathers_the_adapter_on_every_rank_and_writes_it_once(tmp
         h.update(name.encode())
         h.update(tensor.float().numpy().tobytes())
     assert h.hexdigest() == ranks[0][2]
+
+
+def test_two_machines_each_with_its_own_process_agree_and_write_the_adapter_once(tmp_path):
+    """The shipped multi-node config, run as two "machines" (machine ranks 0 and 1, each its own
+    `accelerate launch`) on one host over gloo: the rendezvous, rank assignment and the single save
+    are the multi-node path; only the transport differs from GPUs on two hosts."""
+    import yaml
+
+    from llamaduo.demo.tiny import build_tiny_model
+
+    cfg = yaml.safe_load((HERE.parent / "examples" / "accelerate" / "multinode.yaml").read_text())
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg.update(num_processes=2, use_cpu=True, mixed_precision="no", main_process_ip="127.0.0.1", main_process_port=port)
+    (tmp_path / "two_machines.yaml").write_text(yaml.safe_dump(cfg))
+    model_dir = build_tiny_model(tmp_path / "tiny")
+    out = tmp_path / "round"
+    machines = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(tmp_path / "two_machines.yaml"),
+             "--machine_rank", str(rank), "--num_cpu_threads_per_process", "1",
+             str(HERE / "ddp_worker.py"), str(model_dir), str(out)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [m.communicate(timeout=300)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0], "\n".join(log[-2000:] for log in logs)
+    ranks = [(out / f"rank{r}.txt").read_text().split() for r in (0, 1)]
+    assert ranks[0][0] == ranks[1][0] == "2"  # one world of two processes, one per machine
+    assert ranks[0][2] == ranks[1][2]  # gradients all-reduced across the machines
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "rank0.txt", "rank1.txt"]

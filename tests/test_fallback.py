@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -11,7 +12,7 @@ from llamaduo.config import ServeConfig
 from llamaduo.demo.simulator import SimulatedService
 from llamaduo.service import ServiceClient
 from tests.conftest import service_config
-from tests.tiny_server import client, direct, gen, running, tiny  # noqa: F401
+from tests.tiny_server import client, direct, gen, running, tiny, untrained  # noqa: F401
 
 
 def test_fallback_answers_from_the_service_when_local_generation_fails(gen, tmp_path):  # noqa: F811
@@ -79,3 +80,78 @@ def test_when_local_and_service_both_fail_the_answer_is_a_502(tmp_path):
         service.close()
     err = r.json()["error"]
     assert r.status_code == 502 and err["code"] == "fallback_failed" and "model crashed" in err["message"]
+
+
+ROUTE = {"type": "object", "properties": {"team": {"enum": ["billing", "sales"]}}, "required": ["team"],
+         "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "route", "parameters": ROUTE}}]
+ORDER = {"type": "json_schema", "json_schema": {"name": "order", "strict": True, "schema": {
+    "type": "object", "properties": {"item": {"type": "string"}}, "required": ["item"], "additionalProperties": False}}}
+HISTORY = [
+    {"role": "user", "content": "Route my refund"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "route", "arguments": '{"team": "sales"}'}}]},
+    {"role": "tool", "tool_call_id": "call_a", "content": "not ours"},
+]
+
+
+def structured_service(request: dict):
+    """A service that calls `route` when it is offered tools and answers JSON otherwise."""
+    from llamaduo.demo.faults import chat_completion
+
+    body = chat_completion(request, '{"item": "mug"}')
+    if request.get("tools"):
+        body["choices"][0]["message"] = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_s", "type": "function", "function": {"name": "route", "arguments": '{"team": "billing"}'}}]}
+        body["choices"][0]["finish_reason"] = "tool_calls"
+    return body
+
+
+def broken(prompts, sampling, seed):
+    raise RuntimeError("model crashed")
+
+
+def test_a_structured_request_falls_back_with_its_tools_and_schema_and_gets_calls_back(tmp_path, untrained):  # noqa: F811
+    with SimulatedService(structured_service) as svc:
+        service = ServiceClient(service_config(svc), db_path=tmp_path / "service.sqlite")
+        with running(broken, ServeConfig(fallback=True), fallback_client=service, tokenizer=untrained[1]) as srv:
+            c = client(srv)
+            called = c.chat.completions.create(model="tiny-student", messages=HISTORY, tools=TOOLS,
+                                               tool_choice="required", parallel_tool_calls=False)
+            with c.chat.completions.stream(model="tiny-student", messages=HISTORY, tools=TOOLS, tool_choice="auto",
+                                           temperature=0.5) as s:
+                streamed = s.get_final_completion()
+            as_json = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "A mug"}],
+                                                response_format=ORDER)
+        service.close()
+    for r in (called, streamed):
+        [call] = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "route"
+        assert json.loads(call.function.arguments) == {"team": "billing"} and call.id.startswith("call_")
+    assert as_json.choices[0].message.content == '{"item": "mug"}' and as_json.model_extra["llamaduo_fallback"]
+    sent = svc.requests[0]["body"]
+    assert sent["tools"] == TOOLS and sent["tool_choice"] == "required" and sent["parallel_tool_calls"] is False
+    assert sent["messages"][1]["tool_calls"][0]["id"] == "call_a" and sent["messages"][2]["role"] == "tool"
+    assert svc.requests[2]["body"]["response_format"] == ORDER
+
+
+def test_a_fallback_provider_that_cannot_carry_tools_is_an_error_naming_the_field(tmp_path, untrained):  # noqa: F811
+    import openai
+    import pytest
+
+    with SimulatedService(lambda req: "plain words") as svc:
+        cfg = service_config(svc, provider="anthropic", base_url=svc.base_url.removesuffix("/v1"))
+        service = ServiceClient(cfg, db_path=tmp_path / "service.sqlite")
+        with running(broken, ServeConfig(fallback=True), fallback_client=service, tokenizer=untrained[1]) as srv:
+            c = client(srv)
+            with pytest.raises(openai.APIStatusError) as tools:
+                c.chat.completions.create(model="tiny-student", messages=HISTORY, tools=TOOLS, tool_choice="auto")
+            with pytest.raises(openai.APIStatusError) as schema:
+                c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "A mug"}],
+                                          response_format=ORDER, stream=True)
+            plain = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Hi"}])
+        service.close()
+    assert tools.value.status_code == 502 and tools.value.body["param"] == "tools"
+    assert "cannot carry tools" in tools.value.message and tools.value.body["code"] == "fallback_unsupported"
+    assert schema.value.status_code == 502 and schema.value.body["param"] == "response_format"
+    assert plain.choices[0].message.content == "plain words" and svc.count == 1  # nothing structured was sent

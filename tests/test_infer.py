@@ -8,9 +8,10 @@ import torch
 from llamaduo.config import InferConfig, ModelConfig
 from llamaduo.data import Message
 from llamaduo.errors import UserError
-from llamaduo.infer import generate, run_inference, vllm_available
+from llamaduo.infer import generate, run_inference
 from llamaduo.models import adapter_hash, load_model, model_hash
 from llamaduo.train import train
+from llamaduo.vllm_backend import vllm_available
 from tests.tiny import PAIRS, tiny_config, tiny_examples, tiny_model  # noqa: F401
 
 QUESTIONS = [
@@ -206,3 +207,49 @@ def test_generation_precision_keeps_greedy_and_small_models_in_fp32_and_casts_wh
     assert dtype(for_generation(model, InferConfig(precision="auto"))) == torch.float32  # under 50M parameters
     assert dtype(for_generation(model, InferConfig(precision="bf16"))) == torch.bfloat16
     assert dtype(for_generation(model, InferConfig(precision="fp32"))) == torch.float32
+
+
+def test_vllm_parallel_settings_are_validated_and_laid_over_the_visible_gpus():
+    from llamaduo.config import ConfigError, from_dict
+    from llamaduo.errors import UserError
+    from llamaduo.vllm_backend import device_groups, engine_kwargs, shards
+
+    cfg = from_dict({"infer": {"backend": "vllm", "vllm": {"tensor_parallel_size": 2, "data_parallel_size": 2,
+                                                         "gpu_memory_utilization": 0.8, "max_model_len": 4096}}})
+    v = cfg.infer.vllm
+    assert device_groups(v, ["0", "1", "2", "3"]) == ["0,1", "2,3"]
+    with pytest.raises(UserError, match=r"asks for 4 GPUs .* 3 are visible"):
+        device_groups(v, ["0", "1", "2"])
+    kw = engine_kwargs(v, "base", is_lora=True, lora_rank=32, seed=7)
+    assert kw["tensor_parallel_size"] == 2 and kw["max_model_len"] == 4096 and kw["max_lora_rank"] == 32
+    assert kw["gpu_memory_utilization"] == 0.8 and kw["enable_lora"] and kw["seed"] == 7
+    assert [len(r) for r in shards(10, 3)] == [4, 3, 3] and shards(10, 3)[-1].stop == 10
+    for bad in ({"tensor_parallel_size": 0}, {"gpu_memory_utilization": 1.5}, {"data_parallel": 2},
+                {"distributed_executor_backend": "slurm"}):
+        with pytest.raises(ConfigError):
+            from_dict({"infer": {"vllm": bad}})
+
+
+def fake_engine(shard, devices):
+    """What one data-parallel engine returns for its shard (module level: a spawned process imports it)."""
+    import os
+
+    from llamaduo.artifacts import Completion
+
+    return [Completion(prompt_id=e.id, sample_index=0, text=f"{devices}:{os.getpid()}", model_hash="", adapter_hash="")
+            for e in shard]
+
+
+def test_data_parallel_shards_run_in_their_own_processes_and_come_back_in_prompt_order():
+    import os
+
+    from llamaduo.vllm_backend import run_sharded
+
+    test = tiny_examples(7)
+    out = run_sharded(test, ["0,1", "2,3"], fake_engine)
+    assert [c.prompt_id for c in out] == [e.id for e in test]
+    devices = [c.text.split(":") for c in out]
+    assert [d for d, _ in devices] == ["0,1"] * 4 + ["2,3"] * 3
+    assert len({pid for _, pid in devices}) == 2 and str(os.getpid()) not in {pid for _, pid in devices}
+    one = run_sharded(test[:1], ["0", "1"], fake_engine)  # fewer prompts than engines: one shard, in this process
+    assert one[0].text == f"0:{os.getpid()}"

@@ -11,7 +11,7 @@ import pytest
 from llamaduo.config import Config, ServeConfig
 from llamaduo.serve import create_app, resolve_model_dir, start_background
 from llamaduo.store import RunStore
-from tests.tiny_server import QUESTIONS, client, direct, gen, running, tiny  # noqa: F401
+from tests.tiny_server import QUESTIONS, client, direct, gen, running, tiny, untrained  # noqa: F401
 
 
 def test_chat_completion_answers_like_generate_and_is_marked_local(tiny, gen):  # noqa: F811
@@ -42,6 +42,60 @@ def test_bearer_key_is_required_when_configured(gen, monkeypatch):  # noqa: F811
     assert anonymous.status_code == 401
     assert set(anonymous.json()["error"]) == {"message", "type", "param", "code"}
     assert ok.choices[0].message.content is not None and health.status_code == 200
+
+
+def test_metrics_ask_for_the_api_key_unless_made_public(gen, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("LLAMADUO_SERVE_KEY", "sk-serve-secret")
+    with running(gen, ServeConfig(api_key_env="LLAMADUO_SERVE_KEY")) as srv:
+        url = srv.base_url.removesuffix("/v1") + "/metrics"
+        anonymous = httpx.get(url)
+        keyed = httpx.get(url, headers={"Authorization": "Bearer sk-serve-secret"})
+    with running(gen, ServeConfig(api_key_env="LLAMADUO_SERVE_KEY", metrics_public=True)) as srv:
+        public = httpx.get(srv.base_url.removesuffix("/v1") + "/metrics")
+    assert anonymous.status_code == 401 and anonymous.json()["error"]["code"] == "invalid_api_key"
+    assert keyed.status_code == 200 and "llamaduo_requests" in keyed.text
+    assert public.status_code == 200
+
+
+def test_a_request_past_its_deadline_is_a_504_and_leaves_the_server_free():
+    import time
+
+    def slow(prompts, sampling, seed):
+        if any("slow" in m[-1].content for _, m in prompts):
+            time.sleep(1.5)
+        return [type("Out", (), {"text": "done"})() for _ in prompts for _ in range(sampling.num_samples)]
+
+    with running(slow, ServeConfig(request_timeout_s=0.3)) as srv:
+        t0 = time.perf_counter()
+        late = httpx.post(srv.base_url + "/chat/completions", json={"messages": [{"role": "user", "content": "slow"}]})
+        took = time.perf_counter() - t0
+        streamed = httpx.post(srv.base_url + "/chat/completions",
+                              json={"stream": True, "messages": [{"role": "user", "content": "slow"}]})
+        time.sleep(1.5)  # the generator finishes its sleep
+        ok = client(srv).chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "fast"}])
+    assert late.status_code == 504 and late.json()["error"]["code"] == "timeout" and took < 1.2
+    assert "request_timeout_s" in late.json()["error"]["message"]
+    assert streamed.status_code == 504 and streamed.json()["error"]["code"] == "timeout"
+    assert ok.choices[0].message.content == "done"
+
+
+def test_a_stream_past_its_deadline_ends_with_a_timeout_event(untrained):  # noqa: F811
+    from llamaduo.serve import local_engine
+
+    model, tok = untrained  # writes noise: it does not stop on its own before the deadline
+    cfg = ServeConfig(request_timeout_s=0.8, max_tokens_limit=4096)
+    with running(local_engine(model, tok, 4), cfg, tokenizer=tok) as srv:
+        r = httpx.post(srv.base_url + "/chat/completions", timeout=60, json={
+            "stream": True, "max_tokens": 4000, "temperature": 1.0, "seed": 1, "n": 16,  # one of 16 goes on
+            "messages": [{"role": "user", "content": "Order 3 mugs"}]})
+        ok = client(srv).chat.completions.create(model="tiny-student", max_tokens=4,
+                                                 messages=[{"role": "user", "content": "Anna"}])
+    if r.status_code == 504:  # on a slow machine the deadline can pass before the first token
+        assert r.json()["error"]["code"] == "timeout"
+    else:
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert json.loads(events[-1])["error"]["code"] == "timeout" and "[DONE]" not in events
+    assert ok.choices[0].message.content is not None
 
 
 def test_named_key_variable_that_is_unset_refuses_to_start(gen, monkeypatch):  # noqa: F811

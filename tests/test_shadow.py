@@ -85,3 +85,31 @@ def test_shadow_work_stops_at_the_shadow_budget_and_counts_what_it_dropped(tmp_p
         shadow.process(items[2:])
     assert shadow.spend_usd >= 1e-9 and len(store.pairs()) == 2
     assert shadow.dropped() == {"budget": 2}
+
+
+def test_streamed_answers_are_shadowed_and_their_first_token_is_timed(tmp_path):
+    import httpx
+    import openai
+    from prometheus_client.parser import text_string_to_metric_families
+
+    answers = service_answers()
+    known = dict(task_a(i) for i in range(20))
+    with SimulatedService(responder(answers)) as svc:
+        cfg = config(svc, tmp_path)
+        shadow, store, _ = sender(cfg, tmp_path, rate=1.0)
+        with serve(student(known), cfg, shadow=shadow) as srv:
+            api = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+            for n in range(4):
+                chunks = api.chat.completions.create(model="tiny-student", stream=True,
+                                                     messages=[{"role": "user", "content": task_a(n)[0]}])
+                assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == task_a(n)[1]
+            assert shadow.drain(30)
+            text = httpx.get(srv.base_url.removesuffix("/v1") + "/metrics").text
+    pairs = store.pairs()
+    assert len(pairs) == 4 and {p.status for p in pairs} == {"judged"} and all(p.score == 100 for p in pairs)
+    assert pairs[0].local_answer == task_a(0)[1]  # the whole streamed answer, not its first chunk
+    store.close()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    ttft = sum(s.value for s in fams["llamaduo_time_to_first_token_seconds"].samples if s.name.endswith("_count"))
+    out = sum(s.value for s in fams["llamaduo_tokens_out"].samples if s.name == "llamaduo_tokens_out_total")
+    assert ttft == 4 and out == 4 * 5

@@ -136,3 +136,36 @@ def test_tool_calls_are_parsed_from_blocks_and_bare_json_and_unknown_functions_s
     assert bare is None and json.loads(call["function"]["arguments"]) == {"tz": "CET"}
     assert parse_tool_calls("<tool_call>\n{\"name\": \"get_time\", \"argu", {"get_time"}) == (
         '<tool_call>\n{"name": "get_time", "argu', [])
+
+
+def test_streamed_calls_from_the_continuous_batch_send_arguments_as_they_are_decoded(untrained):  # noqa: F811
+    from llamaduo.config import ServeConfig
+    from llamaduo.scheduler import Scheduler
+    from llamaduo.serve import BackgroundServer, create_app
+    from tests.tiny_server import DEFAULTS
+
+    model, tok = untrained
+    app = create_app(Scheduler(model, tok, 8), ServeConfig(max_batch=8), "tiny-student", defaults=DEFAULTS, tokenizer=tok)
+    ask = dict(model="tiny-student", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=160,
+               temperature=0.0, seed=3)
+    with BackgroundServer(app, model_name="tiny-student") as srv:
+        whole = client(srv).chat.completions.create(**ask)
+        chunks = list(client(srv).chat.completions.create(**ask, stream=True))
+        with client(srv).chat.completions.stream(**ask) as s:  # the SDK's accumulator over the same deltas
+            final = s.get_final_completion()
+    assert_valid_calls(whole.choices[0], set(PARAMS))
+    deltas = [d for ch in chunks if ch.choices for d in (ch.choices[0].delta.tool_calls or [])]
+    first = deltas[0]
+    assert first.id.startswith("call_") and first.type == "function" and first.function.arguments == ""
+    fragments = [d.function.arguments for d in deltas if d.id is None]
+    assert len(fragments) > 3  # the arguments stream in pieces, not as one string at the end
+    want = [(c.function.name, c.function.arguments) for c in whole.choices[0].message.tool_calls]
+    streamed: dict[int, list[str]] = {}
+    for d in deltas:
+        streamed.setdefault(d.index, ["", ""])
+        streamed[d.index][0] = d.function.name or streamed[d.index][0]
+        streamed[d.index][1] += d.function.arguments or ""
+    assert [tuple(v) for _, v in sorted(streamed.items())] == want
+    assert [(c.function.name, c.function.arguments) for c in final.choices[0].message.tool_calls] == want
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "tool_calls"
+    assert final.choices[0].finish_reason == "tool_calls"

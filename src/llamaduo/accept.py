@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from llamaduo.artifacts import Completion, Judgment
 from llamaduo.config import Config
-from llamaduo.data import Example, load_examples
+from llamaduo.data import Example, FunctionCall, Message, ToolCall, load_examples
 from llamaduo.deploy import pick_round
 from llamaduo.errors import UserError
 from llamaduo.evaluate import evaluate
@@ -108,6 +108,20 @@ def paired_bootstrap(served: dict[str, list[float]], ref: dict[str, list[float]]
     return float(diff), float(lo), float(hi)
 
 
+def request_of(ex: Example) -> dict[str, Any]:
+    """What the application sends for a test prompt: its turns (tool turns included) and the
+    structured-output fields of its task (tools, tool_choice, parallel_tool_calls, response_format)."""
+    return {"messages": [m.openai() for m in ex.prompt_messages], **ex.request_fields()}
+
+
+def answer_text(message: Any) -> str:
+    """A served answer as the infer stage writes one: its content, then each tool call as a
+    `<tool_call>` block (`data.Message.text`), so exact metrics and the judge read both alike."""
+    calls = [ToolCall(id=c.id or f"call_{i}", function=FunctionCall(name=c.function.name, arguments=c.function.arguments))
+             for i, c in enumerate(getattr(message, "tool_calls", None) or [])]
+    return Message(role="assistant", content=message.content or "", tool_calls=calls or None).text
+
+
 async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[Example], cfg: Config,
                            concurrency: int, extra_body: dict[str, Any] | None = None) -> list[Completion]:
     import openai
@@ -120,7 +134,7 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
         async with sem:
             r = await client.chat.completions.create(
                 model=model,
-                messages=[m.model_dump() for m in ex.prompt_messages],
+                **request_of(ex),
                 temperature=cfg.infer.temperature,
                 top_p=cfg.infer.top_p,
                 max_tokens=cfg.infer.max_new_tokens,
@@ -136,7 +150,7 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
         while len(choices) < k:  # servers that ignore `n` answer one choice per call
             choices += await ask(ex, 1, cfg.seed + len(choices))
         return [
-            Completion(prompt_id=ex.id, sample_index=i, text=c.message.content or "",
+            Completion(prompt_id=ex.id, sample_index=i, text=answer_text(c.message),
                        finish_reason=c.finish_reason or "stop", model=model, served_by=endpoint)
             for i, c in enumerate(choices[:k])
         ]
@@ -174,13 +188,13 @@ def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model
     preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency, extra_body))
     ev = evaluate(cfg, client, store, "accept", test, preds)
 
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # the judge's scores are compared; the verdict reads the whole rule
     served = candidate_scores(store.read_judgments("accept"), rule.metric)
     ref = candidate_scores(store.read_judgments(r), rule.metric)
     diff, lo, hi = paired_bootstrap(served, ref, rule.statistic, cfg.seed)
     pids = sorted(set(served) & set(ref))
     baseline = store.read_scores("baseline") if store.scores_path("baseline").exists() else None
-    passed = bool(evaluate_pass(ev.scores, rule, baseline).passed)
+    passed = bool(evaluate_pass(ev.scores, cfg.judge.pass_rule, baseline).passed)
     result = AcceptResult(
         endpoint=endpoint,
         model=model,

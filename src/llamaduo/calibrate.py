@@ -138,7 +138,7 @@ def judge_scores(store: RunStore, metric: str, rounds: Sequence[int]) -> dict[st
 def agreement_with_labels(cfg: Config, store: RunStore, labels_path: Path | None = None) -> Calibration:
     """The agreement part of calibration.json, from a labels file (default: the run's labels.jsonl)."""
     labels = read_labels(labels_path or store.labels_path)
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     threshold = candidate_threshold(rule)
     scores = judge_scores(store, rule.metric, sorted({lb.round for lb in labels}))
     if not scores:

@@ -6,8 +6,12 @@ Authorization header goes to the upstream and nowhere else), the reply is relaye
 (SSE chunks as they arrive when streaming), and each completed chat exchange is appended to
 a JSONL file in the messages format that `llamaduo prepare` reads:
 
-    {"messages": [...request messages..., {"role": "assistant", "content": reply}],
-     "category": <x-llamaduo-category header or "default">, "model": <model that answered>}
+    {"messages": [...request messages..., {"role": "assistant", "content": reply, "tool_calls": [...]}],
+     "category": <x-llamaduo-category header or "default">, "model": <model that answered>,
+     "tools": ..., "tool_choice": ..., "parallel_tool_calls": ..., "response_format": ...}
+
+Tool turns, the assistant's tool calls (streamed ones assembled from their deltas) and the request's
+structure fields are kept, so a structured task's traffic loads as its coverage data.
 
 Recorded text is redacted (API keys, tokens, passwords, card numbers, IBANs, e-mail addresses
 and phone numbers by default, each as a typed placeholder; or any list of regexes). No header is
@@ -95,32 +99,100 @@ def _text(content: Any) -> str | None:
     return None
 
 
+STRUCTURE_FIELDS = ("tools", "tool_choice", "parallel_tool_calls", "response_format")  # as `coverage` reads them
+
+
+def _redact_arguments(arguments: Any, redact: Callable[[str], str]) -> Any:
+    """A call's JSON arguments with every string value redacted (the text stays JSON)."""
+    if not isinstance(arguments, str):
+        return arguments
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, str):
+            return redact(v)
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        if isinstance(v, dict):
+            return {k: walk(x) for k, x in v.items()}
+        return v
+
+    try:
+        return json.dumps(walk(json.loads(arguments)), ensure_ascii=False)
+    except ValueError:
+        return redact(arguments)
+
+
+def _calls(raw: Any, redact: Callable[[str], str]) -> list[dict[str, Any]] | None:
+    """Tool calls in OpenAI's shape, arguments redacted; None when they are not function calls."""
+    if not isinstance(raw, list):
+        return None
+    out = []
+    for c in raw:
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            return None
+        out.append({"id": c.get("id") or f"call_{len(out)}", "type": "function",
+                    "function": {"name": fn["name"], "arguments": _redact_arguments(fn.get("arguments", "{}"), redact)}})
+    return out
+
+
+def _turn(m: Any, redact: Callable[[str], str]) -> dict[str, Any] | None:
+    """One chat turn as a coverage record holds it, or None when it is not text (images, audio)."""
+    if not isinstance(m, dict):
+        return None
+    role = "system" if m.get("role") == "developer" else m.get("role")
+    calls = _calls(m.get("tool_calls"), redact) if role == "assistant" and m.get("tool_calls") else None
+    text = _text(m.get("content"))
+    if text is None and calls and m.get("content") is None:
+        text = ""
+    if role not in ("system", "user", "assistant", "tool") or text is None:
+        return None
+    if role == "assistant" and m.get("tool_calls") and calls is None:
+        return None
+    turn: dict[str, Any] = {"role": role, "content": redact(text)}
+    if calls:
+        turn["tool_calls"] = calls
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            return None
+        turn["tool_call_id"] = m["tool_call_id"]
+    return turn
+
+
 def build_record(
-    request: dict[str, Any], reply: str, model: str | None, category: str, redact: Callable[[str], str]
+    request: dict[str, Any], reply: "str | dict[str, Any]", model: str | None, category: str,
+    redact: Callable[[str], str],
 ) -> dict[str, Any] | None:
-    """The coverage record of one exchange, or None when it is not a plain-text chat."""
+    """The coverage record of one exchange, or None when it is not a text chat.
+
+    `reply` is the assistant's text, or its message (`content` and any `tool_calls`). The request's
+    tool turns and calls are kept, and so are its structure fields (`tools`, `tool_choice`,
+    `parallel_tool_calls`, `response_format`), so `coverage.load_coverage` reads the task back."""
     msgs = request.get("messages")
     if not isinstance(msgs, list) or not msgs:
         return None
     out = []
     for m in msgs:
-        if not isinstance(m, dict):
-            return None
-        role = "system" if m.get("role") == "developer" else m.get("role")
-        text = _text(m.get("content"))
-        if role not in ("system", "user", "assistant") or text is None:
-            return None  # tool calls and images are not coverage pairs
-        out.append({"role": role, "content": redact(text)})
-    out.append({"role": "assistant", "content": redact(reply)})
-    return {"messages": out, "category": category or "default", "model": model or request.get("model")}
+        turn = _turn(m, redact)
+        if turn is None:
+            return None  # images and other non-text parts are not coverage pairs
+        out.append(turn)
+    answer = _turn({"role": "assistant", **(reply if isinstance(reply, dict) else {"content": reply})}, redact)
+    if answer is None or not (answer["content"] or answer.get("tool_calls")):
+        return None
+    out.append(answer)
+    record = {"messages": out, "category": category or "default", "model": model or request.get("model")}
+    record.update({k: request[k] for k in STRUCTURE_FIELDS if request.get(k) is not None})
+    return record
 
 
 class _SSEText:
-    """Assembles choice 0's text from OpenAI chat-completion SSE bytes as they pass through."""
+    """Assembles choice 0's text and tool calls from OpenAI chat-completion SSE bytes as they pass through."""
 
     def __init__(self) -> None:
         self._buf = b""
         self.parts: list[str] = []
+        self.calls: dict[int, dict[str, Any]] = {}  # tool-call deltas by index: id and name first, then arguments
         self.model: str | None = None
         self.done = False
 
@@ -140,11 +212,28 @@ class _SSEText:
                 self.model = obj.get("model") or self.model
                 for ch in obj.get("choices") or []:
                     if ch.get("index", 0) == 0:
-                        self.parts.append((ch.get("delta") or {}).get("content") or "")
+                        d = ch.get("delta") or {}
+                        self.parts.append(d.get("content") or "")
+                        for c in d.get("tool_calls") or []:
+                            self._call(c)
+
+    def _call(self, c: dict[str, Any]) -> None:
+        call = self.calls.setdefault(int(c.get("index", len(self.calls))),
+                                     {"id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+        call["id"] = c.get("id") or call["id"]
+        fn = c.get("function") or {}
+        call["function"]["name"] += fn.get("name") or ""
+        call["function"]["arguments"] += fn.get("arguments") or ""
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    @property
+    def message(self) -> dict[str, Any]:
+        """The streamed assistant message: its content and tool calls."""
+        calls = [self.calls[k] for k in sorted(self.calls)]
+        return {"content": self.text, **({"tool_calls": calls} if calls else {})}
 
 
 def _error(status: int, message: str, code: str):
@@ -185,10 +274,10 @@ def create_capture_app(
     app = FastAPI(title="llamaduo capture proxy", lifespan=lifespan)
     app.state.writer = writer
 
-    def record(body: dict[str, Any], reply: str, model: str | None, category: str) -> None:
+    def record(body: dict[str, Any], reply: "str | dict[str, Any]", model: str | None, category: str) -> None:
         rec = build_record(body, reply, model, category, redact)
         if rec is None:
-            log.info("exchange not recorded: not a plain-text chat")
+            log.info("exchange not recorded: not a text chat")
             return
         writer.append(rec)
 
@@ -227,7 +316,7 @@ def create_capture_app(
                         if sse.done and not recorded and resp.status_code == 200:
                             # Before the last chunk goes out: a client that disconnects on `[DONE]`
                             # cancels this generator at its next `yield`.
-                            record(body, sse.text, sse.model, category)
+                            record(body, sse.message, sse.model, category)
                             recorded = True
                         yield chunk
                 finally:
@@ -242,9 +331,9 @@ def create_capture_app(
         if body is not None and resp.status_code == 200:
             with contextlib.suppress(ValueError, AttributeError, IndexError, KeyError, TypeError):
                 reply = json.loads(content)
-                text = _text(reply["choices"][0]["message"].get("content"))
-                if text is not None:
-                    record(body, text, reply.get("model"), category)
+                message = reply["choices"][0]["message"]
+                if isinstance(message, dict):
+                    record(body, message, reply.get("model"), category)
         return Response(content=content, status_code=resp.status_code, headers=out_headers)
 
     return app

@@ -75,6 +75,7 @@ class ChatRequest:
     constraint: ConstraintFactory | None = None  # one TokenConstraint per generated sequence, set from `grammar`
     adapter: str | None = None  # the LoRA adapter that answers (a served model name); None = the base
     prompt: str | None = None  # the rendered prompt, when the server's template renders tools itself
+    request_fields: dict[str, Any] = field(default_factory=dict)  # tools ... response_format as sent (fallback forwards them)
 
     @property
     def group_key(self) -> tuple:
@@ -85,6 +86,14 @@ class ChatRequest:
     def calls_tools(self) -> bool:
         """Whether the answer is read for tool calls."""
         return bool(self.tools) and self.tool_choice != "none"
+
+    @property
+    def call_names(self) -> set[str]:
+        """The functions an answer's calls may name (only the named one under a forced function)."""
+        if not self.calls_tools:
+            return set()
+        return {t["function"]["name"] for t in self.tools
+                if self.tool_choice != "function" or t["function"]["name"] == self.tool_name}
 
     @property
     def prompt_tools(self) -> list[dict[str, Any]] | None:
@@ -228,6 +237,8 @@ def parse_chat_request(raw: bytes, cfg: ServeConfig, defaults: InferConfig) -> C
         parallel_tool_calls=True if parallel is None else parallel,
         logprobs=top if logprobs else None,
     )
+    req.request_fields = {k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls", "response_format")
+                          if body.get(k) is not None}
     req.messages = plain_messages(conversation, req.prompt_tools)
     req.grammar = grammar_spec(response_format, tools, choice, name, req.parallel_tool_calls)
     return req
@@ -263,13 +274,14 @@ def read_tool_calls(choice: Choice, req: ChatRequest) -> Choice:
     A call that was cut off by `max_tokens` does not parse: the text stays, `finish_reason` `length`."""
     if not req.calls_tools or choice.text is None:
         return choice
-    names = {t["function"]["name"] for t in req.tools if req.tool_choice != "function" or t["function"]["name"] == req.tool_name}
-    content, calls = parse_tool_calls(choice.text, names)
+    content, calls = parse_tool_calls(choice.text, req.call_names)
     if not calls:
         return choice
     if not req.parallel_tool_calls:
         calls = calls[:1]
-    choice.text, choice.tool_calls, choice.finish_reason = content, calls, "tool_calls"
+    cut = choice.finish_reason == "length" and content is not None and "<tool_call>" in content
+    choice.text, choice.tool_calls = content, calls
+    choice.finish_reason = "length" if cut else "tool_calls"  # a later call cut off: the answer is not whole
     return choice
 
 

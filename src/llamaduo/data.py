@@ -56,6 +56,11 @@ class Message(BaseModel):
         calls = [tool_call_text(c.function.name, c.function.arguments) for c in self.tool_calls]
         return TOOL_CALL_SEPARATOR.join([self.content, *calls] if self.content else calls)
 
+    def chat(self) -> dict[str, str]:
+        """The turn as plain chat: role and text (tool calls in their `<tool_call>` text form). The
+        shape service requests are cached under, unchanged for plain turns."""
+        return {"role": self.role, "content": self.text}
+
     def openai(self) -> dict[str, Any]:
         """The turn as an OpenAI chat message."""
         return self.model_dump(mode="json", exclude_none=True)

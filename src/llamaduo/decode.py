@@ -47,7 +47,6 @@ class SharedPrefix:
 
     def prefix_bias(self, generated: int, window: int | None, dtype: Any) -> Any:
         """Additive mask [prompts, 1, 1, columns] for a query at position length + generated - 1."""
-        import torch
 
         key = (generated, window, dtype)
         if key not in self._bias:
@@ -56,9 +55,17 @@ class SharedPrefix:
             if window is not None:
                 query_pos = self.lengths + generated - 1
                 visible &= self.key_positions > (query_pos - window)[:, None]
-            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-            self._bias[key] = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+            self._bias[key] = additive_mask(visible, dtype)
         return self._bias[key]
+
+
+def additive_mask(visible: Any, dtype: Any) -> Any:
+    """[rows, columns] booleans → an additive attention mask [rows, 1, 1, columns]: 0 where a row
+    may look, -inf where it may not."""
+    import torch
+
+    bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    return bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
 
 
 def shared_prefix_attention(

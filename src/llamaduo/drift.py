@@ -63,7 +63,7 @@ class DriftMonitor:
 
     def __init__(self, cfg: Config, store: MonitorStore, tracker=None, target: float | None = None,
                  clock: Callable[[], float] = time.time):
-        rule = cfg.judge.pass_rule
+        rule = cfg.judge.pass_rule.judged()  # judge scores only
         self.metric, self.statistic = rule.metric, rule.statistic
         # An absolute target; a relative rule's target (ratio × service baseline) is passed in by the caller.
         self.target = rule.threshold if target is None else target

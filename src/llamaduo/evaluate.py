@@ -28,8 +28,8 @@ def evaluate(
     bars: BarFactory | None = None,
 ) -> Evaluation:
     """Judge `predictions` (written first when given; else the target's predictions on disk)."""
+    from llamaduo import exact, scoring
     from llamaduo import judge as judge_mod
-    from llamaduo import scoring
 
     if predictions is not None:
         store.write_predictions(target, predictions)
@@ -41,6 +41,8 @@ def evaluate(
     scores = scoring.compute_scores(
         judgments, len(rows), test=test, cfg=cfg, duplicates=duplicates, length_cut=length_cut
     )
+    # beside the judge: does a structured task's answer parse and fit (no service call; empty for free text)
+    scores.exact = exact.exact_stats(rows, test)
     store.write_judgments(target, judgments)
     store.write_scores(target, scores)
     return Evaluation(

@@ -3,6 +3,12 @@
 `serve.py` decides when (generation raised, or ran over `latency_budget_s`); this asks the
 service (a `service.ServiceClient`, or anything with an async `chat_text`) for the request's
 `n` answers. A failure here too is a 502 that names both causes.
+
+A request with structure (`tools`, `tool_choice`, `parallel_tool_calls`, `response_format`) goes to
+the service with those fields and its OpenAI-shaped turns (tool turns included); the service's
+calls come back as `<tool_call>` blocks, which the route reads into `tool_calls` as it reads the
+local model's. A provider that cannot carry a field (the native Anthropic API) is a 502 naming
+the field — never a plain answer that silently dropped the structure.
 """
 
 import asyncio
@@ -17,16 +23,37 @@ if TYPE_CHECKING:
 log = logging.getLogger("llamaduo.serve")  # the server's log: fallbacks are part of serving
 
 
+def cannot_carry(fallback: "Client | None", req: ChatRequest) -> str | None:
+    """The first of the request's structure fields the fallback cannot send, or None."""
+    provider = getattr(fallback, "provider", None)
+    if fallback is None or not req.request_fields or provider is None:
+        return None
+    from llamaduo.service import UnsupportedField
+
+    try:
+        provider.request_fields(req.request_fields)
+    except UnsupportedField as e:
+        return e.field
+    return None
+
+
 async def from_service(fallback: "Client", fallback_model: str, req: ChatRequest, reason: str) -> list[Choice]:
-    """The request's choices from the service LLM; raises APIError(502) when the service fails as well."""
+    """The request's choices from the service LLM; raises APIError(502) when the service fails as well,
+    or cannot carry the request's structure."""
+    field = cannot_carry(fallback, req)
+    if field is not None:
+        provider = getattr(getattr(fallback, "provider", None), "name", "service")
+        raise APIError(502, f"local model failed ({reason}) and the fallback service ({provider} provider) cannot "
+                       f"carry {field}: not answered without it", field, "fallback_unsupported", "server_error")
     log.warning("serving from the service LLM (%s): %s", fallback_model, reason)
-    msgs = [m.model_dump() for m in req.messages]
+    structured = {"request_fields": req.request_fields} if req.request_fields else {}
+    msgs = req.conversation if structured else [m.openai() for m in req.messages]
     try:
         replies = await asyncio.gather(
             *[
                 fallback.chat_text(
                     msgs, model=fallback_model, temperature=req.sampling.temperature,
-                    max_tokens=req.sampling.max_new_tokens, sample_index=i, stage="serve_fallback",
+                    max_tokens=req.sampling.max_new_tokens, sample_index=i, stage="serve_fallback", **structured,
                 )
                 for i in range(req.n)
             ]

@@ -24,13 +24,19 @@ from llamaduo.filemodes import umask_mode
 
 # ------------------------------------------------------------------ atomic file I/O
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_chunks(path, (data,))
+
+
+def atomic_write_chunks(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write `chunks` one after another (never all in memory at once), atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, umask_mode())  # mkstemp makes 0600; the file should read as the user's umask says
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            for data in chunks:
+                fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -52,15 +58,32 @@ def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
+def jsonl_line(row: Any) -> str:
+    """One row (a dict or a pydantic model) as the JSONL line `write_jsonl` writes, newline excluded."""
+    if hasattr(row, "model_dump"):
+        row = row.model_dump(mode="json", exclude_none=True)
+    return json.dumps(row, ensure_ascii=False, default=str)
+
+
 def write_jsonl(path: Path, rows: Iterable[Any]) -> int:
-    """Write rows (dicts or pydantic models) as JSONL atomically; returns the count."""
-    lines = []
-    for row in rows:
-        if hasattr(row, "model_dump"):
-            row = row.model_dump(mode="json", exclude_none=True)
-        lines.append(json.dumps(row, ensure_ascii=False, default=str))
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
-    return len(lines)
+    """Write rows (dicts, pydantic models, or lines already made by `jsonl_line`) as JSONL
+    atomically, streaming; returns the count."""
+    count = 0
+
+    def chunks():
+        nonlocal count
+        buf: list[str] = []
+        for row in rows:
+            buf.append((row if isinstance(row, str) else jsonl_line(row)) + "\n")
+            count += 1
+            if len(buf) >= 4096:
+                yield "".join(buf).encode("utf-8")
+                buf.clear()
+        if buf:
+            yield "".join(buf).encode("utf-8")
+
+    atomic_write_chunks(path, chunks())
+    return count
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

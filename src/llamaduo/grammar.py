@@ -184,14 +184,29 @@ class GrammarConstraint:
             self._check_at = self._left - RECHECK_EVERY
             return
         need = len(plan) + 1 + SAFETY  # the plan, the end-of-turn token, slack
+        if not plan and self._another_call() >= self._left:
+            self._plan = plan  # the answer may end here, and one more call would not fit: end it
+            return
         if need >= self._left:
             self._plan = plan
         # Plan again when half the distance to the budget is gone (every step near the end): a
         # plan grows by a token or so a step, so checks get dense only close to the end.
         self._check_at = need + max(DENSE, (self._left - need) // 2)
 
+    def _another_call(self) -> int:
+        """Tokens one more call after the separator needs at the least (a whole block appears at once
+        when the model picks the separator, more than a plan grows by in a step)."""
+        sep = self._vocab.tokens_for(TOOL_CALL_SEPARATOR.encode())
+        m = self._m.fork()
+        if not sep or not all(m.accept_token(t) for t in sep):
+            return 0  # nothing can follow
+        plan = _closing(m, self._vocab)
+        return len(sep) + len(plan) + 1 + SAFETY if plan is not None else self._left
+
     def mask_logits(self, logits: Any) -> None:
-        if self._plan is None and (self._left <= self._check_at or self._steps % RECHECK_EVERY == 0):
+        # Where the answer could end (between parallel calls) is also where the budget is weighed.
+        if self._plan is None and (self._left <= self._check_at or self._steps % RECHECK_EVERY == 0
+                                   or self._m.is_completed()):
             self._consider_closing()
         if self._plan is not None:
             allowed = self._plan[:1] or self._vocab.stop_ids

@@ -240,69 +240,6 @@ def draw(logits: Any, temperature: float, top_p: float, top_k: int | None) -> An
     return (pick if index is None else index.gather(-1, pick)).squeeze(-1)
 
 
-def vllm_available() -> bool:
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
-def vllm_guided(spec: Any) -> dict[str, Any]:
-    """vLLM's guided decoding for a `GrammarSpec` (None: free text): the response schema as JSON, or
-    the tool-call structural tag `grammar.py` compiles for the transformers route."""
-    if spec is None:
-        return {}
-    import json
-
-    from vllm.sampling_params import StructuredOutputsParams
-
-    if not spec.tools:
-        return {"structured_outputs": StructuredOutputsParams(json=json.loads(spec.schema), disable_any_whitespace=True)}
-    from llamaduo.grammar import structural_tag
-
-    return {"structured_outputs": StructuredOutputsParams(structural_tag=structural_tag(spec).model_dump_json())}
-
-
-def generate_vllm(
-    cfg: Config, test: list[Example], adapter_dir: Path | None, model_hash: str, adapter_hash: str
-) -> list[Completion]:
-    """The GPU route: vLLM with the round's LoRA adapter; a structured prompt decodes under vLLM's
-    guided decoding with the same JSON schema / tool-call grammar as the transformers route."""
-    from vllm import LLM, SamplingParams
-    from vllm.lora.request import LoRARequest
-
-    from llamaduo import models
-
-    base = models.resolve_base(cfg.model)
-    tok, _ = models.load_tokenizer(cfg.model, adapter_dir if adapter_dir and (adapter_dir / "tokenizer_config.json").exists() else None)
-    is_lora = adapter_dir is not None and (adapter_dir / "adapter_config.json").exists()
-    llm = LLM(model=str(adapter_dir if adapter_dir and not is_lora else base), enable_lora=is_lora, seed=cfg.seed)
-    s = cfg.infer
-    from llamaduo import structure
-
-    prompts = [(e.id, structure.prompt_for(tok, e)) for e in test]
-    params = [
-        SamplingParams(
-            n=s.num_samples, temperature=s.temperature, top_p=s.top_p, max_tokens=s.max_new_tokens,
-            stop=s.stop or None, seed=cfg.seed, **vllm_guided(structure.spec(e)),
-        )
-        for e in test
-    ]
-    texts = [p if isinstance(p, str) else models.render_prompt(tok, p) for _, p in prompts]
-    lora = LoRARequest("round", 1, str(adapter_dir)) if is_lora else None
-    outs = llm.generate(texts, params, lora_request=lora)
-    return [
-        Completion(
-            prompt_id=pid, sample_index=j, text=o.text.strip(), model_hash=model_hash, adapter_hash=adapter_hash,
-            finish_reason=o.finish_reason or "stop", new_tokens=len(o.token_ids),
-        )
-        for (pid, _), out in zip(prompts, outs, strict=True)
-        for j, o in enumerate(out.outputs)
-    ]
-
-
 def run_inference(
     cfg: Config, test: list[Example], adapter_dir: Path | None, progress: ProgressReporter | None = None
 ) -> list[Completion]:
@@ -310,6 +247,8 @@ def run_inference(
     from llamaduo import models
 
     mh, ah = models.model_hash(cfg.model), models.adapter_hash(adapter_dir)
+    from llamaduo.vllm_backend import generate_vllm, vllm_available
+
     if cfg.infer.backend == "vllm" and not vllm_available():
         raise UserError("infer.backend=vllm needs the vllm package and a CUDA GPU; use infer.backend=transformers")
     if cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available()):

@@ -65,7 +65,7 @@ def render_judge_prompt(
         instruction=format_instruction(example.prompt_messages),
         reference=example.response,
         candidate=candidate,
-        messages=[m.model_dump() for m in example.prompt_messages],
+        messages=[m.chat() for m in example.prompt_messages],
     )
 
 
@@ -189,7 +189,7 @@ def service_baseline(cfg: Config, client: Client, test: list[Example], bars: Bar
     k = cfg.infer.num_samples
     coros = [
         client.chat_text(
-            [m.model_dump() for m in ex.prompt_messages],
+            [m.chat() for m in ex.prompt_messages],
             model=cfg.service.model,
             temperature=cfg.infer.temperature,
             max_tokens=cfg.infer.max_new_tokens,

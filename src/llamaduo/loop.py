@@ -11,12 +11,12 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
 from llamaduo import runlock
-from llamaduo.artifacts import Ledger, RoundRecord, Scores, StageKey
+from llamaduo.artifacts import METRICS, Ledger, PassDecision, RoundRecord, Scores, StageKey
 from llamaduo.config import Config
 from llamaduo.errors import ServiceUnavailable, UserError
 from llamaduo.prepare import PrepareResult
@@ -47,6 +47,22 @@ def decide(cfg: Config, scores: Scores, baseline: Scores | None, store: RunStore
     # judge.require_kappa: only a judge calibrated against people may pass a round
     cal = store.read_calibration() if store is not None and store.calibration_path.exists() else None
     return require_kappa(decision, cal, cfg.judge.require_kappa)
+
+
+def round_extras(cfg: Config, scores: Scores, decision: PassDecision) -> dict[str, Any]:
+    """What a round's line shows beside the pass statistic: a structured task's exact metrics (means; `exact`),
+    the judge's score when the rule reads an exact metric (`judge`), the conditions not met."""
+    out: dict[str, Any] = {}
+    if scores.exact:
+        out["exact"] = {m: st.mean for m, st in scores.exact.items()}
+    rule = cfg.judge.pass_rule
+    if rule.metric not in METRICS:
+        judged = rule.judged()
+        out["judge"] = {"metric": judged.metric, "statistic": judged.statistic,
+                        "value": scores.stat(judged.metric, judged.statistic)}
+    if rule.also and decision.failed:
+        out["failed_conditions"] = decision.failed
+    return out
 
 
 def judge_failed(cfg: Config, scores: Scores) -> str | None:
@@ -189,6 +205,7 @@ def _run(cfg: Config, fresh: bool, display: Display | str, client: Client | None
                         "spend_usd": ledger.total.usd if ledger else 0.0,
                         "failed_judgments": scores.counts.failed,
                         "judgments": scores.counts.judgments,
+                        **round_extras(cfg, scores, decision),
                     }
                 )
                 failed_judge = judge_failed(cfg, scores)

@@ -59,6 +59,10 @@ class ServeMetrics:
 
     def answered(self, model: str, choices: list[Any], ttft_s: float) -> None:
         self.ttft.labels(model).observe(ttft_s)
+        self.counted(model, choices)
+
+    def counted(self, model: str, choices: list[Any]) -> None:
+        """The tokens of a finished answer (a streamed one's first token was observed when it went out)."""
         self.tokens_in.labels(model).inc(max((getattr(c, "prompt_tokens", 0) for c in choices), default=0))
         self.tokens_out.labels(model).inc(sum(getattr(c, "completion_tokens", 0) for c in choices))
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llamaduo import runtime as rt_mod
-from llamaduo.accept import accept, candidate_scores, statistic
+from llamaduo.accept import accept, answer_text, candidate_scores, request_of, statistic
 from llamaduo.artifacts import Parity, ParityRow
 from llamaduo.config import Config
 from llamaduo.data import Example, load_examples
@@ -43,11 +43,11 @@ def greedy_pass(endpoint: str, model: str, test: list[Example], cfg: Config,
     for ex in test:
         t = time.perf_counter()
         r = client.chat.completions.create(
-            model=model, messages=[m.model_dump() for m in ex.prompt_messages], temperature=0.0, n=1,
+            model=model, **request_of(ex), temperature=0.0, n=1,
             max_tokens=cfg.infer.max_new_tokens, stop=cfg.infer.stop or None, seed=cfg.seed, extra_body=extra_body,
         )
         seconds += time.perf_counter() - t
-        texts[ex.id] = r.choices[0].message.content or ""
+        texts[ex.id] = answer_text(r.choices[0].message)
         if r.usage is None or r.usage.completion_tokens is None:
             counted = False
         else:
@@ -87,7 +87,7 @@ def _measure(cfg: Config, store: RunStore, client: Client, name: str, runtime: A
     for src in (store.predictions_path("accept"), store.judgments_path("accept"), store.scores_path("accept"),
                 store.accept_comparison_path):
         shutil.copyfile(src, keep / src.name)
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     served = candidate_scores(store.read_judgments("accept"), rule.metric)
     ref, label = reference
     row = ParityRow(
@@ -179,7 +179,7 @@ def run_parity(cfg: Config, store: RunStore, client: Client, *, artifact: str = 
 
     r = pick_round(store, round)
     test = judge_mod.select_test(cfg, load_examples(store.test_path))
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     if endpoint is not None:
         factories: dict[str, Callable[[], Any]] = {"endpoint": lambda: _Endpoint(endpoint, model)}
         shipped = "endpoint"

@@ -11,13 +11,13 @@ import random
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel
 
 from llamaduo import structure
-from llamaduo.coverage import load_coverage
-from llamaduo.data import Example, content_id
+from llamaduo.coverage import Row, load_coverage
+from llamaduo.data import Example
 from llamaduo.ingest import DataError, Problem
 
 if TYPE_CHECKING:
@@ -28,16 +28,19 @@ if TYPE_CHECKING:
 
 
 # ------------------------------------------------------------------------- split
+E = TypeVar("E", Example, Row)  # split works on anything with an id and a category
+
+
 def split(
-    examples: list[Example], test_fraction: float, seed: int, max_test: int | None = None
-) -> tuple[list[Example], list[Example]]:
+    examples: list[E], test_fraction: float, seed: int, max_test: int | None = None
+) -> tuple[list[E], list[E]]:
     """Stratified split; deterministic per seed; no example in both; input order kept.
 
     Each category with ≥ 2 examples gets at least one test example and keeps at least one
     for training; sizes are proportional (largest remainder). `max_test` is a hard cap: when
     it is below the number of categories, the largest categories get the test slots.
     """
-    by_cat: dict[str, list[Example]] = defaultdict(list)
+    by_cat: dict[str, list[E]] = defaultdict(list)
     for e in examples:
         by_cat[e.category].append(e)
     total = len(examples)
@@ -112,8 +115,13 @@ def _token_counter(tokenizer: Any) -> Callable[[str], int]:
     return count
 
 
-def compute_stats(train: list[Example], test: list[Example], tokenizer: Any = None) -> dict[str, Any]:
-    """Counts per category per split, and length quantiles (chars; tokens when a tokenizer is given)."""
+def _chars(e: Example | Row) -> tuple[int, int]:
+    return (e.prompt_chars, e.response_chars) if isinstance(e, Row) else (len(e.prompt), len(e.response))
+
+
+def compute_stats(train: list[Any], test: list[Any], tokenizer: Any = None) -> dict[str, Any]:
+    """Counts per category per split, and length quantiles (chars; tokens when a tokenizer is given),
+    over examples or coverage rows."""
     cats = sorted({e.category for e in train} | {e.category for e in test})
     per_cat: dict[str, dict[str, int]] = {c: {"train": 0, "test": 0, "total": 0} for c in cats}
     for name, part in (("train", train), ("test", test)):
@@ -125,15 +133,17 @@ def compute_stats(train: list[Example], test: list[Example], tokenizer: Any = No
         "counts": {"train": len(train), "test": len(test), "total": len(everything)},
         "categories": per_cat,
         "chars": {
-            "prompt": _quantiles([len(e.prompt) for e in everything]),
-            "response": _quantiles([len(e.response) for e in everything]),
+            "prompt": _quantiles([_chars(e)[0] for e in everything]),
+            "response": _quantiles([_chars(e)[1] for e in everything]),
         },
     }
     if tokenizer is not None:
         ntok = _token_counter(tokenizer)
+        counts = [(ntok(x.prompt), ntok(x.response))
+                  for x in (e.example() if isinstance(e, Row) else e for e in everything)]
         stats["tokens"] = {
-            "prompt": _quantiles([ntok(e.prompt) for e in everything]),
-            "response": _quantiles([ntok(e.response) for e in everything]),
+            "prompt": _quantiles([c[0] for c in counts]),
+            "response": _quantiles([c[1] for c in counts]),
         }
     return stats
 
@@ -202,17 +212,17 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
     if cfg.data.test_file is not None:
         test_cov = load_coverage(Path(cfg.data.test_file), cfg.data, check=structure.check)
         warnings += test_cov.warnings
-        test = test_cov.examples
+        test = test_cov.rows
         # Decontaminate: a pair in the given test file must not also be trained on.
-        test_ids = {e.id for e in test} | {content_id(e.messages) for e in test}
-        train = [e for e in cov.examples if e.id not in test_ids and content_id(e.messages) not in test_ids]
-        removed = len(cov.examples) - len(train)
+        test_ids = {e.id for e in test} | {e.content for e in test}
+        train = [e for e in cov.rows if e.id not in test_ids and e.content not in test_ids]
+        removed = len(cov.rows) - len(train)
         if removed:
             warnings.append(f"{removed} training example(s) also in the test file were removed from train")
         if cfg.data.max_test is not None and len(test) > cfg.data.max_test:
             _, test = split(test, cfg.data.max_test / len(test), cfg.seed, cfg.data.max_test)
     else:
-        train, test = split(cov.examples, cfg.data.test_fraction, cfg.seed, cfg.data.max_test)
+        train, test = split(cov.rows, cfg.data.test_fraction, cfg.seed, cfg.data.max_test)
         warnings += split_warning(len(train), len(test), cfg.data.test_fraction, cfg.data.max_test)
     if not train or not test:
         msg = f"too few examples to split: train {len(train)}, test {len(test)}"
@@ -231,8 +241,8 @@ def prepare(cfg: Config, store: RunStore) -> PrepareResult:
     # Only now, with everything valid, does anything touch the disk.
     existed = store.root.exists()
     try:
-        write_jsonl(store.train_path, train)
-        write_jsonl(store.test_path, test)
+        write_jsonl(store.train_path, (e.line for e in train))
+        write_jsonl(store.test_path, (e.line for e in test))
         write_json(store.stats_path, stats)
         atomic_write_text(store.config_path, dump_config(cfg))
         store.init_manifest(cfg.seed)  # the stage engine records the prepare stage itself

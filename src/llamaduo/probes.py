@@ -117,7 +117,7 @@ def run_probes(cfg: Config, client: Client, test: list[Example], student: dict[s
             got[(probe, model)][pid]["precision"].append(parsed.precision.score)
         else:
             failed[(probe, model)] += 1
-    metric = cfg.judge.pass_rule.metric
+    metric = cfg.judge.pass_rule.judged().metric
     return [_result(probe, model, got, failed, metric) for model in judge_mod.judge_models(cfg) for probe in PROBES]
 
 
@@ -174,7 +174,7 @@ def add_probes(cfg: Config, store: RunStore, client: Client, cal: Calibration | 
     """Run the probes on the run's test items and put their results and cost into `cal`."""
     from llamaduo.data import load_examples
 
-    cal = cal or Calibration(metric=cfg.judge.pass_rule.metric)
+    cal = cal or Calibration(metric=cfg.judge.pass_rule.judged().metric)
     test = load_examples(store.test_path)
     cal.probes = run_probes(cfg, client, test, student_answers(store), items=items)
     cal.probe_items = max((p.items for p in cal.probes), default=0)

@@ -23,6 +23,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from llamaduo.artifacts import EXACT_METRICS
+
 Event = dict[str, Any]
 Display = Callable[[Event], None]
 
@@ -61,6 +63,24 @@ def make_display(mode: str = "rich", console: Console | None = None) -> Display:
     return show
 
 
+def _exact_text(event: Event) -> str:
+    """ · schema_valid 0.97 · field_accuracy 0.88 (· arguments_exact for a tool task); the judge's score when the
+    rule reads an exact metric; "" for a free-text task."""
+    exact: dict[str, float | None] = event.get("exact") or {}
+    parts = []
+    judged = event.get("judge")
+    if judged:
+        v = judged.get("value")
+        parts.append(f"{judged['metric']} {judged['statistic']} {'n/a' if v is None else f'{v:.1f}'}")
+    if exact:
+        shown = ["schema_valid", "field_accuracy"] + (["arguments_exact"] if "tool_name_match" in exact else [])
+        for m in shown:
+            if m != event.get("metric"):
+                v = exact.get(m)
+                parts.append(f"{m} {'n/a' if v is None else f'{v:.2f}'}")
+    return "".join(f" · {p}" for p in parts)
+
+
 def format_event(event: Event) -> str:
     kind = event.get("event", "")
     r = event.get("round")
@@ -76,15 +96,21 @@ def format_event(event: Event) -> str:
         return f"{tag}[yellow]{event['stage']}: inputs changed ({', '.join(event['changed'])}); rerunning it and what follows[/]"
     if kind == "round_done":
         value = event.get("value")
+        exact = _exact_text(event)
+        rate = event.get("metric") in EXACT_METRICS  # an exact metric: a share 0-1, shown with two decimals
+        spend = f"spend so far ${event.get('spend_usd', 0.0):.4f}"
         if value is None:  # not measured: never shown as a number
             failed = f"; {event.get('failed_judgments', 0)} of {event.get('judgments', 0)} judgments failed"
-            return (f"{tag}[bold]{event['metric']} {event['statistic']} = n/a[/] (no valid judgment{failed}) "
-                    f"[red]not measured[/]  spend so far ${event.get('spend_usd', 0.0):.4f}")
+            why = "(no answer it applies to)" if rate else f"(no valid judgment{failed})"
+            return (f"{tag}[bold]{event['metric']} {event['statistic']} = n/a[/] {why} "
+                    f"[red]not measured[/]{exact}  {spend}")
         mark = "[green]PASS[/]" if event.get("passed") else "[red]below target[/]"
-        spend = event.get("spend_usd", 0.0)
+        if not event.get("passed") and event.get("failed_conditions"):
+            mark = f"[red]below target[/] (not met: {', '.join(event['failed_conditions'])})"
+        digits = 2 if rate else 1
         return (
-            f"{tag}[bold]{event['metric']} {event['statistic']} = {value:.1f}[/] "
-            f"(target {event['target']:.1f}) {mark}  spend so far ${spend:.4f}"
+            f"{tag}[bold]{event['metric']} {event['statistic']} = {value:.{digits}f}[/] "
+            f"(target {event['target']:.{digits}f}) {mark}{exact}  {spend}"
         )
     if kind == "stop":
         v = event.get("value")

@@ -7,12 +7,16 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from llamaduo.chat_api import APIError, ChatRequest, delta, sse_chunk, usage_chunk
 from llamaduo.grammar import Grammars
+from llamaduo.rowbatch import Event
 from llamaduo.scheduler import Stream
+from llamaduo.tool_stream import ToolCallStream
 from llamaduo.tools import render_conversation, renders_tools
 
 log = logging.getLogger("llamaduo.serve")
@@ -41,6 +45,15 @@ def check_context(req: ChatRequest, tokenizer: Any, context_length: int | None) 
         return
     from llamaduo.infer import prompt_ids
 
+    # A token spells at most `longest` characters, so this many characters need at least chars/longest
+    # tokens: a prompt that cannot fit is refused without tokenizing it (900 KB takes seconds).
+    chars = len(req.prompt) if req.prompt else sum(len(m.content) for m in req.messages)
+    if chars // _longest_token(tokenizer) + req.sampling.max_new_tokens > context_length:
+        raise APIError(
+            400, f"This model's maximum context length is {context_length} tokens. However, you requested at least "
+            f"{chars // _longest_token(tokenizer) + req.sampling.max_new_tokens} tokens ({chars} characters in the "
+            f"messages, {req.sampling.max_new_tokens} in the completion).", "messages", "context_length_exceeded",
+        )
     prompt = len(prompt_ids(tokenizer, req.prompt or req.messages))
     asked = prompt + req.sampling.max_new_tokens
     if asked > context_length:
@@ -49,6 +62,18 @@ def check_context(req: ChatRequest, tokenizer: Any, context_length: int | None) 
             f"tokens ({prompt} in the messages, {req.sampling.max_new_tokens} in the completion).", "messages",
             "context_length_exceeded",
         )
+
+
+_LONGEST: dict[int, int] = {}
+
+
+def _longest_token(tokenizer: Any) -> int:
+    """The most characters one token of the vocabulary can stand for (its spelling's length bounds it)."""
+    key = id(tokenizer)
+    if key not in _LONGEST:
+        vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+        _LONGEST[key] = max((len(t) for t in vocab), default=0) or 64
+    return _LONGEST[key]
 
 
 async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None) -> None:
@@ -69,20 +94,62 @@ async def structure(req: ChatRequest, tokenizer: Any, grammars: Grammars | None)
 
 # ------------------------------------------------------------------ local model
 
-async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any) -> AsyncIterator[str]:
-    """The chunks of a streamed local answer, each sent as soon as its tokens are decoded."""
+def merged(events: list[Event]) -> list[Event]:
+    """Consecutive events of one choice as one (several steps handed over at once go out as one chunk)."""
+    out: list[Event] = []
+    for e in events:
+        last = out[-1] if out else None
+        if last is not None and last.index == e.index and last.finish_reason is None:
+            logprobs = (last.logprobs or []) + (e.logprobs or []) if (last.logprobs or e.logprobs) else None
+            out[-1] = replace(last, text=last.text + e.text, logprobs=logprobs, finish_reason=e.finish_reason,
+                              completion_tokens=e.completion_tokens, tokens=last.tokens + e.tokens)
+        else:
+            out.append(e)
+    return out
+
+
+async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any,
+                        done: Callable[[list[Any]], None] | None = None) -> AsyncIterator[str]:
+    """The chunks of a streamed local answer, each sent as soon as its tokens are decoded; `done`
+    gets the finished choices (metrics, the shadow sampler) once the last token has gone out."""
     req = stream.request
+    # An answer that may call tools: its text goes through one streamer per choice (content and
+    # tool-call deltas as OpenAI sends them, see `tool_stream.py`).
+    calls = [ToolCallStream(req.call_names, req.parallel_tool_calls) for _ in range(req.n)] if req.calls_tools else None
     try:
         for i in range(req.n):
             yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
         events = first
         while events is not None:
-            for e in events:
-                if e.text or e.logprobs:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
-                if e.finish_reason is not None:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=e.finish_reason)])
-            events = await stream.next()
+            for e in merged(events):
+                if calls is None:
+                    if e.text or e.logprobs:
+                        yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
+                    reason = e.finish_reason
+                else:
+                    parts = calls[e.index].feed(e.text)
+                    if e.finish_reason is not None:
+                        more, reason = calls[e.index].finish(e.finish_reason)
+                        parts += more
+                    else:
+                        reason = None
+                    if e.logprobs and not parts:
+                        parts = [{}]
+                    for k, d in enumerate(parts):
+                        lp = {"logprobs": {"content": e.logprobs, "refusal": None}} if e.logprobs and k == 0 else {}
+                        yield sse_chunk(rid, created, name, False, [{"index": e.index, "delta": d, "finish_reason": None, **lp}])
+                if reason is not None:
+                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=reason)])
+            left = None if stream.deadline is None else stream.deadline - time.monotonic()
+            try:
+                events = await asyncio.wait_for(stream.next(), left)
+            except (asyncio.TimeoutError, TimeoutError):  # past the deadline: the rows leave the batch (finally)
+                body = APIError(504, "the request ran past its deadline (serve.request_timeout_s)", None, "timeout",
+                                "server_error").body()
+                yield f"data: {json.dumps(body)}\n\n"
+                return
+        if done is not None:
+            done(stream.choices)
         if req.include_usage:
             yield usage_chunk(rid, created, name, stream.choices, False)
         yield "data: [DONE]\n\n"

@@ -51,7 +51,7 @@ class LabelIn(BaseModel):
 
 def review_items(cfg: Config, store: RunStore) -> list[dict[str, Any]]:
     """Every judged candidate of every round, worst-first by the pass metric (unjudged last)."""
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     threshold = candidate_threshold(rule)
     tests: dict[str, Example] = {ex.id: ex for ex in load_examples(store.test_path)} if store.test_path.exists() else {}
     labels = {(r.get("round"), r.get("prompt_id"), r.get("sample_index")): r
@@ -99,7 +99,7 @@ def create_app(cfg: Config, store: RunStore) -> Any:
     from fastapi.responses import HTMLResponse, JSONResponse
 
     app = FastAPI(title="llamaduo review", docs_url=None, redoc_url=None, openapi_url=None)
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> HTMLResponse:

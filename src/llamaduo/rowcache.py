@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from llamaduo.decode import additive_mask
+
 ATTENTION = "llamaduo_rows"
 
 
@@ -92,8 +94,7 @@ class RowCache:
             visible = cols <= self.lengths[:, None]
             if window is not None:
                 visible &= cols > (self.lengths - window)[:, None]
-            bias = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
-            self._bias[key] = bias.masked_fill_(~visible, float("-inf"))[:, None, None, :]
+            self._bias[key] = additive_mask(visible, dtype)
         return self._bias[key]
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from llamaduo.artifacts import (
+    EXACT_METRICS,
     METRICS,
     Agreement,
     Calibration,
@@ -29,7 +30,7 @@ from llamaduo.artifacts import (
     PassDecision,
     Scores,
 )
-from llamaduo.config import Config, PassRule
+from llamaduo.config import Config, PassCondition, PassRule
 from llamaduo.data import Example
 from llamaduo.errors import UserError
 from llamaduo.judge import judge_models
@@ -203,38 +204,53 @@ def _warnings(counts: Counts, models: list[str], cfg: Config | None) -> list[str
 
 
 # ---------------------------------------------------------------------- pass rule
-def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None) -> PassDecision:
-    """Absolute: statistic ≥ threshold. Relative (`rule.relative_to_service`): statistic ≥
-    ratio × the service baseline's statistic, i.e. local ÷ service ≥ ratio."""
+def _condition(scores: Scores, rule: PassRule | PassCondition, baseline: Scores | None) -> PassDecision:
+    """One condition: absolute (statistic ≥ threshold) or relative (statistic ≥ ratio × the service's)."""
     value = scores.stat(rule.metric, rule.statistic)
     label = f"{rule.statistic} {rule.metric}"
-    if rule.relative_to_service is not None:
+    ratio = getattr(rule, "relative_to_service", None)
+    undefined = (f"{label} is not measured (n/a: no test example has the response format or tools it needs), "
+                 "so the rule is not met" if rule.metric in EXACT_METRICS else f"no candidate was judged; {label} is undefined")
+    if ratio is not None:
         if baseline is None:
             raise UserError("judge.pass_rule.relative_to_service is set but there are no service-baseline scores")
         base = baseline.stat(rule.metric, rule.statistic)
         if base is None:
-            raise UserError(f"the service baseline has no judged candidates, so {label} cannot be compared with it")
-        target = rule.relative_to_service * base
+            raise UserError(f"the service baseline has no {label} (n/a), so the local {label} cannot be compared with it")
+        target = ratio * base
         if value is None:
             return PassDecision(passed=False, value=None, target=target, statistic=rule.statistic, metric=rule.metric,
-                                reason=f"no candidate was judged; {label} is undefined")
+                                reason=undefined)
         relative = round(value / base, 4) if base > 0 else None
         passed = value >= target
         shown = f"{relative:.1%}" if relative is not None else "n/a (baseline is 0)"
         reason = (f"{label} {value:.2f} is {shown} of the service's {base:.2f}; "
-                  f"target {rule.relative_to_service:.0%} ({target:.2f})")
+                  f"target {ratio:.0%} ({target:.2f})")
         return PassDecision(passed=passed, value=value, target=target, statistic=rule.statistic, metric=rule.metric,
                             relative=relative, reason=reason)
     target = rule.threshold
     if value is None:
         return PassDecision(passed=False, value=None, target=target, statistic=rule.statistic, metric=rule.metric,
-                            reason=f"no candidate was judged; {label} is undefined")
+                            reason=undefined)
     relative = None
     if baseline is not None and (base := baseline.stat(rule.metric, rule.statistic)):
         relative = round(value / base, 4)  # shown for information; the absolute rule decides
     passed = value >= target
     return PassDecision(passed=passed, value=value, target=target, statistic=rule.statistic, metric=rule.metric,
                         relative=relative, reason=f"{label} {value:.2f} {'≥' if passed else '<'} {target:g}")
+
+
+def evaluate_pass(scores: Scores, rule: PassRule, baseline: Scores | None = None) -> PassDecision:
+    """Absolute: statistic ≥ threshold. Relative (`rule.relative_to_service`): statistic ≥
+    ratio × the service baseline's statistic, i.e. local ÷ service ≥ ratio. Every `rule.also`
+    condition must hold too; the decision names those that do not (a metric not measured fails)."""
+    main = _condition(scores, rule, baseline)
+    if not rule.also:
+        return main.model_copy(update={"failed": [] if main.passed else [f"{main.statistic} {main.metric}"]})
+    extra = [_condition(scores, c, baseline) for c in rule.also]
+    failed = [f"{d.statistic} {d.metric}" for d in (main, *extra) if not d.passed]
+    reason = "; ".join(d.reason for d in (main, *extra)) + (f" — not met: {', '.join(failed)}" if failed else "")
+    return main.model_copy(update={"passed": not failed, "reason": reason, "also": extra, "failed": failed})
 
 
 def require_kappa(decision: PassDecision, calibration: Calibration | None, required: float) -> PassDecision:

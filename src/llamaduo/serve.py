@@ -45,6 +45,7 @@ from llamaduo.chat_api import (
 )
 from llamaduo.config import Config, InferConfig, ServeConfig
 from llamaduo.errors import UserError
+from llamaduo.fallback import cannot_carry
 from llamaduo.fallback import from_service as fallback_answer
 from llamaduo.grammar import Grammars
 from llamaduo.request_flow import check_context, requested_model, structure, tokens_as_sse, watch_disconnect
@@ -194,20 +195,26 @@ def create_app(
         """(stream, its first events | the whole answer, served by fallback). Errors before the first
         token (or the whole answer, when not streaming) go to the fallback or become a 500."""
         client, _ = fallback_of(m)
-        if client is not None and drift is not None and drift.drifted:
+        if client is not None and drift is not None and drift.drifted and cannot_carry(client, req) is None:
             choices = await from_service(m, req, f"drift: {drift.state.reason}")
             if shadow is not None and shadow.sample():  # the judge keeps watching the local model
                 local = asyncio.ensure_future(engine.submit(req).result())
                 shadow.probe(local, req, choices[0].text, m.name)
             return None, choices, True
         budget = (m.serve or cfg).latency_budget_s if client is not None else None
+        deadline = (m.serve or cfg).request_timeout_s
+        limit = min((x for x in (budget, deadline) if x is not None), default=None)
         stream = engine.submit(req)
+        stream.deadline = None if deadline is None else time.monotonic() + deadline
         watcher = asyncio.get_running_loop().create_task(watch_disconnect(request.receive, stream))
         try:
-            got = await asyncio.wait_for(stream.next() if req.stream else stream.result(), budget)
+            got = await asyncio.wait_for(stream.next() if req.stream else stream.result(), limit)
             return stream, got, False
         except (asyncio.TimeoutError, TimeoutError):
             stream.cancel()  # a request not yet started is skipped; a running one leaves the batch
+            if budget is None or limit != budget:
+                raise APIError(504, f"the request ran past its deadline (serve.request_timeout_s={deadline:g})",
+                               None, "timeout", "server_error") from None
             return None, await from_service(m, req, f"local generation over the {budget:g}s latency budget"), True
         except asyncio.CancelledError:
             stream.cancel()
@@ -236,17 +243,13 @@ def create_app(
             req.adapter = m.adapter
             if req.logprobs is not None and not isinstance(engine, Scheduler):
                 raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
-            check_context(req, tokenizer, context_length)
+            await asyncio.to_thread(check_context, req, tokenizer, context_length)  # a huge prompt: off the loop
             await structure(req, tokenizer, grammars)
-            # Tool calls are read from the whole answer: such a stream is sent once it is complete.
-            whole = req.stream and req.calls_tools
-            req.stream = req.stream and not whole
             t0 = time.perf_counter()
             stream, got, used_fallback = await start(m, req, request)
-            req.stream = req.stream or whole
         except APIError as e:
             return error(e)
-        if used_fallback or not req.stream or whole:
+        if used_fallback or not req.stream:
             answered = [read_tool_calls(c, req) for c in (got if used_fallback else stream.choices)]
             metrics.answered(fallback_of(m)[1] if used_fallback else m.name, answered, time.perf_counter() - t0)
             if shadow is not None and not used_fallback:  # queued for the shadow worker, never awaited
@@ -255,20 +258,32 @@ def create_app(
         created = int(clock())
         name = fallback_of(m)[1] if used_fallback else m.name
         headers = {"x-llamaduo-served-by": "service" if used_fallback else "local"}
-        if used_fallback or not req.stream or whole:
+        if used_fallback or not req.stream:
             choices = answered
             if req.stream:
                 events = stream_events(rid, created, name, choices, used_fallback, req.include_usage)
                 return StreamingResponse(events, media_type="text/event-stream", headers=headers)
             return JSONResponse(completion_body(rid, created, name, choices, used_fallback), headers=headers)
-        return StreamingResponse(tokens_as_sse(rid, created, name, stream, got), media_type="text/event-stream",
-                                 headers=headers)
+        metrics.ttft.labels(m.name).observe(time.perf_counter() - t0)  # its first tokens are ready now
+
+        def streamed(choices: list[Choice]) -> None:  # the whole answer has gone out
+            metrics.counted(m.name, choices)
+            if shadow is not None:
+                answer = read_tool_calls(choices[0], req).text  # what the non-streamed path offers
+                shadow.offer(req, answer, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
+
+        return StreamingResponse(tokens_as_sse(rid, created, name, stream, got, streamed),
+                                 media_type="text/event-stream", headers=headers)
 
     @app.get("/metrics")
-    async def prometheus_metrics():
+    async def prometheus_metrics(request: Request):
         from fastapi.responses import Response
 
         from llamaduo.metrics import CONTENT_TYPE
+
+        if not cfg.metrics_public and not any(authorized(request, m.name) for m in served):
+            return error(APIError(401, "invalid or missing API key (send Authorization: Bearer <key>; or set "
+                                  "serve.metrics_public)", None, "invalid_api_key"))
 
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

@@ -262,7 +262,7 @@ class ShadowSender:
             log.warning("shadow judging failed: %s: %s", type(e).__name__, e)
             self.counts["unjudged"] += len(pairs)
             return
-        metric = self.cfg.judge.pass_rule.metric
+        metric = self.cfg.judge.pass_rule.judged().metric
         for p in pairs:
             mine = [j for j in rows if j.prompt_id == f"shadow-{p.id}" and j.ok]
             if not mine:
@@ -302,7 +302,7 @@ def for_run(cfg: Config, run_dir: Any) -> tuple[ShadowSender, DriftMonitor]:
         raise UserError(f"serve.shadow_rate needs a run directory (its judge protocol and monitoring store); "
                         f"{run_dir} is not one")
     target = None
-    rule = cfg.judge.pass_rule
+    rule = cfg.judge.pass_rule.judged()  # judge scores only
     if rule.relative_to_service is not None and store.scores_path("baseline").exists():
         base = store.read_scores("baseline").stat(rule.metric, rule.statistic)
         target = rule.relative_to_service * base if base is not None else None

@@ -98,8 +98,9 @@ class Run:
         from llamaduo import judge as judge_mod
 
         return {
-            # require_kappa changes the pass rule, not the request: changing it must not rerun the judge
-            "judge": self.cfg.judge.model_dump(mode="json", exclude={"require_kappa"}),
+            # require_kappa and pass_rule.also change the pass rule, not the request: changing them must not
+            # rerun the judge (and runs from before `also` existed keep their hashes)
+            "judge": self.cfg.judge.model_dump(mode="json", exclude={"require_kappa": True, "pass_rule": {"also"}}),
             "model": self.cfg.judge_model,
             "service": self.service_request_settings(),
             "template": judge_mod.judge_template(self.cfg).hash,
@@ -226,7 +227,7 @@ class Run:
         """Weight seeds toward the categories that scored lowest last round."""
         if prev < 0 or not self.store.scores_path(prev).exists():
             return None
-        metric = self.cfg.judge.pass_rule.metric
+        metric = self.cfg.judge.pass_rule.judged().metric  # per-category means are judge scores
         vals = {c: v.get(metric) for c, v in self.store.read_scores(prev).per_category.items()}
         vals = {c: float(v) for c, v in vals.items() if v is not None}
         return {c: max(1.0, 101.0 - v) for c, v in vals.items()} or None
@@ -270,7 +271,7 @@ class Run:
         cfg, store = self.cfg, self.store
         components = {
             "upstream": upstream,
-            "infer": cfg.infer.model_dump(mode="json"),
+            "infer": cfg.infer.model_dump(mode="json", exclude={"vllm"}),  # the GPU layout changes no answer
             "test": hash_file(store.test_path),
             "seed": str(cfg.seed),
         }

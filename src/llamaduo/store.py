@@ -31,6 +31,7 @@ from llamaduo.artifacts import (
     Judgment,
     Ledger,
     Manifest,
+    Parity,
     RoundRecord,
     Scores,
     StageKey,
@@ -274,6 +275,9 @@ class RunStore:
 
     def write_calibration(self, cal: Calibration) -> None:
         write_json(self.calibration_path, cal.model_dump(mode="json"))
+
+    def read_parity(self) -> Parity:
+        return read_model(self.parity_path, Parity, f"rerun `llamaduo accept {self.root} --runtime llamacpp`")
 
     def read_calibration(self) -> Calibration:
         return read_model(self.calibration_path, Calibration, f"rerun `llamaduo calibrate {self.root}`")

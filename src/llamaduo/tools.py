@@ -54,6 +54,8 @@ from llamaduo.data import (  # noqa: F401  (the call format lives with the Messa
 )
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+# A block's call up to its arguments, as the grammar (and Hermes/Qwen templates) write it.
+CALL_HEAD = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
 _PROBE = "llamaduo_probe_tool"
 _renders_tools: dict[tuple[int, str], bool] = {}
 
@@ -149,7 +151,22 @@ def render_conversation(tokenizer: Any, conversation: list[dict[str, Any]], tool
 
 
 # ------------------------------------------------------------------ answers
-def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
+def raw_arguments(block: str) -> str | None:
+    """The arguments object exactly as written in a `{"name": ..., "arguments": {...}}` block, or None.
+
+    Kept verbatim (as OpenAI returns what the model wrote), so a streamed call, whose arguments go
+    out as they are decoded, and the same call answered whole carry the same text."""
+    head = CALL_HEAD.match(block)
+    if head is None:
+        return None
+    try:
+        args, end = json.JSONDecoder().raw_decode(block, head.end())
+    except ValueError:
+        return None
+    return block[head.end():end] if isinstance(args, dict) and block[end:].strip() == "}" else None
+
+
+def _call(obj: Any, names: set[str], raw: str | None = None) -> dict[str, Any] | None:
     if not isinstance(obj, dict) or obj.get("name") not in names:
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -163,7 +180,7 @@ def _call(obj: Any, names: set[str]) -> dict[str, Any] | None:
     return {
         "id": f"call_{uuid.uuid4().hex[:24]}",
         "type": "function",
-        "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)},
+        "function": {"name": obj["name"], "arguments": raw if raw is not None else json.dumps(args, ensure_ascii=False)},
     }
 
 
@@ -175,7 +192,7 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict[
 
     def take(match: re.Match) -> str:
         try:
-            call = _call(json.loads(match.group(1)), names)
+            call = _call(json.loads(match.group(1)), names, raw_arguments(match.group(1)))
         except ValueError:
             call = None
         if call is None:
@@ -186,7 +203,7 @@ def parse_tool_calls(text: str, names: set[str]) -> tuple[str | None, list[dict[
     rest = _BLOCK.sub(take, text).strip()
     if not calls and rest.startswith("{"):
         try:
-            call = _call(json.loads(rest), names)
+            call = _call(json.loads(rest), names, raw_arguments(rest))
         except ValueError:
             call = None
         if call is not None:

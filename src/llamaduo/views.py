@@ -5,13 +5,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from llamaduo.artifacts import Calibration
+from llamaduo.artifacts import EXACT_METRICS, Calibration
 from llamaduo.errors import UserError
 from llamaduo.store import RunStore
 
 
 def _num(v: float | None, fmt: str = ".1f") -> str:
     return "n/a" if v is None else format(v, fmt)
+
+
+_EXACT_SHOWN = ("schema_valid", "field_accuracy", "arguments_exact")
+
+
+def _exact(store: RunStore, r: int) -> dict[str, float | None]:
+    """A round's exact-metric means (empty: free text, or its scores are missing or unreadable)."""
+    try:
+        scores = store.read_scores(r) if store.scores_path(r).exists() else None
+    except UserError:
+        return {}
+    return {k: v.mean for k, v in scores.exact.items()} if scores is not None else {}
 
 
 def status_table(run_dir: Path) -> Any:
@@ -22,12 +34,18 @@ def status_table(run_dir: Path) -> Any:
         raise UserError(f"{run_dir}: not a run directory (no manifest.json)")
     m = store.read_manifest()
     t = Table(title=f"{run_dir} — {run_state(store, m.state)}; stop reason: {m.stop_reason or '-'}")
-    for col in ("round", "train examples", "synthetic added", "value", "passed"):
+    exact = {name: _exact(store, rec.round) for name, rec in m.rounds.items()}
+    shown = [c for c in _EXACT_SHOWN if any(c in e for e in exact.values())]
+    if shown:  # a structured task: its exact metrics were measured
+        shown = list(dict.fromkeys(["schema_valid", "field_accuracy", *shown]))
+    for col in ("round", "train examples", "synthetic added", "value", "passed", *shown):
         t.add_column(col, justify="right")
     for name in sorted(m.rounds):
         rec = m.rounds[name]
         best = " *" if m.best_round == rec.round and m.best_value is not None else ""
-        t.add_row(name + best, str(rec.train_examples), str(rec.synthetic_added), _num(rec.value), "yes" if rec.passed else "no")
+        rate = rec.decision is not None and rec.decision.metric in EXACT_METRICS  # a share 0-1
+        t.add_row(name + best, str(rec.train_examples), str(rec.synthetic_added), _num(rec.value, ".2f" if rate else ".1f"),
+                  "yes" if rec.passed else "no", *(_num(exact[name].get(c), ".2f") for c in shown))
     total = m.ledger.total if m.ledger else None
     t.caption = f"service spend ${total.usd if total else 0.0:.4f}, calls {total.calls if total else 0}"
     return t

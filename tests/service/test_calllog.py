@@ -17,7 +17,7 @@ def test_ledger_counts_paid_calls_and_cache_hits_per_stage_and_round(tmp_path):
     ledger = ledger_from_db(log.conn)
     assert ledger["total"] == {
         "calls": 2, "cached": 1, "failed": 1, "input_tokens": 10, "output_tokens": 5, "usd": 0.01, "saved_usd": 0.02,
-        "possibly_billed": 0,
+        "possibly_billed": 0, "possibly_billed_usd": 0.0,
     }
     assert ledger["by_stage"]["judge/r00"]["calls"] == 2 and ledger["by_stage"]["synth/r01"]["cached"] == 1
     assert log.totals() == (0.01, 15)  # cache hits cost nothing and count no tokens against the budget
@@ -264,9 +264,28 @@ def test_an_attempt_a_dead_process_sent_but_never_heard_back_is_counted_as_possi
     row = log.sending("h1", 1, "judge", 0)
     log.answered(row)
     log.flush()
-    log.sending("h2", 1, "judge", 0)  # in flight when the process died
+    log.sending("h2", 1, "judge", 0, est_usd=0.25, est_tokens=1200)  # in flight when the process died
+    assert log.totals() == (0.0, 0)  # this process's own call in flight: not yet spent
     with log.lock, log.conn:
         log.conn.execute("UPDATE sent SET pid = -1")  # as if written by a process now gone
     assert possibly_billed(log.conn) == 1
-    assert ledger_from_db(log.conn)["total"]["possibly_billed"] == 1
+    total = ledger_from_db(log.conn)["total"]
+    assert total["possibly_billed"] == 1 and total["possibly_billed_usd"] == 0.25
+    assert log.totals() == (0.25, 1200)  # the budget counts the most it may have cost
+    log.close()
+
+
+def test_a_resumed_run_counts_calls_in_flight_at_the_kill_against_its_budget(tmp_path):
+    from llamaduo.config import ServiceConfig
+    from llamaduo.service.api import BudgetExceeded
+    from llamaduo.service.calllog import CallLog
+    from llamaduo.service.pricing import Budget
+
+    log = CallLog(tmp_path / "service.sqlite")
+    log.sending("h1", 1, "synth", 1, est_usd=0.6, est_tokens=4000)
+    with log.lock, log.conn:
+        log.conn.execute("UPDATE sent SET pid = -1")
+    budget = Budget(ServiceConfig(max_usd=0.5), *log.totals())  # what a resumed ServiceClient seeds itself with
+    with pytest.raises(BudgetExceeded, match=r"spent \$0.6000 of max_usd \$0.5"):
+        budget.check()
     log.close()

@@ -13,6 +13,7 @@ are refused: a file from another version or a hand edit is an error, never a gue
 from llamaduo.artifacts.calibration import Calibration, JudgeAgreement, Label, ProbeResult
 from llamaduo.artifacts.deploy import DeployManifest, GGUFFile, Parity, ParityRow
 from llamaduo.artifacts.run import (
+    EXACT_METRICS,
     MANIFEST_VERSION,
     METRICS,
     ROUND_STEPS,
@@ -34,7 +35,7 @@ from llamaduo.artifacts.run import (
 )
 
 __all__ = [
-    "MANIFEST_VERSION", "METRICS", "ROUND_STEPS", "Agreement", "Calibration", "Completion", "Counts", "DeployManifest",
+    "EXACT_METRICS", "MANIFEST_VERSION", "METRICS", "ROUND_STEPS", "Agreement", "Calibration", "Completion", "Counts", "DeployManifest",
     "Evaluation", "GGUFFile", "JudgeAgreement", "Judgment", "Label", "Ledger", "LedgerRow", "Manifest", "MetricStats",
     "Parity", "ParityRow", "PassDecision", "ProbeResult", "RoundRecord", "Scores", "StageKey", "StageRecord", "TrainResult",
 ]

@@ -11,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST_VERSION = 1
 METRICS = ("similarity", "precision")
+# A structured task's exact metrics (`exact.py`): shares of candidates in [0, 1], beside the judge's scores.
+EXACT_METRICS = ("json_valid", "schema_valid", "tool_name_match", "arguments_exact", "field_accuracy")
 
 
 class _Artifact(BaseModel):
@@ -165,11 +167,16 @@ class Scores(_Artifact):
     agreement: list[Agreement] = Field(default_factory=list)
     warnings: list[str] = Field(default_factory=list)
     failed_reply: str | None = None  # one raw reply of a failed judgment, to show what the judge said
+    # Exact metrics of a structured task (json_valid, schema_valid, ...: rates in [0, 1], coverage unset), computed
+    # from the predictions against the references; a metric that does not apply is absent (n/a). Empty: free text.
+    exact: dict[str, MetricStats] = Field(default_factory=dict)
 
     def stat(self, metric: str, statistic: str) -> float | None:
-        return getattr(self, metric).get(statistic)
+        return self.metric(metric).get(statistic)
 
     def metric(self, name: str) -> MetricStats:
+        if name in EXACT_METRICS:
+            return self.exact.get(name) or MetricStats()
         return getattr(self, name)
 
 
@@ -181,6 +188,8 @@ class PassDecision(_Artifact):
     metric: str
     relative: float | None = None  # local ÷ service baseline (performance matching)
     reason: str
+    also: list[PassDecision] = Field(default_factory=list)  # `pass_rule.also`: each further condition's own decision
+    failed: list[str] = Field(default_factory=list)  # the conditions not met ("schema_valid mean"), main rule first
 
 
 class Evaluation(BaseModel):
@@ -202,6 +211,7 @@ class LedgerRow(_Artifact):
     usd: float = 0.0
     saved_usd: float = 0.0  # what the cache hits would have cost
     possibly_billed: int = 0  # sent by a process that died before the reply came: maybe billed, never stored
+    possibly_billed_usd: float = 0.0  # the most those may have cost; counted against the budget
 
     @property
     def tokens(self) -> int:

@@ -16,6 +16,8 @@ from pydantic import Field, ValidationError, field_validator
 
 from llamaduo.config.sections import (
     DEFAULT_PRICES,
+    EXACT_METRICS,
+    JUDGE_METRICS,
     ConfigError,
     DataConfig,
     DedupConfig,
@@ -24,6 +26,7 @@ from llamaduo.config.sections import (
     JudgeConfig,
     LoopConfig,
     ModelConfig,
+    PassCondition,
     PassRule,
     Price,
     ServiceConfig,
@@ -31,12 +34,14 @@ from llamaduo.config.sections import (
     SynthConfig,
     TrackingConfig,
     TrainConfig,
+    VLLMConfig,
 )
 from llamaduo.config.serving import DeployConfig, ServeConfig
 
 __all__ = [
-    "DEFAULT_PRICES", "Config", "ConfigError", "DataConfig", "DedupConfig", "DeployConfig", "FieldMap", "InferConfig",
-    "JudgeConfig", "LoopConfig", "ModelConfig", "PassRule", "Price", "ServeConfig", "ServiceConfig", "Strict",
+    "DEFAULT_PRICES", "EXACT_METRICS", "JUDGE_METRICS", "Config", "ConfigError", "DataConfig", "DedupConfig", "DeployConfig",
+    "FieldMap", "InferConfig", "JudgeConfig", "LoopConfig", "ModelConfig", "PassCondition", "PassRule", "Price", "ServeConfig",
+    "ServiceConfig", "Strict", "VLLMConfig",
     "SynthConfig", "TrackingConfig", "TrainConfig", "apply_overrides", "dump_config", "format_validation_error", "from_dict",
 ]
 

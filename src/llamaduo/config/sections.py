@@ -152,21 +152,75 @@ class ServiceConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- judge
+JUDGE_METRICS = ("similarity", "precision")
+# Exact metrics of a structured task (`exact.py`), each a share of candidates in [0, 1].
+EXACT_METRICS = ("json_valid", "schema_valid", "tool_name_match", "arguments_exact", "field_accuracy")
+Metric = Literal["similarity", "precision", "json_valid", "schema_valid", "tool_name_match", "arguments_exact",
+                 "field_accuracy"]
+Statistic = Literal["mean", "median", "coverage@50", "coverage@70"]
+
+
+def _check_range(metric: str, statistic: str, threshold: float) -> None:
+    """The threshold must be a value the statistic can take: 0-1 for an exact metric, 1-100 for a judge score."""
+    if metric in EXACT_METRICS:
+        if statistic.startswith("coverage@"):
+            raise ValueError(f"{statistic} is a statistic of judge scores (1-100); {metric} is a share of candidates "
+                             "in 0-1: use statistic mean (or median)")
+        if not 0 <= threshold <= 1:
+            raise ValueError(f"threshold {threshold:g} is outside {metric}'s range 0-1 (a share of candidates, "
+                             "e.g. 0.99)")
+    elif statistic in ("mean", "median") and threshold < 1:
+        raise ValueError(f"threshold {threshold:g} is below the {statistic} score's range 1-100")
+
+
+class PassCondition(Strict):
+    """One more absolute condition a round must meet (`pass_rule.also`)."""
+
+    metric: Metric = Field(description="Judged metric (similarity, precision) or exact metric of a structured task "
+                           "(json_valid, schema_valid, tool_name_match, arguments_exact, field_accuracy).")
+    statistic: Statistic = Field("mean", description="Statistic of the per-candidate values (exact metrics: mean or median).")
+    threshold: float = Field(ge=0, le=100, description="The statistic must reach this: 1-100 for a judge score, percent "
+                             "for coverage, 0-1 for an exact metric.")
+
+    @model_validator(mode="after")
+    def _threshold_in_range(self) -> PassCondition:
+        _check_range(self.metric, self.statistic, self.threshold)
+        return self
+
+
 class PassRule(Strict):
-    metric: Literal["similarity", "precision"] = Field("precision", description="Judged metric the rule reads.")
-    statistic: Literal["mean", "median", "coverage@50", "coverage@70"] = Field(
-        "mean", description="Statistic of the per-candidate scores."
+    metric: Metric = Field("precision", description="Metric the rule reads: judged (similarity, precision) or exact "
+                           "(json_valid, schema_valid, tool_name_match, arguments_exact, field_accuracy; a share 0-1).")
+    statistic: Statistic = Field(
+        "mean", description="Statistic of the per-candidate scores (exact metrics: mean or median)."
     )
-    threshold: float = Field(70.0, ge=0, le=100, description="Absolute target (score 1-100, coverage in percent).")
+    threshold: float = Field(70.0, ge=0, le=100, description="Absolute target (score 1-100, coverage in percent, "
+                             "exact metric 0-1).")
     relative_to_service: float | None = Field(
         None, gt=0, description="If set (e.g. 0.95), pass when local ÷ service-baseline statistic reaches it."
+    )
+    also: list[PassCondition] = Field(
+        default_factory=list,
+        description="More absolute conditions, each of which must hold too (e.g. [{metric: schema_valid, threshold: "
+        "0.99}]); a metric not measured fails its condition.",
     )
 
     @model_validator(mode="after")
     def _threshold_in_range(self) -> PassRule:
-        if self.statistic in ("mean", "median") and self.threshold < 1:
-            raise ValueError(f"threshold {self.threshold:g} is below the {self.statistic} score's range 1-100")
+        if self.relative_to_service is None or self.metric not in EXACT_METRICS:
+            _check_range(self.metric, self.statistic, self.threshold)
+        elif self.statistic.startswith("coverage@"):
+            _check_range(self.metric, self.statistic, 0.0)
         return self
+
+    def judged(self) -> PassRule:
+        """The judge's part of the rule, for what reads judge scores only (calibration, probes, drift, review):
+        the rule itself when its metric is judged, else its first judged `also` condition, else the default."""
+        if self.metric in JUDGE_METRICS:
+            return self
+        cond = next((c for c in self.also if c.metric in JUDGE_METRICS), None)
+        return PassRule() if cond is None else PassRule(metric=cond.metric, statistic=cond.statistic,
+                                                        threshold=cond.threshold)
 
 
 class JudgeConfig(Strict):
@@ -267,6 +321,24 @@ class TrainConfig(Strict):
 
 
 # ---------------------------------------------------------------------------- infer
+class VLLMConfig(Strict):
+    """How the vLLM backend lays the infer stage over GPUs (ignored by the transformers backend)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one engine shards each layer over.")
+    pipeline_parallel_size: int = Field(1, ge=1, description="GPUs one engine splits the layers over (in stages).")
+    data_parallel_size: int = Field(
+        1, ge=1, description="Engines, each in its own process on its own tensor × pipeline GPUs, each answering "
+        "a shard of the test prompts.",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM may take.")
+    max_model_len: int | None = Field(None, ge=1, description="Context length of the engine; None = the model's.")
+    enforce_eager: bool = Field(False, description="Skip CUDA graphs (less memory, slower decoding).")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="How one engine's tensor/pipeline workers run: processes ('mp') or Ray (across nodes); "
+        "None = vLLM's choice.",
+    )
+
+
 class InferConfig(Strict):
     backend: Literal["auto", "transformers", "vllm"] = Field(
         "auto", description="'auto' = vLLM when installed with CUDA, else transformers."
@@ -282,6 +354,7 @@ class InferConfig(Strict):
         "length-sorted batches close early rather than exceed it (a longer prompt runs alone). None = batch_size only.",
     )
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Parallel layout of the vLLM backend.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",
         description="Weights for generation: 'auto' = bf16 when sampling where the hardware computes bf16 "

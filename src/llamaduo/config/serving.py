@@ -68,6 +68,15 @@ class ServeConfig(Strict):
     batch_wait_ms: float = Field(10.0, ge=0, description="How long to gather a batch.")
     fallback: bool = Field(False, description="Forward to the service LLM when the local model fails or is slow.")
     latency_budget_s: float | None = Field(None, gt=0, description="Fallback when local generation exceeds this.")
+    request_timeout_s: float | None = Field(
+        300.0, gt=0,
+        description="Deadline of one request: past it the request leaves the batch and is answered 504 timeout "
+        "(a stream ends with a timeout error event); None = no deadline.",
+    )
+    metrics_public: bool = Field(
+        False, description="Serve /metrics without the API key (a scraper on a private network); by default it "
+        "asks for the same bearer key as the API when one is set.",
+    )
     shadow_rate: float = Field(
         0.0, ge=0, le=1, description="Share of live requests also sent to the service LLM off the request path and judged."
     )

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from html import escape
 
 from llamaduo import cost as cost_mod
-from llamaduo.artifacts import METRICS
+from llamaduo.artifacts import EXACT_METRICS, METRICS
 from llamaduo.report.views import METRIC_COLORS, OTHER_COLOR, ReportView, RoundView, fmt
 
 _FONT = 'font-family="system-ui, -apple-system, Segoe UI, Roboto, DejaVu Sans, sans-serif"'
@@ -31,7 +31,8 @@ def svg_rounds(view: ReportView, width: int = 1060, height: int = 280) -> str:
     left, right, top, bottom = 56, 24, 30, 40
     w, h = width - left - right, height - top - bottom
     hi = max([v for _, v, _ in pts if v is not None] + ([view.target] if view.target is not None else []))
-    ymax, step = (100.0, 25.0) if hi <= 100 else cost_mod.nice_axis(hi * 1.05)
+    rate = view.metric in EXACT_METRICS  # a share 0-1, not a score 1-100
+    ymax, step = (1.0, 0.25) if rate else (100.0, 25.0) if hi <= 100 else cost_mod.nice_axis(hi * 1.05)
     n = len(pts)
 
     def x(i: int) -> float:
@@ -50,7 +51,7 @@ def svg_rounds(view: ReportView, width: int = 1060, height: int = 280) -> str:
             f'<line x1="{left}" x2="{left + w}" y1="{y(view.target):.1f}" y2="{y(view.target):.1f}" '
             'stroke="#c92a2a" stroke-width="1.5" stroke-dasharray="6 4"/>'
         )
-        out.append(_text(left + w, y(view.target) - 6, f"target {fmt(view.target, 1)}", "end", "#c92a2a"))
+        out.append(_text(left + w, y(view.target) - 6, f"target {fmt(view.target, 2 if rate else 1)}", "end", "#c92a2a"))
     line = [(x(i), y(v)) for i, (_, v, _) in enumerate(pts) if v is not None]
     out.append(
         '<polyline fill="none" stroke="#1864ab" stroke-width="2.5" points="'
@@ -63,7 +64,7 @@ def svg_rounds(view: ReportView, width: int = 1060, height: int = 280) -> str:
             continue
         color = "#2b8a3e" if passed else ("#c92a2a" if passed is False else "#868e96")
         out.append(f'<circle cx="{x(i):.1f}" cy="{y(v):.1f}" r="5" fill="{color}" stroke="#fff" stroke-width="1.5"/>')
-        out.append(_text(x(i), y(v) - 10, fmt(v, 1), fill="#212529", extra='font-weight="600"'))
+        out.append(_text(x(i), y(v) - 10, fmt(v, 2 if rate else 1), fill="#212529", extra='font-weight="600"'))
     out.append("</svg>")
     return "".join(out)
 

@@ -19,7 +19,8 @@ from typing import TypeVar
 from pydantic import BaseModel, ConfigDict
 
 from llamaduo import cost as cost_mod
-from llamaduo.artifacts import METRICS, Judgment, Ledger, LedgerRow, Manifest
+from llamaduo import exact
+from llamaduo.artifacts import EXACT_METRICS, METRICS, Judgment, Ledger, LedgerRow, Manifest
 from llamaduo.config_file import load_config
 from llamaduo.data import Example, load_examples
 from llamaduo.errors import UserError
@@ -97,6 +98,7 @@ def collect(store: RunStore) -> ReportView:
         rule = cfg.judge.pass_rule
         view.metric, view.statistic, view.target = rule.metric, rule.statistic, rule.threshold
         view.relative_to_service = rule.relative_to_service
+        view.also = [f"{c.metric} {c.statistic} ≥ {c.threshold:g}" for c in rule.also]
         view.service_model, view.judge_model = cfg.service.model, ", ".join(judge_models(cfg))
 
     judgments: dict[int, list[Judgment]] = {}
@@ -132,6 +134,8 @@ def collect(store: RunStore) -> ReportView:
     _fill_projection(rd, view)
     view.calibration = rd.get(store.calibration_path, store.read_calibration, None)
     view.production = rd.get(store.monitor_db, lambda: production_view(store), None)
+    if store.parity_path.exists():
+        view.parity = rd.get(store.parity_path, store.read_parity, None)
     return view
 
 
@@ -220,9 +224,15 @@ def _worst_items(
     r = view.best_round if view.best_round in judged else judged[-1]
     store = rd.store
     means = candidate_means(judgments[r])
-    order = means.get(view.metric) or next((v for v in means.values() if v), {})
-    worst = sorted(order, key=lambda k: (order[k], k))[:WORST_N]
     preds = {(p.prompt_id, p.sample_index): p for p in rd.get(store.predictions_path(r), lambda: store.read_predictions(r), [])}
+    # a structured task's candidates, measured exactly (no service call): the structural failure of each
+    measured = {k: exact.candidate_metrics(tests[k[0]], p.text) for k, p in preds.items()
+                if k[0] in tests and tests[k[0]].structured}
+    order = means.get(view.metric) or next((v for v in means.values() if v), {})
+    if view.metric in EXACT_METRICS:  # the rule reads an exact metric: its failures first, then the judge's order
+        rate = {k: measured[k].values().get(view.metric) if k in measured else None for k in order}
+        order = {k: (2.0 if rate[k] is None else rate[k], v) for k, v in order.items()}  # n/a after every value
+    worst = sorted(order, key=lambda k: (order[k], k))[:WORST_N]
     reasons: dict[tuple[str, int], list[str]] = defaultdict(list)
     for j in judgments[r]:
         key = (j.prompt_id, j.sample_index)
@@ -245,6 +255,8 @@ def _worst_items(
                 scores={mt: means[mt][key] for mt in METRICS if key in means[mt]},
                 reasons=reasons.get(key, []),
                 length_cut=pred is not None and pred.finish_reason == "length",
+                failure=measured[key].failure if key in measured else None,
+                exact={m: v for m, v in measured[key].values().items() if v is not None} if key in measured else {},
             )
         )
     return r, items

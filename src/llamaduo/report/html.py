@@ -17,7 +17,9 @@ from llamaduo.report.views import (
     AGREEMENT_HEAD,
     CALIBRATION_HEAD,
     CUT_TEXT,
+    EXACT_HEAD,
     JUDGING_HEAD,
+    PARITY_HEAD,
     PROBE_HEAD,
     STAGE_COLORS,
     STATS,
@@ -28,14 +30,19 @@ from llamaduo.report.views import (
     ci_text,
     clip,
     count_text,
+    digits,
+    exact_rows,
     fmt,
     fmt_usd,
     judging_rows,
+    parity_rows,
+    parity_verdict,
     passed_text,
     probe_rows,
     rule_text,
     simulated_text,
     stat_text,
+    worst_scores_text,
 )
 
 CSS = """
@@ -102,9 +109,9 @@ def _html_header(view: ReportView) -> str:
         (
             "best round",
             _e(f"r{best:02d}" if best is not None else "n/a"),
-            f"{_e(view.metric)} {_e(view.statistic)} {_e(fmt(view.best_value, 1))}",
+            f"{_e(view.metric)} {_e(view.statistic)} {_e(fmt(view.best_value, digits(view.metric)))}",
         ),
-        ("target", _e(fmt(view.target, 1)), _e(rule_text(view))),
+        ("target", _e(fmt(view.target, digits(view.metric))), _e(rule_text(view))),
         ("service spend", _e(fmt_usd(spend)), f"{_e(count_text(view.cost.calls))} requests sent"),
         ("train examples", _e(count_text(final)), f"after {len(view.rounds)} round(s)"),
     ]
@@ -133,7 +140,7 @@ def _html_rounds(view: ReportView) -> str:
             cells.append(_e(stat_text(rv, mt, "mean")) + (f' <span class="ci">{_e(ci)}</span>' if ci else ""))
             cells += [_e(stat_text(rv, mt, s)) for s in STATS[1:]]
         rel = f'<span class="ci">{rv.relative:.0%} of service</span>' if rv.relative is not None else ""
-        cells += [_e(fmt(rv.value)) + rel if rv.round is not None else "", _pill(rv.passed) if rv.round is not None else ""]
+        cells += [_e(fmt(rv.value, digits(view.metric))) + rel if rv.round is not None else "", _pill(rv.passed) if rv.round is not None else ""]
         rows.append("<tr>" + "".join(f'<td class="{"l" if i == 0 else ""}">{c}</td>' for i, c in enumerate(cells)) + "</tr>")
     table = f"<table><thead>{head1}{head2}</thead><tbody>{''.join(rows)}</tbody></table>"
     chart = svg_rounds(view)
@@ -209,6 +216,20 @@ def _html_data(view: ReportView) -> str:
     return f"<section id='data'><h2>Training data</h2>{body}</section>"
 
 
+def _html_exact(view: ReportView) -> str:
+    rows = [[_e(c) for c in r] for r in exact_rows(view)]
+    if not rows:
+        return ""  # a free-text task: the judge alone measures it
+    return (
+        "<section id='exact'><h2>Exact metrics of the structured answers</h2><p class='note'>Share of candidates "
+        "(0–1, with the 95% bootstrap interval over test prompts) whose answer parses (json_valid), fits the response "
+        "schema or the tools' parameters (schema_valid), calls the reference's functions (tool_name_match) with its "
+        "arguments (arguments_exact); field_accuracy is the share of the reference's fields answered exactly. "
+        "n/a: the metric does not apply to the task.</p>"
+        f"{_table(EXACT_HEAD, rows)}</section>"
+    )
+
+
 def _html_judging(view: ReportView) -> str:
     rows = [[_e(c) for c in r] for r in judging_rows(view)]
     table = _table(JUDGING_HEAD, rows, (0, len(JUDGING_HEAD) - 1)) if rows else "<p class='note'>n/a</p>"
@@ -244,8 +265,9 @@ def _html_worst(view: ReportView) -> str:
         return f"<section id='worst'><h2>{_e(title)}</h2><p class='note'>n/a: no judged candidates.</p></section>"
     items = []
     for it in view.worst:
-        scores = " · ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
-        reasons = "".join(f"<li>{_e(r)}</li>" for r in it.reasons) or "<li>n/a</li>"
+        scores = worst_scores_text(it).replace(", ", " · ")
+        failure = f"<li><b>exact check failed:</b> {_e(it.failure)}</li>" if it.failure else ""
+        reasons = failure + ("".join(f"<li>{_e(r)}</li>" for r in it.reasons) or "<li>n/a</li>")
         cut = f" · <span class='pill fail'>{_e(CUT_TEXT)}</span>" if it.length_cut else ""
         items.append(
             f"<div class='item'><div class='meta'><b>{_e(it.prompt_id)}</b> · sample {it.sample_index} · "
@@ -297,6 +319,18 @@ def _html_production(view: ReportView) -> str:
             f"{_e(spend)}.</p>{table}{'<ul>' + events + '</ul>' if events else ''}{''.join(items)}</section>")
 
 
+def _html_shipping(view: ReportView) -> str:
+    p = view.parity
+    if p is None:
+        return ""
+    bad = " style='color:var(--fail)'" if p.shipped_rejected else ""
+    return (f"<section id='shipping'><h2>Shipping: judged through the runtime that serves it</h2>"
+            f"<p{bad}><b>{_e(parity_verdict(p))}</b></p>"
+            + _table(PARITY_HEAD, [[_e(c) for c in row] for row in parity_rows(p)], text_cols=(0, 1, 9))
+            + f"<p class='note'>{_e(p.statistic)} {_e(p.metric)} per artifact on the test prompts, paired with round "
+            f"{p.round} ({_e(fmt(p.round_value))}); gate: deploy.max_drop {p.max_drop:g} points.</p></section>")
+
+
 def render_html(view: ReportView) -> str:
     """The whole report as one self-contained HTML page: no scripts, no external resources."""
     problems = "".join(f"<li>{_e(p)}</li>" for p in view.problems)
@@ -309,6 +343,7 @@ def render_html(view: ReportView) -> str:
         f"<title>llamaduo report: {_e(view.name)}</title><style>{CSS}</style></head><body><main>"
         + _html_header(view)
         + _html_rounds(view)
+        + _html_exact(view)
         + _html_distributions(view)
         + _html_cost(view)
         + _html_data(view)
@@ -317,6 +352,7 @@ def render_html(view: ReportView) -> str:
         + _html_worst(view)
         + _html_projection(view)
         + _html_production(view)
+        + _html_shipping(view)
         + f"<footer>{foot}<p>Run {_e(view.name)} · updated {_e(view.updated_at or 'n/a')} · written by llamaduo.</p></footer>"
         + "</main></body></html>\n"
     )

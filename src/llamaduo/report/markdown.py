@@ -11,7 +11,9 @@ from llamaduo.report.views import (
     AGREEMENT_HEAD,
     CALIBRATION_HEAD,
     CUT_TEXT,
+    EXACT_HEAD,
     JUDGING_HEAD,
+    PARITY_HEAD,
     PROBE_HEAD,
     STATS,
     ReportView,
@@ -21,15 +23,20 @@ from llamaduo.report.views import (
     ci_text,
     clip,
     count_text,
+    digits,
+    exact_rows,
     fmt,
     fmt_usd,
     judging_rows,
+    parity_rows,
+    parity_verdict,
     passed_text,
     probe_rows,
     rule_text,
     simulated_text,
     stat_text,
     value_text,
+    worst_scores_text,
 )
 
 
@@ -69,7 +76,7 @@ def _md_header(view: ReportView) -> list[str]:
     best = f"r{view.best_round:02d}" if view.best_round is not None else "n/a"
     return L + [
         f"- state: {_md(view.state)}; stop reason: {_md(view.stop_reason or 'n/a')}",
-        f"- best round: {best} ({_md(view.metric)} {_md(view.statistic)} {fmt(view.best_value, 1)})",
+        f"- best round: {best} ({_md(view.metric)} {_md(view.statistic)} {fmt(view.best_value, digits(view.metric))})",
         f"- pass rule: {_md(rule_text(view))}",
         f"- service model: {_md(view.service_model or 'n/a')}; judge: {_md(view.judge_model or 'n/a')}",
         f"- service spend: {fmt_usd(view.cost.total_usd)} ({count_text(view.cost.calls)} requests sent)",
@@ -87,10 +94,21 @@ def _md_rounds(view: ReportView) -> list[str]:
         for mt in METRICS:
             r += [_md(f"{stat_text(rv, mt, 'mean')} {ci_text(rv, mt)}".strip())]
             r += [_md(stat_text(rv, mt, s)) for s in STATS[1:]]
-        r += [_md(value_text(rv)) if rv.round is not None else "", passed_text(rv.passed) if rv.round is not None else ""]
+        r += [_md(value_text(rv, view.metric)) if rv.round is not None else "", passed_text(rv.passed) if rv.round is not None else ""]
         rows.append(r)
     L = ["## Rounds against the target", ""]
     return L + (_md_table(head, rows) if rows else ["n/a: no round has run yet.", ""])
+
+
+def _md_exact(view: ReportView) -> list[str]:
+    rows = exact_rows(view)
+    if not rows:
+        return []
+    return ["## Exact metrics of the structured answers", "",
+            "Share of candidates (0-1, 95% bootstrap interval over test prompts) whose answer parses (json_valid), fits the "
+            "response schema or the tools' parameters (schema_valid), calls the reference's functions (tool_name_match) "
+            "with its arguments (arguments_exact); field_accuracy is the share of the reference's fields answered "
+            "exactly. n/a: the metric does not apply to the task.", ""] + _md_table(EXACT_HEAD, [[_md(c) for c in r] for r in rows])
 
 
 def _md_cost(view: ReportView) -> list[str]:
@@ -144,9 +162,11 @@ def _md_worst(view: ReportView) -> list[str]:
         return []
     L = [f"## Lowest-scoring answers of round r{view.worst_round:02d}", ""]
     for it in view.worst:
-        scores = ", ".join(f"{mt} {v:.1f}" for mt, v in it.scores.items())
+        scores = worst_scores_text(it)
         cut = f" — **{CUT_TEXT}**" if it.length_cut else ""
-        L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {scores}{cut}", ""]
+        L += [f"### {_md(it.prompt_id)} (sample {it.sample_index}, {_md(it.category)}): {_md(scores)}{cut}", ""]
+        if it.failure:
+            L += [f"**exact check failed:** {_md(it.failure)}", ""]
         for name, text in (("prompt", it.prompt), ("reference", it.reference), ("candidate", it.candidate)):
             L += [f"**{name}**", "", *_fence(clip(text)), ""]
         L += [f"- {_md(r)}" for r in it.reasons] + [""]
@@ -181,10 +201,18 @@ def _md_production(view: ReportView) -> list[str]:
     return L
 
 
+def _md_shipping(view: ReportView) -> list[str]:
+    p = view.parity
+    if p is None:
+        return []
+    return (["## Shipping: judged through the runtime that serves it", "", f"**{_md(parity_verdict(p))}**", ""]
+            + _md_table(PARITY_HEAD, [[_md(c) for c in row] for row in parity_rows(p)]) + [""])
+
+
 def render_markdown(view: ReportView) -> str:
     """The report as Markdown: the same numbers and texts, without charts."""
-    L = _md_header(view) + _md_rounds(view) + _md_cost(view) + _md_data(view) + _md_judging(view) + _md_judge_card(view)
-    L += _md_worst(view) + _md_projection(view) + _md_production(view)
+    L = _md_header(view) + _md_rounds(view) + _md_exact(view) + _md_cost(view) + _md_data(view) + _md_judging(view) + _md_judge_card(view)
+    L += _md_worst(view) + _md_projection(view) + _md_production(view) + _md_shipping(view)
     if view.problems:
         L += ["## Unreadable pieces (shown as n/a)", ""] + [f"- {_md(p)}" for p in view.problems] + [""]
     return "\n".join(L)

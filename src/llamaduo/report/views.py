@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from llamaduo import cost as cost_mod
-from llamaduo.artifacts import Agreement, Calibration, Counts, LedgerRow, Scores
+from llamaduo.artifacts import EXACT_METRICS, Agreement, Calibration, Counts, LedgerRow, Parity, Scores
 
 if TYPE_CHECKING:
     from llamaduo.monitor import ProductionView
@@ -76,6 +76,8 @@ class WorstItem:
     scores: dict[str, float]
     reasons: list[str]
     length_cut: bool = False  # the token limit cut the candidate off (finish_reason "length")
+    failure: str | None = None  # a structured task's structural failure (`exact.py`): not JSON, wrong tool, ...
+    exact: dict[str, float] = field(default_factory=dict)  # the candidate's exact metrics that apply
 
 
 @dataclass
@@ -99,6 +101,7 @@ class ReportView:
     statistic: str = "mean"
     target: float | None = None
     relative_to_service: float | None = None  # the pass rule's ratio when it is relative
+    also: list[str] = field(default_factory=list)  # the rule's further conditions, as text ("schema_valid mean ≥ 0.99")
     simulated: bool = False
     simulator_label: str | None = None
     service_model: str | None = None
@@ -115,6 +118,40 @@ class ReportView:
     problems: list[str] = field(default_factory=list)  # unreadable pieces, one line each
     calibration: Calibration | None = None  # the judge card: agreement with people and bias probes
     production: ProductionView | None = None  # monitor.ProductionView once live traffic was shadowed; None: no section
+    parity: Parity | None = None  # deploy/parity.json: what shipped, judged through its runtime; None: no section
+
+
+PARITY_HEAD = ["artifact", "runtime", "score", "95% CI", "vs best round", "95% CI", "identical greedy", "tokens/s",
+               "peak RSS MB", "verdict"]
+
+
+def parity_rows(p: Parity) -> list[list[str]]:
+    """The shipping table's cells (plain text; each renderer escapes them)."""
+    def ci(v: tuple[float, float] | None) -> str:
+        return "n/a" if v is None else f"[{fmt(v[0])}, {fmt(v[1])}]"
+
+    rows = []
+    for r in p.rows:
+        verdict = ("not measured: " + r.error) if r.error else (
+            "rejected" if r.rejected else "n/a" if r.rejected is None else "passes")
+        rows.append([r.artifact + (" (shipped)" if r.artifact == p.shipped else ""), r.runtime, fmt(r.value), ci(r.ci),
+                     fmt(r.difference, suffix=""), ci(r.difference_ci),
+                     "n/a" if r.identical is None else f"{r.identical:.0%}", fmt(r.tokens_per_s),
+                     fmt(r.peak_rss_mb, 0), verdict])
+    return rows
+
+
+def parity_verdict(p: Parity) -> str:
+    """One sentence: is the shipped artifact accepted, and what passes instead when it is not."""
+    if p.shipped is None:
+        return "No artifact is marked as shipped."
+    if p.shipped_rejected is None:
+        return f"The shipped artifact ({p.shipped}) could not be judged."
+    if not p.shipped_rejected:
+        return f"The shipped artifact ({p.shipped}) is within {p.max_drop:g} points of round {p.round}."
+    instead = ", ".join(p.passes_instead) or "none of the others"
+    return (f"The shipped artifact ({p.shipped}) is REJECTED: it scores more than {p.max_drop:g} points below round "
+            f"{p.round} (beyond the CI). Passes instead: {instead}.")
 
 
 # ------------------------------------------------------------------ text shared by the renderers
@@ -141,16 +178,49 @@ def ci_text(rv: RoundView, metric: str) -> str:
     return "" if not ci or len(ci) != 2 else f"[{ci[0]:.1f}, {ci[1]:.1f}]"
 
 
+def digits(metric: str) -> int:
+    """Decimals a metric's value reads with: an exact metric is a share 0-1, a judge score 1-100."""
+    return 2 if metric in EXACT_METRICS else 1
+
+
 def rule_text(view: ReportView) -> str:
     what = f"{view.metric} {view.statistic}"
+    d = digits(view.metric)
     if view.relative_to_service is not None:  # the target is then ratio × the service's own statistic
-        return f"{what} ≥ {view.relative_to_service:.0%} of the service LLM's ({fmt(view.target)})"
-    return f"{what} ≥ {fmt(view.target)}"
+        text = f"{what} ≥ {view.relative_to_service:.0%} of the service LLM's ({fmt(view.target, d)})"
+    else:
+        text = f"{what} ≥ {fmt(view.target, d)}"
+    return " and ".join([text, *view.also])
 
 
-def value_text(rv: RoundView) -> str:
+def value_text(rv: RoundView, metric: str = "precision") -> str:
     rel = f" ({rv.relative:.0%} of service)" if rv.relative is not None else ""
-    return fmt(rv.value) + rel
+    return fmt(rv.value, digits(metric)) + rel
+
+
+EXACT_HEAD = ["round", *EXACT_METRICS]
+
+
+def rate_text(rv: RoundView, metric: str) -> str:
+    """An exact metric's rate with its 95% CI, or n/a when it does not apply (or scores are missing)."""
+    st = rv.scores.exact.get(metric) if rv.scores is not None else None
+    if st is None or st.mean is None:
+        return "n/a"
+    ci = f" [{st.ci[0]:.2f}, {st.ci[1]:.2f}]" if st.ci and len(st.ci) == 2 else ""
+    return f"{st.mean:.2f}{ci}"
+
+
+def exact_rows(view: ReportView) -> list[list[str]]:
+    """Plain-text rows: each round's exact metrics (structured tasks); none when no set measured any."""
+    sets = view.rounds + view.references
+    if not any(rv.scores is not None and rv.scores.exact for rv in sets):
+        return []
+    return [[rv.label, *(rate_text(rv, m) for m in EXACT_METRICS)] for rv in sets]
+
+
+def worst_scores_text(it: WorstItem) -> str:
+    judged = [f"{mt} {v:.1f}" for mt, v in it.scores.items()]
+    return ", ".join(judged + [f"{m} {v:.2f}" for m, v in it.exact.items()])
 
 
 def simulated_text(view: ReportView) -> str:

@@ -34,6 +34,7 @@ from llamaduo.service.api import (
 )
 from llamaduo.service.client import ServiceClient
 from llamaduo.service.parsing import extract_json, strict_schema
+from llamaduo.service.providers import UnsupportedField
 
 __all__ = [
     "BatchRequest",
@@ -43,6 +44,7 @@ __all__ = [
     "ServiceClient",
     "ServiceError",
     "ServiceReply",
+    "UnsupportedField",
     "extract_json",
     "strict_schema",
 ]

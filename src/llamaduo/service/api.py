@@ -68,6 +68,7 @@ class Client(Protocol):
         sample_index: int = 0,
         stage: str = "",
         round: int | None = None,
+        request_fields: dict[str, Any] | None = None,
     ) -> ServiceReply: ...
 
     def run(self, coros: Sequence[Awaitable[T]], progress: ProgressReporter | None = None) -> list[T]: ...

@@ -119,6 +119,12 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
           pid INTEGER, answered INTEGER NOT NULL DEFAULT 0
         )""",
     ),
+    (
+        # Step 4: what an attempt may cost at most (its prompt and its max_tokens, priced), so the
+        # budget counts calls a dead process sent and never heard back from.
+        "ALTER TABLE sent ADD COLUMN est_usd REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE sent ADD COLUMN est_tokens INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -208,13 +214,18 @@ class CallLog:
         return tuple(row) if row else None  # type: ignore[return-value]
 
     def totals(self) -> tuple[float, int]:
-        """What was paid for so far: (USD, tokens) of every attempt that was not a cache hit."""
+        """What was paid for so far: (USD, tokens) of every attempt that was not a cache hit, plus the
+        most that attempts a dead process sent and never heard back from may have cost."""
         with self.lock:
             self._flush()
             usd, tok = self.conn.execute(
                 "SELECT COALESCE(SUM(cost_usd),0), COALESCE(SUM(input_tokens+output_tokens),0) FROM ledger"
             ).fetchone()
-        return float(usd), int(tok)
+            in_flight = self.conn.execute(
+                "SELECT COALESCE(SUM(est_usd),0), COALESCE(SUM(est_tokens),0) FROM sent WHERE answered=0 AND pid!=?",
+                (os.getpid(),),
+            ).fetchone()
+        return float(usd) + float(in_flight[0]), int(tok) + int(in_flight[1])
 
     def ledger(self) -> dict[str, Any]:
         with self.lock:
@@ -237,15 +248,18 @@ class CallLog:
         cache entry; the row keeps the reply text only when the cache did not take it."""
         self._write("reply", row, cache)
 
-    def sending(self, request_hash: str, attempt: int, stage: str, round: int | None) -> int:
+    def sending(self, request_hash: str, attempt: int, stage: str, round: int | None,
+                est_usd: float = 0.0, est_tokens: int = 0) -> int:
         """Log an attempt about to go out, committed now (with what waits): a kill after this leaves
-        it unanswered, so a resumed run knows it may have been billed. Returns its id for `answered`."""
+        it unanswered, so a resumed run knows it may have been billed, and for at most `est_usd` /
+        `est_tokens`. Returns its id for `answered`."""
         with self.lock:
             self._flush()
             with self.conn:
                 cur = self.conn.execute(
-                    "INSERT INTO sent (ts, request_hash, attempt, stage, round, pid) VALUES (?,?,?,?,?,?)",
-                    (time.time(), request_hash, attempt, stage, round, os.getpid()),
+                    "INSERT INTO sent (ts, request_hash, attempt, stage, round, pid, est_usd, est_tokens)"
+                    " VALUES (?,?,?,?,?,?,?,?)",
+                    (time.time(), request_hash, attempt, stage, round, os.getpid(), est_usd, est_tokens),
                 )
         return int(cur.lastrowid or 0)
 

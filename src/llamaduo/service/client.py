@@ -140,7 +140,9 @@ class ServiceClient:
                     wait = self.pacer.wait_left()  # a 429 seen meanwhile holds everyone
                 self.budget.check()  # spending may have crossed the budget while we waited
                 t0 = time.monotonic()
-                sent = self.log.sending(h, n, stage, round)  # before it goes out: a kill now leaves it unanswered
+                # Logged before it goes out (a kill now leaves it unanswered), with the most it can cost.
+                in_tokens = est - max_tokens
+                sent = self.log.sending(h, n, stage, round, self.cost(model, in_tokens, max_tokens), est)
                 try:
                     return await asyncio.wait_for(self.provider.send(conn, model, messages, params), self.cfg.timeout_s + 5)
                 except asyncio.TimeoutError as e:  # our own deadline, above the transport's
@@ -238,10 +240,17 @@ class ServiceClient:
         sample_index: int = 0,
         stage: str = "",
         round: int | None = None,
+        request_fields: dict[str, Any] | None = None,
     ) -> ServiceReply:
-        """One plain-text call (e.g. the service baseline's own answers)."""
+        """One plain-text call (e.g. the service baseline's own answers).
+
+        `request_fields`: an application's tools / tool_choice / parallel_tool_calls / response_format,
+        sent along (raises `UnsupportedField` where the provider cannot carry one); the reply's
+        tool calls come back in `raw` as `<tool_call>` blocks."""
         model = model or self.cfg.model
         params = self.params(temperature, max_tokens, None)
+        if request_fields:
+            params = {**params, **self.provider.request_fields(request_fields)}
         text, tin, tout, cost, attempts, error, cached, h, row = await self._call(
             model, [dict(m) for m in messages], params, sample_index, stage, round
         )

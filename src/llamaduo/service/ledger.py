@@ -50,7 +50,7 @@ def ledger_from_db(conn: sqlite3.Connection) -> dict[str, Any]:
         key = f"{r[0]}" + (f"/r{r[1]:02d}" if r[1] is not None else "")
         by_stage[key] = row_dict(r[2:])
     total = row_dict(agg()[0])
-    total["possibly_billed"] = possibly_billed(conn)
+    total["possibly_billed"], total["possibly_billed_usd"] = possibly_billed(conn), possibly_billed_usd(conn)
     return {"total": total, "by_stage": by_stage}
 
 
@@ -60,6 +60,15 @@ def possibly_billed(conn: sqlite3.Connection) -> int:
         return int(conn.execute("SELECT COUNT(*) FROM sent WHERE answered=0 AND pid!=?", (os.getpid(),)).fetchone()[0])
     except sqlite3.OperationalError:  # a call log from before step 3 (read without migrating)
         return 0
+
+
+def possibly_billed_usd(conn: sqlite3.Connection) -> float:
+    """The most those attempts may have cost (their prompt and max_tokens, priced); the budget counts it."""
+    try:
+        row = conn.execute("SELECT COALESCE(SUM(est_usd),0) FROM sent WHERE answered=0 AND pid!=?", (os.getpid(),))
+        return round(float(row.fetchone()[0]), 6)
+    except sqlite3.OperationalError:  # a call log from before step 4 (read without migrating)
+        return 0.0
 
 
 def cache_stats(db_path: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from llamaduo.config import ServiceConfig
+from llamaduo.data import TOOL_CALL_SEPARATOR, tool_call_text
 from llamaduo.service.parsing import strict_schema
 from llamaduo.service.retry import ServiceFault, fault_from
 from llamaduo.service.transport import DEFAULT_BASE_URL, connect, openai_headers
@@ -24,9 +25,19 @@ from llamaduo.service.transport import DEFAULT_BASE_URL, connect, openai_headers
 T = TypeVar("T")
 
 
+class UnsupportedField(ValueError):
+    """A request field (tools, response_format ...) this provider's API path cannot carry."""
+
+    def __init__(self, field: str, provider: str):
+        super().__init__(f"the {provider} provider cannot carry {field}")
+        self.field, self.provider = field, provider
+
+
 class Provider(Protocol):
     name: str
     no_batch_reason: str | None  # why `run_batch` is refused; None when the Batch API is wired
+
+    def request_fields(self, fields: dict[str, Any]) -> dict[str, Any]: ...
 
     def connect(self, api_key: str) -> Any: ...
 
@@ -89,6 +100,11 @@ class OpenAIProvider:
     def connect(self, api_key: str) -> OpenAIConnection:
         return OpenAIConnection(self.cfg, api_key)
 
+    def request_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """An application's structured-output fields (tools, tool_choice, parallel_tool_calls,
+        response_format): sent as they are; the reply's calls come back as `<tool_call>` blocks."""
+        return dict(fields)
+
     def params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
         params: dict[str, Any] = {"temperature": temperature, "max_tokens": max_tokens}
         if schema is not None and self.schema_form == "json_object":
@@ -120,7 +136,7 @@ class OpenAIProvider:
         try:
             message = body["choices"][0]["message"]
             usage = body.get("usage") or {}
-            return message.get("content") or "", int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
+            return _reply_text(message), int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
         except (KeyError, IndexError, TypeError, AttributeError, ValueError) as e:  # JSON, but not a chat completion
             raise ServiceFault("malformed", f"Malformed: reply has no choices ({type(e).__name__})") from e
 
@@ -128,6 +144,15 @@ class OpenAIProvider:
         import openai
 
         return await _guard(call, (openai.APIError,))
+
+
+def _reply_text(message: dict[str, Any]) -> str:
+    """The reply as text: its content, then each tool call as a `<tool_call>` block (the one text
+    form of a call, `data.Message.text`), so the call log and cache keep calls as text too."""
+    text = message.get("content") or ""
+    calls = [tool_call_text(c["function"]["name"], c["function"].get("arguments") or "{}")
+             for c in message.get("tool_calls") or []]
+    return TOOL_CALL_SEPARATOR.join([text, *calls] if text else calls)
 
 
 def _rejects_json_schema(fault: ServiceFault) -> bool:
@@ -148,6 +173,12 @@ class AnthropicProvider:
         import anthropic
 
         return anthropic.AsyncAnthropic(api_key=api_key, base_url=self.cfg.base_url, max_retries=0, timeout=self.cfg.timeout_s)
+
+    def request_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Refused: OpenAI's tools and response formats are not mapped onto the Messages API."""
+        for name in fields:
+            raise UnsupportedField(name, self.name)
+        return {}
 
     def params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
         # No response_format: JSON is asked for in the prompt. (These params are part of the cache key.)
