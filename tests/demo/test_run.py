@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,10 @@ def test_quick_tools_demo_learns_to_route_messages_to_calls_and_serves_a_call(tm
     manifest = json.loads(store.manifest_path.read_text())
     values = [manifest["rounds"][k]["value"] for k in sorted(manifest["rounds"])]
     assert len(values) >= 2 and values[-1] > values[0], values
+    # Each round line shows the exact metrics beside the judge's score (the console wraps it at 80 columns).
+    round_lines = re.findall(r"r\d\d precision mean = .*?spend so far", proc.stderr + proc.stdout, re.S)
+    assert len(round_lines) == len(values), proc.stdout[-3000:]
+    assert all("schema_valid" in line and "arguments_exact" in line for line in round_lines), round_lines
     test = [json.loads(line) for line in store.test_path.read_text().splitlines()]
     assert all(t["tool_choice"] == "required" and t["tools"] for t in test)
     # Every candidate was decoded under the forced-call grammar: one call block, nothing else.
