@@ -150,3 +150,77 @@ def test_without_seeds_synthesis_stops_with_a_clear_error(fake_service):
         synth.synthesize(cfg, ServiceClient(cfg.service), [], 5, round=1, rng=random.Random(0))
     assert synth.synthesize(cfg, ServiceClient(cfg.service), TRAIN, 0, round=1, rng=random.Random(0)).examples == []
     assert fake_service.count == 0
+
+
+# ------------------------------------------------------------------ structured seeds
+ROUTE_TOOLS = [{"type": "function", "function": {"name": "track_order", "description": "Where an order is", "parameters": {
+    "type": "object", "properties": {"order_id": {"type": "string"}}, "required": ["order_id"], "additionalProperties": False}}}]
+CITY_FORMAT = {"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": {
+    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False}}}
+
+
+def tool_seed():
+    from llamaduo.data import Example, FunctionCall, Message, ToolCall
+
+    call = ToolCall(id="call_0", function=FunctionCall(name="track_order", arguments='{"order_id": "10001"}'))
+    msgs = [Message(role="user", content="Where is order 10001?"), Message(role="assistant", content="", tool_calls=[call])]
+    return Example(id="seed-tool", messages=msgs, category="track", tools=ROUTE_TOOLS, tool_choice="required",
+                   parallel_tool_calls=False)
+
+
+def schema_seed():
+    return make_example("Which city: 'Flying to Oslo on Monday.'", '{"city": "Oslo"}', category="Extract").model_copy(
+        update={"response_format": CITY_FORMAT})
+
+
+def test_a_tool_seeds_prompt_shows_its_tools_and_asks_for_calls_matches_golden():
+    check_golden("synth_prompt_tools.txt", synth.render_synth_prompt(tool_seed(), "order status questions", 3))
+
+
+def test_a_schema_seeds_prompt_shows_its_schema_and_asks_for_the_object_itself():
+    system, user = synth.render_synth_prompt(schema_seed(), "cities", 2)
+    assert '{"type": "object", "properties": {"city": {"type": "string"}}' in system["content"]
+    assert '"response": {"<key>": "<value>"}' in system["content"]
+    assert '{"city": "Oslo"}' in user["content"]
+
+
+def test_synthetic_pairs_of_a_tool_seed_are_calls_carrying_its_tools_and_invalid_ones_are_rejected_with_why(fake_service):
+    def responder(req):
+        return json.dumps({"contents": [
+            {"instruction": "Has order 20002 shipped?", "tool_calls": [{"name": "track_order", "arguments": {"order_id": "20002"}}]},
+            {"instruction": "Order 30003 status?", "tool_calls": [{"name": "track_order", "arguments": '{"order_id": "30003"}'}]},
+            {"instruction": "Cancel order 40004.", "tool_calls": [{"name": "cancel_order", "arguments": {"order_id": "40004"}}]},
+            {"instruction": "Where is order 50005?", "tool_calls": [{"name": "track_order", "arguments": {"order": 50005}}]},
+            {"instruction": "Where is my parcel?", "response": "Please give me your order number."},
+        ]})
+
+    fake_service.responder = responder
+    cfg = make_cfg(fake_service, pairs_per_call=5)
+    res = synth.synthesize(cfg, ServiceClient(cfg.service), [tool_seed()], 5, round=1, rng=random.Random(0))
+    assert [e.prompt for e in res.examples] == ["Has order 20002 shipped?", "Order 30003 status?"]
+    for ex in res.examples:
+        assert (ex.tools, ex.tool_choice, ex.parallel_tool_calls) == (ROUTE_TOOLS, "required", False)
+        assert ex.messages[-1].tool_calls[0].function.name == "track_order" and not ex.messages[-1].content
+        assert ex.response.startswith('<tool_call>\n{"name": "track_order", "arguments": {"order_id": "')
+    assert len({e.id for e in res.examples}) == 2
+    bad = {r["instruction"]: r for r in res.rejected}
+    assert {r["reason"] for r in res.rejected} == {"invalid_structure"}
+    assert "makes none" in bad["Cancel order 40004."]["error"]  # cancel_order is not offered
+    assert "track_order arguments do not match" in bad["Where is order 50005?"]["error"]
+    assert "makes none" in bad["Where is my parcel?"]["error"]  # tool_choice required
+    sent = fake_service.requests[0]["body"]
+    assert '"name": "track_order"' in sent["messages"][0]["content"]
+
+
+def test_synthetic_pairs_of_a_schema_seed_carry_its_format_and_answers_off_schema_are_rejected(fake_service):
+    fake_service.responder = lambda req: json.dumps({"contents": [
+        {"instruction": "Which city: 'Off to Lima in May.'", "response": {"city": "Lima"}},
+        {"instruction": "Which city: 'Rome, then home.'", "response": {"town": "Rome"}},
+        {"instruction": "Which city: 'Back in Kyiv.'", "response": "Kyiv"},
+    ]})
+    cfg = make_cfg(fake_service)
+    res = synth.synthesize(cfg, ServiceClient(cfg.service), [schema_seed()], 3, round=1, rng=random.Random(0))
+    assert [(e.response, e.response_format) for e in res.examples] == [('{"city": "Lima"}', CITY_FORMAT)]
+    assert [(r["reason"], r["response"]) for r in res.rejected] == [
+        ("invalid_structure", '{"town": "Rome"}'), ("invalid_structure", "Kyiv")]
+    assert "'city' is a required property" in res.rejected[0]["error"] and "not JSON" in res.rejected[1]["error"]

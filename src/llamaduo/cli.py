@@ -312,6 +312,9 @@ def demo(
     ] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Progress as JSON lines.")] = False,
     port: Annotated[int, typer.Option("--port", help="Port for the served model (the next free one if taken).")] = 8000,
+    task: Annotated[
+        str, typer.Option("--task", help="orders: extract a message into JSON under a schema; tools: route it to a function call."),
+    ] = "orders",
 ) -> None:
     """A complete offline migration: simulated service LLM, real training, judging, deploy and serve."""
     from llamaduo.demo import run as demo_mod
@@ -319,6 +322,7 @@ def demo(
     keep = sys.stdin.isatty() if serve_ is None else serve_
     result = call(
         demo_mod.run_demo, quick=quick, out=out, display=_display(False, json_lines), fresh=fresh, keep_serving=keep, port=port,
+        task=task,
     )
     scores = "  ".join(f"r{i:02d}=" + ("n/a" if v is None else f"{v:.1f}") for i, v in enumerate(result.round_values))
     console.print(f"\n[bold]per-round score[/] (precision mean): {scores}")

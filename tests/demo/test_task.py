@@ -37,3 +37,22 @@ def test_simulated_generator_is_deterministic_per_request_and_follows_the_seed_i
     b = json.loads(simulator_responder(body))["contents"]
     assert a == b and len(a) == 3
     assert all(json.loads(p["response"])["intent"] == "cancel" for p in a)
+
+
+def test_shipped_orders_are_valid_under_the_tasks_response_schema_and_synthesis_answers_with_objects():
+    from importlib import resources
+    from pathlib import Path
+
+    from llamaduo import structure, synth
+    from llamaduo.config import DataConfig
+    from llamaduo.coverage import load_coverage
+    from llamaduo.demo.task import RESPONSE_FORMAT
+
+    shipped = Path(str(resources.files("llamaduo.demo").joinpath("data/orders.jsonl")))
+    cov = load_coverage(shipped, DataConfig(response_format=RESPONSE_FORMAT), check=structure.check)
+    seed = cov.examples[0]
+    assert seed.response_format == RESPONSE_FORMAT
+    reply = json.loads(simulator_responder({"messages": synth.render_synth_prompt(seed, "orders", 3)}))
+    for pair in reply["contents"]:
+        assert isinstance(pair["response"], dict) and pair["response"]["intent"] == seed.category
+        assert structure.answer_problem(seed, json.dumps(pair["response"])) is None

@@ -1,10 +1,13 @@
 """The demo's task and its simulated service LLM.
 
 Task: turn a short customer message into JSON with the keys intent, name, city, item and
-quantity — a task whose answers a program can check. `make_pair` generates examples (the
+quantity — a task whose answers a program can check. Its answers follow `RESPONSE_FORMAT`
+(a strict `json_schema`), which the demo sets as the task's `data.response_format`: inference,
+acceptance and the served request decode under it. `make_pair` generates examples (the
 shipped coverage file was written with it); `simulator_responder` plays the service LLM for
-`llamaduo demo`: it writes new training pairs with the same generator and judges candidates
-in the paper's JSON format with a deterministic checker against the reference.
+`llamaduo demo`: it writes new training pairs with the same generator (the answer as a JSON
+object when the synthesis prompt shows the schema) and judges candidates in the paper's JSON
+format with a deterministic checker against the reference.
 
 It is a SIMULATOR, labelled as such wherever it appears: it stands in for a real provider so
 the pipeline can be shown offline.
@@ -54,6 +57,19 @@ TEMPLATES = {
         "This is {name}, {city}. Please arrange a return for {qty} {items}.",
     ],
 }
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "intent": {"type": "string", "enum": sorted(TEMPLATES)},
+        "name": {"type": "string"},
+        "city": {"type": "string"},
+        "item": {"type": "string"},
+        "quantity": {"type": "integer"},
+    },
+    "required": list(KEYS),
+    "additionalProperties": False,
+}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "order_request", "strict": True, "schema": SCHEMA}}
 TOPICS = {
     "order": "customers asking to buy products",
     "cancel": "customers cancelling an order",
@@ -156,19 +172,20 @@ def simulator_responder(request: dict[str, Any]) -> str:
     return json.dumps(_solve(text))
 
 
-def _synthesize(text: str, messages: list[Any]) -> list[dict[str, str]]:
+def _synthesize(text: str, messages: list[Any]) -> list[dict[str, Any]]:
     want = re.search(r"(\d+)\s+new", text)
     n = int(want.group(1)) if want else 5
     # The seed pair in the prompt carries its intent; new pairs keep the seed's category.
-    seed_intent = re.search(r'"intent":\s*"(\w+)"', text)
+    seed_intent = re.search(r'"intent":\s*"(\w+)"', _between(text, "example_response") or text)
     intent = seed_intent.group(1) if seed_intent and seed_intent.group(1) in TEMPLATES else None
+    as_object = "JSON Schema" in text  # the prompt asks for the answer as the JSON object itself
     # Seeded by the request itself: the same request always gets the same pairs (cache and
     # resume stay consistent), different seeds/variations get different pairs.
     rng = random.Random(hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest())
     out = []
     for _ in range(min(n, 20)):
         prompt, response, _cat = make_pair(rng, intent)
-        out.append({"instruction": prompt, "response": response})
+        out.append({"instruction": prompt, "response": json.loads(response) if as_object else response})
     return out
 
 

@@ -35,12 +35,13 @@ The user asks a question and the assistant answers it briefly, clearly and polit
 
 
 def build_tiny_model(
-    out_dir: Path, seed: int = 0, vocab_size: int = 600, chat: bool = True, tied: bool = False
+    out_dir: Path, seed: int = 0, vocab_size: int = 600, chat: bool = True, tied: bool = False, corpus: str = ""
 ) -> Path:
     """A 2-layer Llama (hidden 64) and a BPE tokenizer trained offline; saved like a real model.
 
     `chat=False` builds a base model as pretrained checkpoints ship: no ChatML tokens, no chat
     template, eos `<|endoftext|>` and no pad token. `tied=True` shares input and output embeddings.
+    `corpus` is more tokenizer text (a task's fixed prompt text becomes a few tokens, not hundreds).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -55,7 +56,7 @@ def build_tiny_model(
         vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_TINY_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([_TINY_CORPUS + corpus] * 4, trainer=trainer)
     if chat:
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None, padding_side="left"
