@@ -16,6 +16,7 @@ document at all; when it cannot, the answer ends with `length` and the text as i
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass
@@ -58,6 +59,14 @@ def check_schema(schema: Any) -> None:
     """Raise GrammarError unless `schema` is a JSON Schema the grammar engine can enforce."""
     if not isinstance(schema, dict):
         raise GrammarError("must be a JSON Schema object")
+    _check_text(canonical(schema))
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_text(text: str) -> None:
+    """The checks of one schema, once: every record or request of a task repeats the same schemas, and
+    building the grammar takes milliseconds (a failure raises, which is not cached)."""
+    schema = json.loads(text)
     try:
         from jsonschema.validators import validator_for
 

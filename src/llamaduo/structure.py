@@ -16,6 +16,7 @@ to the contract the served model answers under:
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Any
 
@@ -27,15 +28,21 @@ from llamaduo.chat_formats import (
     parse_tools,
 )
 from llamaduo.data import Example
-from llamaduo.grammar import GrammarSpec
+from llamaduo.grammar import GrammarSpec, canonical
 from llamaduo.tools import parse_tool_calls
+
+
+@functools.lru_cache(maxsize=1024)
+def _validator(schema_text: str) -> Any:
+    from jsonschema.validators import validator_for
+
+    schema = json.loads(schema_text)
+    return validator_for(schema)(schema)
 
 
 def _validate(instance: Any, schema: dict[str, Any]) -> str | None:
     """The first reason `instance` is not valid for `schema` (JSON Schema), or None."""
-    from jsonschema.validators import validator_for
-
-    error = next(iter(validator_for(schema)(schema).iter_errors(instance)), None)
+    error = next(iter(_validator(canonical(schema)).iter_errors(instance)), None)
     if error is None:
         return None
     at = "/".join(str(p) for p in error.absolute_path)
