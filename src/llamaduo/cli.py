@@ -6,6 +6,7 @@ Heavy libraries are imported inside the commands that need them so `llamaduo --h
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -271,6 +272,10 @@ def accept(
         client.close()
     console.print(Markdown("\n".join(deploy_mod.acceptance_text(result))))
     console.print(f"parity: {store.parity_path}")
+    from llamaduo.report import write_report
+
+    with contextlib.suppress(Exception):  # the verdict stands even if the page cannot be rewritten
+        console.print(f"report: {write_report(store)[0]}")
     if result.shipped_rejected:
         fail(f"{result.shipped} rejected by the gate (deploy.max_drop={cfg.deploy.max_drop:g}); passes instead: "
              f"{', '.join(result.passes_instead) or 'none'}", code=1)
