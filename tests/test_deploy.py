@@ -266,3 +266,25 @@ def test_round_without_adapter_is_a_clear_error(tiny_base, tmp_path):
     cfg, store = make_run(tmp_path, tiny_base)
     with pytest.raises(UserError, match="round 3 has no trained adapter"):
         deploy(cfg, store, round=3)
+
+
+def test_a_student_fine_tuned_from_a_q4_k_m_base_ships_q8_0_unless_told_otherwise(tmp_path):
+    import gguf
+
+    from llamaduo.config import from_dict
+    from llamaduo.deploy import base_quantization, ship_kind
+
+    path = tmp_path / "base-q4_k_m.gguf"
+    w = gguf.GGUFWriter(str(path), "gemma3")
+    w.add_file_type(15)  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = from_dict({"model": {"base": str(path)}})
+    assert base_quantization(cfg) == "q4_k_m"
+    kind, why = ship_kind(cfg)
+    assert kind == "q8_0" and "the base model is itself q4_k_m" in why
+    told = from_dict({"model": {"base": str(path)}, "deploy": {"ship": "q4_k_m"}})
+    assert ship_kind(told) == ("q4_k_m", None)
+    assert ship_kind(from_dict({"model": {"base": str(tmp_path)}})) == ("q4_k_m", None)  # not a quantized base

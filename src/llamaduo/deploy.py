@@ -42,14 +42,53 @@ class DeployResult(BaseModel):
     stops: list[str] = []
     manifest: Path | None = None
     seconds: float = 0.0
+    shipped: str | None = None  # the GGUF kind the Modelfile points at and the gate judges
+    warnings: list[str] = []
 
     @property
     def notes(self) -> list[str]:
-        """What the user should know about the export (e.g. why a GGUF is missing)."""
-        return list(self.failed)
+        """What the user should know about the export (e.g. why a GGUF is missing, why another ships)."""
+        return list(self.failed) + list(self.warnings)
 
 
 # ----------------------------------------------------------------------- deploy
+# general.file_type of a GGUF → the quantization it is (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
+_FILE_TYPES = {7: "q8_0", 18: "q6_k", 17: "q5_k_m", 16: "q5_k_s", 8: "q5_0", 9: "q5_1", 15: "q4_k_m", 14: "q4_k_s",
+               2: "q4_0", 3: "q4_1", 13: "q3_k_l", 12: "q3_k_m", 11: "q3_k_s", 10: "q2_k"}
+
+
+def base_quantization(cfg: Config) -> str | None:
+    """The quantization of the GGUF the student was fine-tuned from (dequantised), or None."""
+    base = Path(cfg.model.base)
+    path = base / cfg.model.gguf_file if base.is_dir() and cfg.model.gguf_file else base
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    from llamaduo.gguf import metadata
+
+    try:
+        return _FILE_TYPES.get(int(metadata(path).get("general.file_type", -1)))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def ship_kind(cfg: Config) -> tuple[str, str | None]:
+    """The GGUF that ships (the Modelfile's FROM, what the gate judges), and why when it is not the default.
+
+    Fine-tuned from a base that is itself quantized to the default kind, the merged weights
+    re-quantized to that kind fall back onto the base's own grid: measured on Gemma 3 270M from its
+    Q4_K_M, 97 % of the quantized bytes came out identical to the base's and the answers were the
+    base's. Then the next finer requested kind ships instead, unless `deploy.ship` names one."""
+    default = cfg.deploy.shipped
+    if cfg.deploy.ship is not None or default != base_quantization(cfg):
+        return default, None
+    bits = {k: int(k[1]) for k in _FILE_TYPES.values()}
+    finer = sorted((k for k in cfg.deploy.quantize if bits[k] > bits[default]), key=lambda k: -bits[k])
+    instead = finer[0] if finer else cfg.deploy.gguf_type
+    return instead, (f"{instead} ships, not {default}: the base model is itself {default}, and re-quantizing the "
+                     f"fine-tuned weights to {default} puts most of them back on the base's values (the fine-tuning "
+                     f"is lost); set deploy.ship to choose")
+
+
 def pick_round(store: RunStore, round: int | None) -> int:
     if round is not None:
         return round
@@ -120,8 +159,11 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
         result.gguf = {g.kind: store.deploy_dir / g.file for g in manifest.gguf if g.status == "ok" and g.file}
     wrappers = chat_wrappers(tokenizer)
     result.stops = run_stops(tokenizer, wrappers, cfg)
+    shipped, warning = ship_kind(cfg)
+    manifest.shipped = shipped if shipped in result.gguf else None
+    if warning is not None:
+        manifest.warnings.append(warning)
     if "ollama" in formats:
-        shipped = cfg.deploy.shipped
         kind = shipped if shipped in result.gguf else next(iter(result.gguf), None)
         source = "./" + (result.gguf[kind].name if kind else store.merged_dir.name)
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
@@ -131,6 +173,7 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
         manifest.modelfile, manifest.modelfile_from, manifest.shipped = store.modelfile_path.name, source, kind
     write_json(store.deploy_manifest_path, manifest.model_dump(mode="json", exclude_none=True))
     result.failed, result.manifest = manifest.failed, store.deploy_manifest_path
+    result.shipped, result.warnings = manifest.shipped, manifest.warnings
     result.seconds = time.monotonic() - t0
     store.mark_stage(
         "deploy",

@@ -138,7 +138,7 @@ def artifacts_to_measure(cfg: Config, store: RunStore, artifact: str) -> dict[st
             why = f"deploy failed for it: {failed.error}" if failed and failed.error else "deploy did not write it"
             raise UserError(f"accept --artifact {artifact}: {why}; GGUFs written: {', '.join(ok) or 'none'}")
         names = [artifact]
-    shipped = cfg.deploy.shipped
+    shipped = manifest.shipped or cfg.deploy.shipped
     names.sort(key=lambda n: n == shipped)
     ctx = num_ctx(cfg, _model_config(merged_dir))
     top_k = _top_k(merged_dir)
@@ -184,7 +184,8 @@ def run_parity(cfg: Config, store: RunStore, client: Client, *, artifact: str = 
         factories: dict[str, Callable[[], Any]] = {"endpoint": lambda: _Endpoint(endpoint, model)}
         shipped = "endpoint"
     else:
-        factories, shipped = artifacts_to_measure(cfg, store, artifact), cfg.deploy.shipped
+        factories = artifacts_to_measure(cfg, store, artifact)
+        shipped = read_deploy_manifest(store).shipped or cfg.deploy.shipped  # what deploy chose to ship
     reference: tuple[dict[str, str] | None, str | None] = (None, None)
     if cfg.infer.temperature == 0 and store.predictions_path(r).exists():
         preds = [p for p in store.read_predictions(r) if p.sample_index == 0]

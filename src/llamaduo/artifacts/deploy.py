@@ -35,6 +35,7 @@ class DeployManifest(_Artifact):
     converter: str | None = None  # where llama.cpp's converter came from (llama-cpp-python version or a dir)
     gguf: list[GGUFFile] = Field(default_factory=list)
     failed: list[str] = Field(default_factory=list)  # "gguf:q4_k_m: <why>" for every requested format that failed
+    warnings: list[str] = Field(default_factory=list)  # e.g. why another GGUF ships than the default
 
     def file(self, kind: str) -> GGUFFile | None:
         return next((g for g in self.gguf if g.kind == kind), None)

@@ -47,7 +47,7 @@ class DemoResult(BaseModel):
     model_name: str | None = None
     seconds: float = 0.0
     port_note: str | None = None  # said when the preferred port was taken
-    acceptance: list[str] = []  # the q4_k_m GGUF judged through llama.cpp, or the line saying why not
+    acceptance: list[str] = []  # the shipped GGUF judged through llama.cpp, or the line saying why not
     task: str = "orders"
     handle: Any = None  # the running server when the caller keeps serving
 
@@ -260,7 +260,8 @@ def answer_text(message: Any) -> str:
 
 
 def _accept_gguf(cfg: Config, store: RunStore, spec: DemoTask) -> list[str]:
-    """Judge the shipped q4_k_m GGUF through llama.cpp's server: the parity table and `ollama create`."""
+    """Judge the shipped GGUF through llama.cpp's server: the parity table and `ollama create`. (Gemma's
+    base is itself Q4_K_M, so q8_0 ships: `deploy.ship_kind`.)"""
     from llamaduo import deploy, gguf
     from llamaduo.demo.simulator import SimulatedService
     from llamaduo.parity import run_parity
@@ -272,14 +273,16 @@ def _accept_gguf(cfg: Config, store: RunStore, spec: DemoTask) -> list[str]:
                 "converter refuses); `llamaduo demo` ends with it"]
     if not llama_cpp_available() or gguf.find_converter() is None:
         return ["llama.cpp acceptance skipped: " + gguf.how_to_get()]
-    written = deploy.read_deploy_manifest(store).file(cfg.deploy.shipped)
+    manifest = deploy.read_deploy_manifest(store)
+    shipped = manifest.shipped or cfg.deploy.shipped
+    written = manifest.file(shipped)
     if written is None or written.status != "ok":
-        return [f"llama.cpp acceptance skipped: no {cfg.deploy.shipped} GGUF ({written.error if written else 'not written'})"]
+        return [f"llama.cpp acceptance skipped: no {shipped} GGUF ({written.error if written else 'not written'})"]
     with SimulatedService(spec.responder) as sim:
         judged = cfg.model_copy(update={"service": cfg.service.model_copy(update={"base_url": sim.base_url})})
         client = ServiceClient(judged.service, db_path=store.service_db)
         try:
-            parity = run_parity(judged, store, client, artifact=cfg.deploy.shipped)
+            parity = run_parity(judged, store, client, artifact=shipped)
         finally:
             client.close()
     return [*deploy.acceptance_text(parity), "",
