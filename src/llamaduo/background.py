@@ -16,7 +16,9 @@ class BackgroundServer:
 
         self.model_name = model_name
         self.host = host
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+        # A connection still open at shutdown (a client that never reads its stream) must not hold it forever.
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=5))
         # A socket bound by the caller (see `bind_port`) leaves no gap for another process to take the port.
         sockets = [sock] if sock is not None else None
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": sockets}, name="llamaduo-serve", daemon=True)
@@ -47,6 +49,9 @@ class BackgroundServer:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+        if self.thread.is_alive():  # still draining: close what is left now
+            self.server.force_exit = True
+            self.thread.join(timeout=5)
 
     def __enter__(self) -> "BackgroundServer":
         return self.start()

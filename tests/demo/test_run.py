@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -106,7 +107,9 @@ def test_demo_in_a_terminal_serves_until_ctrl_c_and_exits_cleanly(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "HF_DATASETS_DISABLE"))}
     proc = subprocess.Popen(
         [sys.executable, "-m", "llamaduo.cli", "demo", "--quick", "--out", str(out)],
-        stdin=slave, stdout=slave, stderr=slave, env={**env, "HOME": str(tmp_path), "TERM": "xterm"},
+        # PYTHONFAULTHANDLER: a demo that does not stop is made to print every thread's stack (SIGABRT below)
+        stdin=slave, stdout=slave, stderr=slave, env={**env, "HOME": str(tmp_path), "TERM": "xterm",
+                                                      "PYTHONFAULTHANDLER": "1"},
         start_new_session=True, preexec_fn=controlling_tty, close_fds=True,
     )
     os.close(slave)
@@ -127,7 +130,12 @@ def test_demo_in_a_terminal_serves_until_ctrl_c_and_exits_cleanly(tmp_path):
         assert body["object"] == "chat.completion"
         assert body["choices"][0]["message"]["content"]
         os.write(master, b"\x03")  # Ctrl-C, through the terminal's line discipline
-        rc = proc.wait(timeout=60)
+        try:
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGABRT)
+            _read_until(master, buf, b"\x00never", time.monotonic() + 5)
+            raise AssertionError("the demo did not stop after Ctrl-C:\n" + buf.decode("utf-8", "replace")[-6000:]) from None
         _read_until(master, buf, b"\x00never", time.monotonic() + 2)  # drain what is left
     finally:
         if proc.poll() is None:
