@@ -102,6 +102,9 @@ def test_demo_in_a_terminal_serves_until_ctrl_c_and_exits_cleanly(tmp_path):
 
     def controlling_tty() -> None:  # runs in the child after setsid: the pty becomes its terminal
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        # As from a person's shell: a suite started in the background (`cmd &` without job control)
+        # ignores SIGINT, and an ignored signal stays ignored across exec, so Ctrl-C would never arrive.
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     out = tmp_path / "demo-quick"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TQDM_", "HF_HUB_DISABLE", "HF_DATASETS_DISABLE"))}
