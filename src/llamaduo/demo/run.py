@@ -140,7 +140,9 @@ def demo_config(out: Path, base_url: str, student: dict[str, Any], quick: bool, 
         "judge": {
             "judgments_per_candidate": 2 if quick else 3,
             "temperature": 0.0,
-            "pass_rule": {"metric": "precision", "statistic": "mean", "threshold": 90.0},
+            # Under its schema the packaged Gemma's round 0 already scores ~97: the full demo's target is
+            # set above it, so it shows the loop (synthesis, retraining) doing its part.
+            "pass_rule": {"metric": "precision", "statistic": "mean", "threshold": 90.0 if quick else 98.5},
         },
         "synth": {"per_round": 200 if quick else 48, "growth": "double", "pairs_per_call": 6, "topics": spec.topics},
         "model": student,
