@@ -53,6 +53,32 @@ def test_deploy_writes_f16_and_quantized_ggufs_that_llama_cpp_loads_and_answers(
     assert manifest["shipped"] == "q4_k_m" and manifest["modelfile_from"] == "./model-q4_k_m.gguf"
 
 
+def test_a_json_schema_task_is_sent_to_llama_cpp_in_its_own_form_and_answered_under_it(deployed):
+    import jsonschema
+    import openai
+
+    from llamaduo.accept import request_of
+    from llamaduo.data import make_example
+    from llamaduo.runtime import llamacpp
+
+    _, _, _, res = deployed
+    schema = {"type": "object", "properties": {"item": {"type": "string"}, "quantity": {"type": "integer"}},
+              "required": ["item", "quantity"]}
+    ex = make_example("Order 3 mugs", '{"item": "mug", "quantity": 3}').model_copy(update={"response_format": {
+        "type": "json_schema", "json_schema": {"name": "order", "schema": schema, "strict": True}}})
+    assert request_of(ex)["response_format"]["type"] == "json_schema"  # what an OpenAI-compatible server gets
+    assert request_of(ex, "llama.cpp")["response_format"] == {"type": "json_object", "schema": schema}
+    with llamacpp(res.gguf["q8_0"], 512) as rt:
+        api = openai.OpenAI(base_url=rt.base_url, api_key="x", max_retries=0)
+        r = api.chat.completions.create(model=rt.model, **request_of(ex, rt.dialect), max_tokens=48, temperature=0,
+                                        extra_body=rt.extra_body)
+    text = r.choices[0].message.content
+    if r.choices[0].finish_reason == "length":  # llama.cpp does not close a structure at max_tokens (ours does)
+        assert re.match(r'\{\s*"item"\s*:\s*"', text), text  # its grammar leads with the schema's first key
+    else:
+        jsonschema.validate(json.loads(text), schema)
+
+
 def test_f16_greedy_answers_equal_transformers(deployed):
     family, cfg, _, res = deployed
     if family == "qwen2":

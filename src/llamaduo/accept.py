@@ -108,10 +108,17 @@ def paired_bootstrap(served: dict[str, list[float]], ref: dict[str, list[float]]
     return float(diff), float(lo), float(hi)
 
 
-def request_of(ex: Example) -> dict[str, Any]:
+def request_of(ex: Example, dialect: str = "openai") -> dict[str, Any]:
     """What the application sends for a test prompt: its turns (tool turns included) and the
-    structured-output fields of its task (tools, tool_choice, parallel_tool_calls, response_format)."""
-    return {"messages": [m.openai() for m in ex.prompt_messages], **ex.request_fields()}
+    structured-output fields of its task (tools, tool_choice, parallel_tool_calls, response_format).
+
+    `dialect` "llama.cpp": its server takes a schema as `{"type": "json_object", "schema": ...}` and
+    refuses OpenAI's `json_schema` type, so the same constraint is sent in its form."""
+    fields = ex.request_fields()
+    fmt = fields.get("response_format")
+    if dialect == "llama.cpp" and isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fields["response_format"] = {"type": "json_object", "schema": (fmt.get("json_schema") or {}).get("schema")}
+    return {"messages": [m.openai() for m in ex.prompt_messages], **fields}
 
 
 def answer_text(message: Any) -> str:
@@ -123,7 +130,8 @@ def answer_text(message: Any) -> str:
 
 
 async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[Example], cfg: Config,
-                           concurrency: int, extra_body: dict[str, Any] | None = None) -> list[Completion]:
+                           concurrency: int, extra_body: dict[str, Any] | None = None,
+                           dialect: str = "openai") -> list[Completion]:
     import openai
 
     k = cfg.infer.num_samples
@@ -134,7 +142,7 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
         async with sem:
             r = await client.chat.completions.create(
                 model=model,
-                **request_of(ex),
+                **request_of(ex, dialect),
                 temperature=cfg.infer.temperature,
                 top_p=cfg.infer.top_p,
                 max_tokens=cfg.infer.max_new_tokens,
@@ -164,7 +172,7 @@ async def _sample_endpoint(endpoint: str, api_key: str, model: str, test: list[E
 
 def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model: str | None = None,
            api_key: str | None = None, round: int | None = None, concurrency: int = 16,
-           extra_body: dict[str, Any] | None = None) -> AcceptResult:
+           extra_body: dict[str, Any] | None = None, dialect: str = "openai") -> AcceptResult:
     """Judge the model served at `endpoint` like a round and compare it with the best round.
 
     `extra_body`: request fields beyond OpenAI's the server needs to sample as the run did
@@ -185,7 +193,7 @@ def accept(cfg: Config, store: RunStore, endpoint: str, client: Client, *, model
             raise UserError(f"{endpoint}: cannot list models ({type(e).__name__}); pass the model name") from None
     # Only the prompts the judge will see (judge.max_test_prompts) are worth asking for.
     test = judge_mod.select_test(cfg, load_examples(store.test_path))
-    preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency, extra_body))
+    preds = asyncio.run(_sample_endpoint(endpoint, api_key, model, test, cfg, concurrency, extra_body, dialect))
     ev = evaluate(cfg, client, store, "accept", test, preds)
 
     rule = cfg.judge.pass_rule.judged()  # the judge's scores are compared; the verdict reads the whole rule

@@ -33,7 +33,7 @@ UNQUANTIZED = ("f32", "bf16", "f16")
 
 
 def greedy_pass(endpoint: str, model: str, test: list[Example], cfg: Config,
-                extra_body: dict[str, Any] | None = None) -> tuple[dict[str, str], float | None]:
+                extra_body: dict[str, Any] | None = None, dialect: str = "openai") -> tuple[dict[str, str], float | None]:
     """One client, one prompt at a time, temperature 0: the answers and decode tokens/s."""
     import openai
 
@@ -43,7 +43,7 @@ def greedy_pass(endpoint: str, model: str, test: list[Example], cfg: Config,
     for ex in test:
         t = time.perf_counter()
         r = client.chat.completions.create(
-            model=model, **request_of(ex), temperature=0.0, n=1,
+            model=model, **request_of(ex, dialect), temperature=0.0, n=1,
             max_tokens=cfg.infer.max_new_tokens, stop=cfg.infer.stop or None, seed=cfg.seed, extra_body=extra_body,
         )
         seconds += time.perf_counter() - t
@@ -79,8 +79,10 @@ def identical_rate(texts: dict[str, str], reference: dict[str, str] | None) -> f
 
 def _measure(cfg: Config, store: RunStore, client: Client, name: str, runtime: Any, r: int, test: list[Example],
              reference: tuple[dict[str, str] | None, str | None]) -> tuple[ParityRow, dict[str, str]]:
-    res = accept(cfg, store, runtime.base_url, client, model=runtime.model, round=r, extra_body=runtime.extra_body)
-    texts, tps = greedy_pass(runtime.base_url, runtime.model, test, cfg, runtime.extra_body)
+    dialect = getattr(runtime, "dialect", "openai")
+    res = accept(cfg, store, runtime.base_url, client, model=runtime.model, round=r, extra_body=runtime.extra_body,
+                 dialect=dialect)
+    texts, tps = greedy_pass(runtime.base_url, runtime.model, test, cfg, runtime.extra_body, dialect)
     rss = runtime.peak_rss_mb() if hasattr(runtime, "peak_rss_mb") else None
     keep = store.parity_dir(name)
     keep.mkdir(parents=True, exist_ok=True)

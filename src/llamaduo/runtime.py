@@ -39,9 +39,10 @@ class Runtime:
     """A server in a child process; `with` starts it and waits until it lists its model."""
 
     def __init__(self, label: str, cmd: list[str], port: int, model: str, extra_body: dict[str, Any] | None = None,
-                 startup_s: float = 600):
+                 startup_s: float = 600, dialect: str = "openai"):
         self.label, self.cmd, self.port, self.model = label, cmd, port, model
         self.extra_body = extra_body
+        self.dialect = dialect  # how its server takes a response schema (`accept.request_of`)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self.startup_s = startup_s
         self.proc: subprocess.Popen[bytes] | None = None
@@ -104,7 +105,7 @@ def llamacpp(gguf: Path, n_ctx: int, top_k: int | None = None, threads: int | No
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--model_alias", gguf.stem]
     extra = {"top_k": int(top_k or 0), "min_p": 0.0, "repeat_penalty": 1.0}
-    return Runtime(f"llama.cpp server on {gguf.name}", cmd, port, gguf.stem, extra)
+    return Runtime(f"llama.cpp server on {gguf.name}", cmd, port, gguf.stem, extra, dialect="llama.cpp")
 
 
 def llamaduo_serve(run_dir: Path) -> Runtime:
