@@ -253,3 +253,11 @@ def test_data_parallel_shards_run_in_their_own_processes_and_come_back_in_prompt
     assert len({pid for _, pid in devices}) == 2 and str(os.getpid()) not in {pid for _, pid in devices}
     one = run_sharded(test[:1], ["0", "1"], fake_engine)  # fewer prompts than engines: one shard, in this process
     assert one[0].text == f"0:{os.getpid()}"
+
+
+def test_a_vllm_layout_under_the_transformers_backend_is_refused_naming_both_settings():
+    from llamaduo.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"infer.vllm .* infer.backend=transformers"):
+        from_dict({"infer": {"backend": "transformers", "vllm": {"tensor_parallel_size": 2}}})
+    assert from_dict({"infer": {"backend": "auto", "vllm": {"tensor_parallel_size": 2}}}).infer.vllm.tensor_parallel_size == 2

@@ -77,6 +77,8 @@ def test_every_malformed_structure_is_one_error_naming_its_line_and_field(tmp_pa
                       {"role": "assistant", "content": "ok"}], "tools": TOOLS},  # tool turn without its call id
         {**tool_record("h", "track", {"order_id": "1"}), "tool_choice": {"type": "function", "function": {"name": "refund"}}},
         {"prompt": "i", "response": "plain text", "tools": TOOLS, "tool_choice": "required"},  # no call where one is required
+        {"prompt": "j", "response": "k", "parallel_tool_calls": "nope"},  # not a boolean
+        {"prompt": "l", "response": "m", "tools": TOOLS, "tool_choice": 5},  # neither a name nor an object
     ]
     with pytest.raises(DataError) as err:
         load_coverage(write(tmp_path / "c.jsonl", [GOOD[0], *bad]), DataConfig(), check=structure.check)
@@ -91,6 +93,8 @@ def test_every_malformed_structure_is_one_error_naming_its_line_and_field(tmp_pa
         ("c.jsonl:8", "messages[1].tool_call_id", "needs the id"),
         ("c.jsonl:9", "messages[1].tool_calls", "names 'refund'"),
         ("c.jsonl:10", "messages[1].tool_calls", "asks for a call"),
+        ("c.jsonl:11", "parallel_tool_calls", "must be true or false"),
+        ("c.jsonl:12", "tool_choice", "must be a string or an object"),
     ]
     for where, field, message in expected:
         line = next((ln for ln in lines.splitlines() if where + ":" in ln or where + " " in ln), "")

@@ -67,10 +67,12 @@ def to_example(
     structure = {k: d[k] for k in STRUCTURE_FIELDS if d.get(k) is not None}
     if response_format is not None:  # the task's format, unless the record brings its own
         structure.setdefault("response_format", response_format)
-    for k in ("tools", "response_format"):
-        want = list if k == "tools" else dict
+    # The request fields' JSON types, checked here so a wrong one is this record's error, never a traceback.
+    for k, want, what in (("tools", (list,), "a list"), ("response_format", (dict,), "an object"),
+                          ("tool_choice", (str, dict), "a string or an object"),
+                          ("parallel_tool_calls", (bool,), "true or false")):
         if k in structure and not isinstance(structure[k], want):
-            problem(k, f"must be {'a list' if want is list else 'an object'}, got {type(structure[k]).__name__}")
+            problem(k, f"must be {what}, got {type(structure[k]).__name__}")
     if probs or messages is None:
         return None, probs
     lineage = Lineage(source="coverage", origin=rec.where)
@@ -226,9 +228,6 @@ class Row:
 
     def example(self) -> Example:
         return Example.model_validate_json(self.line)
-
-    def __str__(self) -> str:  # written as the run directory's JSONL line
-        return self.line
 
 
 @dataclass

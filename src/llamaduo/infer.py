@@ -253,6 +253,9 @@ def run_inference(
         raise UserError("infer.backend=vllm needs the vllm package and a CUDA GPU; use infer.backend=transformers")
     if cfg.infer.backend == "vllm" or (cfg.infer.backend == "auto" and vllm_available()):
         return generate_vllm(cfg, test, adapter_dir, mh, ah)
+    if cfg.infer.vllm != type(cfg.infer.vllm)():  # backend auto without vLLM here: the layout is not used
+        log.warning("infer.vllm is set, but vLLM with CUDA is not available here: answering on transformers, "
+                    "one process")
     model, tok = load_round_model(cfg, adapter_dir)
     model = for_generation(model, cfg.infer)
     prompts, constraints = structured_prompts(tok, test, stop_token_ids(model, tok), cfg.infer.max_new_tokens)

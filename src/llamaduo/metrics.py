@@ -53,9 +53,10 @@ class ServeMetrics:
     def busy(self) -> bool:
         return self.in_flight > 0
 
-    def watch(self, batcher: Any = None, shadow: Any = None, drift: Any = None) -> None:
-        """Series read from their owners at scrape time."""
-        self.registry.register(_Owned(batcher, shadow, drift))
+    def watch(self, batcher: Any = None, shadows: dict[str, Any] | None = None,
+              drifts: dict[str, Any] | None = None) -> None:
+        """Series read from their owners at scrape time (shadow senders and drift monitors by served model)."""
+        self.registry.register(_Owned(batcher, shadows or {}, drifts or {}))
 
     def answered(self, model: str, choices: list[Any], ttft_s: float) -> None:
         self.ttft.labels(model).observe(ttft_s)
@@ -77,10 +78,8 @@ class _Owned(Collector):
     """Series read from their owners at scrape time; shadow and drift series carry the served model
     they watch (`model`), since each served run has its own monitoring."""
 
-    def __init__(self, batcher: Any, shadow: Any, drift: Any):
-        self.batcher = batcher
-        self.shadows = _by_model(shadow)
-        self.drifts = _by_model(drift)
+    def __init__(self, batcher: Any, shadows: dict[str, Any], drifts: dict[str, Any]):
+        self.batcher, self.shadows, self.drifts = batcher, shadows, drifts  # by served model name
 
     def collect(self) -> Iterator[Any]:
         if self.batcher is not None:
@@ -124,13 +123,6 @@ class _Owned(Collector):
                 drifted.add_metric([model], float(d.drifted))
             yield from ((score, low, high) if scored else ())
             yield from (target, drifted)
-
-
-def _by_model(owner: Any) -> dict[str, Any]:
-    """{served model: owner} from one owner (unlabelled: model "") or a dict of them."""
-    if owner is None:
-        return {}
-    return dict(owner) if isinstance(owner, dict) else {"": owner}
 
 
 class MetricsMiddleware:

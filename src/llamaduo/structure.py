@@ -63,8 +63,6 @@ def check(example: Example) -> list[tuple[str | None, str]]:
         fmt, tools, choice, name = parsed(example)
     except FieldError as e:
         return [(e.param, e.reason)]
-    if example.parallel_tool_calls is not None and not isinstance(example.parallel_tool_calls, bool):
-        return [("parallel_tool_calls", "must be a boolean")]
     problems: list[tuple[str | None, str]] = []
     params = {t["function"]["name"]: t["function"]["parameters"] for t in tools}
     for i, m in enumerate(example.messages):

@@ -362,6 +362,13 @@ class InferConfig(Strict):
         "do not depend on the batch.",
     )
 
+    @model_validator(mode="after")
+    def _vllm_layout_needs_vllm(self) -> InferConfig:
+        if self.backend == "transformers" and self.vllm != VLLMConfig():
+            raise ValueError("infer.vllm sets a GPU layout, which infer.backend=transformers does not use; "
+                             "set infer.backend to vllm or auto, or remove infer.vllm")
+        return self
+
 
 # ----------------------------------------------------------------------------- loop
 class LoopConfig(Strict):
