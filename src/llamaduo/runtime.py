@@ -95,17 +95,21 @@ class Runtime:
         self._log.close()
 
 
-def llamacpp(gguf: Path, n_ctx: int, top_k: int | None = None, threads: int | None = None) -> Runtime:
-    """llama.cpp's server on one GGUF. The request carries the run's sampling: llama.cpp's own
-    defaults (repeat penalty 1.1, min_p 0.05, top_k 40) are switched off as transformers has none."""
+def llamacpp(gguf: Path, n_ctx: int, top_k: int | None = None, threads: int | None = None,
+             lora: Path | None = None) -> Runtime:
+    """llama.cpp's server on one GGUF (with `lora`, a GGUF LoRA applied over it). The request carries
+    the run's sampling: llama.cpp's own defaults (repeat penalty 1.1, min_p 0.05, top_k 40) are
+    switched off as transformers has none."""
     if not llama_cpp_available():
         raise UserError("the llama.cpp runtime needs llama-cpp-python: pip install 'llamaduo[interop]'")
     port = free_port()
     threads = threads or max(1, (os.cpu_count() or 1))
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1", "--port", str(port),
            "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--model_alias", gguf.stem]
+    cmd += ["--lora_path", str(lora)] if lora is not None else []
     extra = {"top_k": int(top_k or 0), "min_p": 0.0, "repeat_penalty": 1.0}
-    return Runtime(f"llama.cpp server on {gguf.name}", cmd, port, gguf.stem, extra, dialect="llama.cpp")
+    label = f"llama.cpp server on {gguf.name}" + (f" with {lora.name}" if lora is not None else "")
+    return Runtime(label, cmd, port, gguf.stem, extra, dialect="llama.cpp")
 
 
 def llamaduo_serve(run_dir: Path) -> Runtime:

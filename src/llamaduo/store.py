@@ -140,6 +140,10 @@ class RunStore:
         """One GGUF llama.cpp wrote: `model-f16.gguf`, `model-q8_0.gguf`, `model-q4_k_m.gguf`."""
         return self.deploy_dir / f"model-{kind}.gguf"
 
+    def gguf_adapter_path(self, kind: str) -> Path:
+        """The round's LoRA adapter as a GGUF (`adapter-f16.gguf`), applied over the base's own GGUF."""
+        return self.deploy_dir / f"adapter-{kind}.gguf"
+
     @property
     def deploy_manifest_path(self) -> Path:
         return self.deploy_dir / "manifest.json"

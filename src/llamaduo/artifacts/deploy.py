@@ -16,8 +16,10 @@ class GGUFFile(_Artifact):
     kind: str  # f16 / bf16 / f32 from the converter, or a quantization (q8_0, q4_k_m, ...)
     status: Literal["ok", "failed"]
     file: str | None = None  # name under deploy/
+    adapter: str | None = None  # a GGUF LoRA under deploy/ the runtime applies over `file` (base + adapter)
+    note: str | None = None  # how it was made, where that is not the usual way
     error: str | None = None  # one line: what failed, from the converter's or quantizer's own message
-    size_bytes: int | None = None
+    size_bytes: int | None = None  # with its adapter
     chat_template: bool | None = None  # tokenizer.chat_template is in its metadata
     seconds: float | None = None
 

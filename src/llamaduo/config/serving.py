@@ -31,6 +31,12 @@ class DeployConfig(Strict):
         description="The GGUF the Modelfile points at and `accept`'s gate judges: gguf_type or one of quantize; "
         "None = the last of quantize (else gguf_type).",
     )
+    adapter_over_base: bool = Field(
+        True,
+        description="When the base is itself a quantized GGUF of one of `quantize` and the round a LoRA adapter, "
+        "write that kind as the base's own file plus the adapter as a GGUF LoRA (applied by llama.cpp / Ollama at "
+        "load time) instead of re-quantizing the merged weights, which puts them back on the base's values.",
+    )
     max_drop: float = Field(
         2.0, ge=0,
         description="Gate of `accept`: the shipped artifact is rejected when its pass statistic is below the best "

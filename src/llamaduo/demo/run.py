@@ -263,7 +263,7 @@ def answer_text(message: Any) -> str:
 
 def _accept_gguf(cfg: Config, store: RunStore, spec: DemoTask) -> list[str]:
     """Judge the shipped GGUF through llama.cpp's server: the parity table and `ollama create`. (Gemma's
-    base is itself Q4_K_M, so q8_0 ships: `deploy.ship_kind`.)"""
+    base is itself Q4_K_M, so its q4_k_m is the base's own file with the round's LoRA: `gguf_export`.)"""
     from llamaduo import deploy, gguf
     from llamaduo.demo.simulator import SimulatedService
     from llamaduo.parity import run_parity
