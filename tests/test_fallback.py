@@ -135,23 +135,53 @@ def test_a_structured_request_falls_back_with_its_tools_and_schema_and_gets_call
     assert svc.requests[2]["body"]["response_format"] == ORDER
 
 
-def test_a_fallback_provider_that_cannot_carry_tools_is_an_error_naming_the_field(tmp_path, untrained):  # noqa: F811
+def anthropic_service(request: dict):
+    """Claude through the Messages API: calls `route` when offered it, answers a schema through its tool."""
+    from llamaduo.demo.faults import anthropic_message
+
+    tools = {t["name"] for t in request.get("tools", [])}
+    if "route" in tools:
+        return anthropic_message(request, [{"type": "tool_use", "id": "toolu_1", "name": "route", "input": {"team": "billing"}}])
+    if tools:
+        return anthropic_message(request, [{"type": "tool_use", "id": "toolu_2", "name": request["tool_choice"]["name"],
+                                            "input": {"item": "mug"}}])
+    return "plain words"
+
+
+def test_an_anthropic_fallback_answers_tools_and_schemas_through_the_messages_api(tmp_path, untrained):  # noqa: F811
     import openai
     import pytest
 
-    with SimulatedService(lambda req: "plain words") as svc:
+    with SimulatedService(anthropic_service) as svc:
         cfg = service_config(svc, provider="anthropic", base_url=svc.base_url.removesuffix("/v1"))
         service = ServiceClient(cfg, db_path=tmp_path / "service.sqlite")
         with running(broken, ServeConfig(fallback=True), fallback_client=service, tokenizer=untrained[1]) as srv:
             c = client(srv)
-            with pytest.raises(openai.APIStatusError) as tools:
-                c.chat.completions.create(model="tiny-student", messages=HISTORY, tools=TOOLS, tool_choice="auto")
-            with pytest.raises(openai.APIStatusError) as schema:
-                c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "A mug"}],
-                                          response_format=ORDER, stream=True)
+            called = c.chat.completions.create(model="tiny-student", messages=HISTORY, tools=TOOLS,
+                                               tool_choice="required", parallel_tool_calls=False)
+            with c.chat.completions.stream(model="tiny-student", messages=HISTORY, tools=TOOLS, tool_choice="auto") as s:
+                streamed = s.get_final_completion()
+            as_json = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "A mug"}],
+                                                response_format=ORDER)
             plain = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Hi"}])
+            lists = {"type": "json_schema", "json_schema": {"name": "items", "schema": {"type": "array"}}}
+            with pytest.raises(openai.APIStatusError) as refused:  # a tool's input is always an object
+                c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Mugs"}],
+                                          response_format=lists)
         service.close()
-    assert tools.value.status_code == 502 and tools.value.body["param"] == "tools"
-    assert "cannot carry tools" in tools.value.message and tools.value.body["code"] == "fallback_unsupported"
-    assert schema.value.status_code == 502 and schema.value.body["param"] == "response_format"
-    assert plain.choices[0].message.content == "plain words" and svc.count == 1  # nothing structured was sent
+    for r in (called, streamed):
+        [call] = r.choices[0].message.tool_calls
+        assert r.choices[0].finish_reason == "tool_calls" and call.function.name == "route"
+        assert json.loads(call.function.arguments) == {"team": "billing"} and r.model_extra["llamaduo_fallback"]
+    assert json.loads(as_json.choices[0].message.content) == {"item": "mug"} and not as_json.choices[0].message.tool_calls
+    assert plain.choices[0].message.content == "plain words"
+    sent = svc.requests[0]["body"]
+    assert svc.requests[0]["path"] == "/v1/messages" and sent["tool_choice"] == {"type": "any", "disable_parallel_tool_use": True}
+    assert sent["tools"] == [{"name": "route", "input_schema": ROUTE}]
+    assert [t["role"] for t in sent["messages"]] == ["user", "assistant", "user"]
+    assert sent["messages"][1]["content"] == [{"type": "tool_use", "id": "call_a", "name": "route", "input": {"team": "sales"}}]
+    assert sent["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "call_a", "content": "not ours"}]
+    assert svc.requests[2]["body"]["tool_choice"] == {"type": "tool", "name": "order", "disable_parallel_tool_use": True}
+    assert refused.value.status_code == 502 and refused.value.body["code"] == "fallback_unsupported"
+    assert refused.value.body["param"] == "response_format.json_schema.schema" and "object schema" in refused.value.message
+    assert svc.count == 4  # the refused request was not sent

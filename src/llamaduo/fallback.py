@@ -7,8 +7,12 @@ service (a `service.ServiceClient`, or anything with an async `chat_text`) for t
 A request with structure (`tools`, `tool_choice`, `parallel_tool_calls`, `response_format`) goes to
 the service with those fields and its OpenAI-shaped turns (tool turns included); the service's
 calls come back as `<tool_call>` blocks, which the route reads into `tool_calls` as it reads the
-local model's. A provider that cannot carry a field (the native Anthropic API) is a 502 naming
-the field — never a plain answer that silently dropped the structure.
+local model's. The OpenAI-compatible provider sends the fields as they are; the native Anthropic
+provider maps them onto the Messages API (`service.anthropic_tools`: tools, tool_choice,
+parallel_tool_calls, tool turns; a json_schema / json_object format answered through a forced
+tool and returned as JSON content). A field a provider cannot carry (for Anthropic: a schema
+that is not an object, a non-function tool) is a 502 naming the field, and why — never a plain
+answer that silently dropped the structure.
 """
 
 import asyncio
@@ -18,13 +22,12 @@ from typing import TYPE_CHECKING
 from llamaduo.chat_api import APIError, ChatRequest, Choice
 
 if TYPE_CHECKING:
-    from llamaduo.service import Client
+    from llamaduo.service import Client, UnsupportedField
 
 log = logging.getLogger("llamaduo.serve")  # the server's log: fallbacks are part of serving
 
 
-def cannot_carry(fallback: "Client | None", req: ChatRequest) -> str | None:
-    """The first of the request's structure fields the fallback cannot send, or None."""
+def _refusal(fallback: "Client | None", req: ChatRequest) -> "UnsupportedField | None":
     provider = getattr(fallback, "provider", None)
     if fallback is None or not req.request_fields or provider is None:
         return None
@@ -33,18 +36,25 @@ def cannot_carry(fallback: "Client | None", req: ChatRequest) -> str | None:
     try:
         provider.request_fields(req.request_fields)
     except UnsupportedField as e:
-        return e.field
+        return e
     return None
+
+
+def cannot_carry(fallback: "Client | None", req: ChatRequest) -> str | None:
+    """The first of the request's structure fields the fallback cannot send, or None."""
+    refused = _refusal(fallback, req)
+    return refused.field if refused is not None else None
 
 
 async def from_service(fallback: "Client", fallback_model: str, req: ChatRequest, reason: str) -> list[Choice]:
     """The request's choices from the service LLM; raises APIError(502) when the service fails as well,
     or cannot carry the request's structure."""
-    field = cannot_carry(fallback, req)
-    if field is not None:
-        provider = getattr(getattr(fallback, "provider", None), "name", "service")
-        raise APIError(502, f"local model failed ({reason}) and the fallback service ({provider} provider) cannot "
-                       f"carry {field}: not answered without it", field, "fallback_unsupported", "server_error")
+    refused = _refusal(fallback, req)
+    if refused is not None:
+        why = f" ({refused.why})" if refused.why else ""
+        raise APIError(502, f"local model failed ({reason}) and the fallback service ({refused.provider} provider) "
+                       f"cannot carry {refused.field}{why}: not answered without it", refused.field,
+                       "fallback_unsupported", "server_error")
     log.warning("serving from the service LLM (%s): %s", fallback_model, reason)
     structured = {"request_fields": req.request_fields} if req.request_fields else {}
     msgs = req.conversation if structured else [m.openai() for m in req.messages]

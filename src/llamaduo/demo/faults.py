@@ -121,6 +121,20 @@ def chat_completion(body: dict[str, Any], reply: str) -> dict[str, Any]:
     }
 
 
+def anthropic_message(body: dict[str, Any], reply: str | list[dict[str, Any]]) -> dict[str, Any]:
+    """The Anthropic Messages API reply answering `body`: `reply` as one text block, or these
+    content blocks (`{"type": "tool_use", "id", "name", "input"}` ends the turn with tool_use)."""
+    blocks = [{"type": "text", "text": reply}] if isinstance(reply, str) else reply
+    calls = any(b.get("type") == "tool_use" for b in blocks)
+    return {
+        "id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
+        "model": body.get("model", "simulated"), "content": blocks,
+        "stop_reason": "tool_use" if calls else "end_turn", "stop_sequence": None,
+        "usage": {"input_tokens": estimate_tokens(json.dumps(body.get("messages", []))),
+                  "output_tokens": estimate_tokens(json.dumps(blocks) if calls else "".join(b.get("text", "") for b in blocks))},
+    }
+
+
 def _multipart(content_type: str, raw: bytes) -> dict[str, tuple[str | None, bytes]]:
     """Form fields of a multipart/form-data body: name -> (filename, bytes)."""
     msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(

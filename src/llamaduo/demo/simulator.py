@@ -1,6 +1,7 @@
 """A loopback OpenAI-compatible server whose answers come from a function of the request.
 
-`/v1/chat/completions` answers in OpenAI's shape, `/v1/messages` in Anthropic's. The Batch API
+`/v1/chat/completions` answers in OpenAI's shape, `/v1/messages` in Anthropic's (`faults.anthropic_message`,
+tool_use blocks included). Every request's body is kept in `requests` (unless `record=False`). The Batch API
 (`/v1/files`, `/v1/batches`): each batch completes after `batch_polls_to_complete` polls, answered
 by the same responder; one over `batch_max_requests` lines or `batch_max_bytes` fails as OpenAI's.
 It plays the service LLM in the test suite (faults on demand, see `faults`) and in `llamaduo demo`,
@@ -25,8 +26,8 @@ from llamaduo.demo.faults import (
     Fault,
     Latency,
     _multipart,
+    anthropic_message,
     chat_completion,
-    estimate_tokens,
     rate_limit_tokens,
 )
 
@@ -385,16 +386,8 @@ class SimulatedService:
                 if isinstance(reply, dict):
                     self._send(200, json.dumps(reply).encode())
                     return
-                prompt = json.dumps(body.get("messages", []))
-                if anthropic:  # the native Messages API shape
-                    out = {
-                        "id": f"msg_{uuid.uuid4().hex[:12]}", "type": "message", "role": "assistant",
-                        "model": body.get("model", "simulated"), "content": [{"type": "text", "text": reply}],
-                        "stop_reason": "end_turn", "stop_sequence": None,
-                        "usage": {"input_tokens": estimate_tokens(prompt), "output_tokens": estimate_tokens(reply)},
-                    }
-                    self._send(200, json.dumps(out).encode())
-                    return
-                self._send(200, json.dumps(chat_completion(body, reply)).encode())
+                # A dict is sent as it is (e.g. `anthropic_message` with tool_use blocks); text in the path's shape.
+                out = anthropic_message(body, reply) if anthropic else chat_completion(body, reply)
+                self._send(200, json.dumps(out).encode())
 
         return Handler

@@ -18,8 +18,9 @@ loop can stop cleanly. API keys are read from the environment at call time and n
 Nothing here draws on a terminal: `run` reports progress to the `ProgressReporter` it is given.
 
 Modules: `api` (types and the `Client` protocol), `client` (the call path), `providers` (OpenAI-
-compatible and Anthropic), `transport` (HTTP for OpenAI-compatible chat calls), `retry` (faults,
-the retry loop), `parsing` (JSON out of replies), `batch` (the Batch API, over several provider
+compatible and Anthropic), `anthropic_tools` (OpenAI's tools, tool turns and response formats in
+Anthropic's shapes), `transport` (HTTP for OpenAI-compatible chat calls), `retry` (faults, the
+retry loop), `parsing` (JSON out of replies), `batch` (the Batch API, over several provider
 batches when a job is larger than one), `pricing` (cost, budget), `pacing` (RPM/TPM), `calllog`
 (SQLite).
 """
@@ -31,10 +32,10 @@ from llamaduo.service.api import (
     ProgressReporter,
     ServiceError,
     ServiceReply,
+    UnsupportedField,
 )
 from llamaduo.service.client import ServiceClient
 from llamaduo.service.parsing import extract_json, strict_schema
-from llamaduo.service.providers import UnsupportedField
 
 __all__ = [
     "BatchRequest",

@@ -38,6 +38,14 @@ class ServiceError(UserError):
     """A configuration problem with the service (missing key, unknown provider)."""
 
 
+class UnsupportedField(ValueError):
+    """A request field (tools, response_format ...) this provider's API path cannot carry."""
+
+    def __init__(self, field: str, provider: str, why: str = ""):
+        super().__init__(f"the {provider} provider cannot carry {field}" + (f": {why}" if why else ""))
+        self.field, self.provider, self.why = field, provider, why
+
+
 BatchRequest = tuple[list[dict[str, str]], type[BaseModel] | None, dict[str, Any]]
 """One `run_batch` request: (messages, schema or None for a text reply, meta with `sample_index`)."""
 

@@ -18,19 +18,12 @@ from pydantic import BaseModel
 
 from llamaduo.config import ServiceConfig
 from llamaduo.data import TOOL_CALL_SEPARATOR, tool_call_text
+from llamaduo.service import anthropic_tools
 from llamaduo.service.parsing import strict_schema
 from llamaduo.service.retry import ServiceFault, fault_from
 from llamaduo.service.transport import DEFAULT_BASE_URL, connect, openai_headers
 
 T = TypeVar("T")
-
-
-class UnsupportedField(ValueError):
-    """A request field (tools, response_format ...) this provider's API path cannot carry."""
-
-    def __init__(self, field: str, provider: str):
-        super().__init__(f"the {provider} provider cannot carry {field}")
-        self.field, self.provider = field, provider
 
 
 class Provider(Protocol):
@@ -161,7 +154,8 @@ def _rejects_json_schema(fault: ServiceFault) -> bool:
 
 
 class AnthropicProvider:
-    """Anthropic's Messages API (`/v1/messages`): system text travels apart from the turns."""
+    """Anthropic's Messages API (`/v1/messages`): system text travels apart from the turns; OpenAI's
+    tools, tool turns and response formats in Anthropic's shapes (`anthropic_tools`)."""
 
     name = "anthropic"
     no_batch_reason = "batch mode is available for OpenAI-compatible providers; Anthropic Message Batches are not wired yet"
@@ -175,27 +169,26 @@ class AnthropicProvider:
         return anthropic.AsyncAnthropic(api_key=api_key, base_url=self.cfg.base_url, max_retries=0, timeout=self.cfg.timeout_s)
 
     def request_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
-        """Refused: OpenAI's tools and response formats are not mapped onto the Messages API."""
-        for name in fields:
-            raise UnsupportedField(name, self.name)
-        return {}
+        """An application's structured-output fields as the Messages API's tools and tool_choice
+        (`anthropic_tools`); raises `UnsupportedField` naming one that has no equivalent."""
+        return anthropic_tools.request_params(fields)
 
     def params(self, temperature: float, max_tokens: int, schema: type[BaseModel] | None) -> dict[str, Any]:
         # No response_format: JSON is asked for in the prompt. (These params are part of the cache key.)
         return {"temperature": temperature, "max_tokens": max_tokens}
 
-    async def send(self, sdk: Any, model: str, messages: list[dict[str, str]], params: dict[str, Any]) -> tuple[str, int, int]:
-        system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
-        rest = [m for m in messages if m["role"] != "system"]
+    async def send(self, sdk: Any, model: str, messages: list[dict[str, Any]], params: dict[str, Any]) -> tuple[str, int, int]:
+        system, turns = anthropic_tools.turns(messages)
         # temperature travels as a body field: SDK releases differ in the keywords they accept.
         kwargs: dict[str, Any] = {
-            "model": model, "messages": rest, "max_tokens": params["max_tokens"],
+            "model": model, "messages": turns, "max_tokens": params["max_tokens"],
             "extra_body": {"temperature": params["temperature"]},
         }
         if system:
             kwargs["system"] = system
+        kwargs.update({k: params[k] for k in ("tools", "tool_choice") if k in params})
         resp = await self.guard(sdk.messages.create(**kwargs))
-        text = "".join(getattr(b, "text", "") for b in resp.content)
+        text = anthropic_tools.reply_text(resp.content, params.get(anthropic_tools.JSON_TOOL))
         return text, resp.usage.input_tokens, resp.usage.output_tokens
 
     async def guard(self, call: Awaitable[T]) -> T:
