@@ -126,7 +126,9 @@ def test_an_anthropic_json_schema_request_answers_through_a_forced_tool_as_json_
         client.chat_text(ASK, request_fields={"response_format": fmt}),
         client.chat_text(ASK, request_fields={"response_format": {"type": "json_object"}}),
         client.chat_text(ASK, request_fields={"response_format": fmt, "tools": TOOLS[:1]})])
-    schema_req, object_req, tools_req = (r["body"] for r in fake_service.requests)
+    # sent concurrently: told apart by the tools they carry, not by arrival order
+    by_tools = {tuple(t["name"] for t in r["body"]["tools"]): r["body"] for r in fake_service.requests}
+    schema_req, object_req, tools_req = by_tools[("order",)], by_tools[("json_object",)], by_tools[("route", "order")]
     assert json.loads(as_json.raw) == {"item": "mug"} and json.loads(as_object.raw) == {"item": "mug"}
     assert schema_req["tools"] == [{"name": "order", "description": "Give your whole answer as this tool's input.",
                                     "input_schema": order, "strict": True}]
