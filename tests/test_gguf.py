@@ -82,10 +82,6 @@ def test_a_json_schema_task_is_sent_to_llama_cpp_in_its_own_form_and_answered_un
 
 def test_f16_greedy_answers_equal_transformers(deployed):
     family, cfg, _, res = deployed
-    if family == "qwen2":
-        record(family, COLUMNS[2], "no: transformers 5 reads a qwen2 tokenizer as byte-level BPE")
-        pytest.skip("transformers 5 reads a qwen2 model's tokenizer as Qwen2Tokenizer (byte-level BPE) whatever "
-                    "tokenizer_config says, so a SentencePiece Qwen2 splits prompts differently there than in llama.cpp")
     want = transformers_greedy(res.merged_dir, PROMPTS, 12)
     assert llamacpp_greedy(res.gguf["f16"], PROMPTS, 12) == want
     record(family, COLUMNS[2], "yes")
@@ -148,8 +144,8 @@ def test_accept_through_llama_cpp_rejects_a_gguf_without_its_chat_template(deplo
     from tests.conftest import service_config
 
     family, cfg, store, res = deployed
-    if family == "qwen2":
-        pytest.skip("see test_f16_greedy_answers_equal_transformers")
+    if family == "qwen2":  # measured: its answers stay the round's, so there is nothing for the gate to catch
+        pytest.skip("without a template llama.cpp formats a qwen2 GGUF's prompts as ChatML, this model's own format")
     # The references are what the round answered (greedy), so a faithful artifact scores 100.
     answers = transformers_greedy(res.merged_dir, PROMPTS, cfg.infer.max_new_tokens)
     write_jsonl(store.test_path, [make_example(p, a, category="c") for p, a in zip(PROMPTS, answers, strict=True)])

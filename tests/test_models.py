@@ -147,3 +147,18 @@ def test_gguf_file_is_converted_once_then_loaded_from_the_cache(tmp_path):
 def test_missing_gguf_file_is_one_clear_line(tmp_path):
     with pytest.raises(UserError, match=r"^model.gguf_file: .*nope.gguf: no such file$"):
         load_model(ModelConfig(base=str(tmp_path), gguf_file="nope.gguf"))
+
+
+def test_a_tokenizer_is_read_as_the_class_its_checkpoint_declares(tmp_path):
+    """transformers 5 reads any qwen2 checkpoint's tokenizer as byte-level BPE; a SentencePiece one
+    declared as LlamaTokenizer must split text as its SentencePiece model does (as llama.cpp reads it)."""
+    import sentencepiece
+
+    from llamaduo.demo.tiny_spm import build_tiny_spm_model
+    from llamaduo.models import load_tokenizer
+
+    base = build_tiny_spm_model(tmp_path / "qwen2", "qwen2")
+    tok, _ = load_tokenizer(ModelConfig(base=str(base)))
+    sp = sentencepiece.SentencePieceProcessor(model_proto=(base / "tokenizer.model").read_bytes())
+    text = "Order two blue mugs for Maria in Lyon."
+    assert type(tok).__name__ == "LlamaTokenizer" and tok.tokenize(text) == sp.encode(text, out_type=str)

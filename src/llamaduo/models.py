@@ -191,8 +191,31 @@ def load_tokenizer(cfg: ModelConfig, path: Path | str | None = None) -> tuple[An
                 f"(runs are offline; fetch it first: huggingface-cli download {src})"
             ) from None
         raise UserError(f"model.base: cannot load tokenizer from {src}: {str(e).splitlines()[0]}") from None
+    tok = _declared_class(tok, src)
     added = ensure_chat_template(tok, cfg.chat_template)
     return tok, added
+
+
+def _declared_class(tok: Any, src: Path | str) -> Any:
+    """The tokenizer as the class its tokenizer_config.json names. transformers 5 picks a Qwen2
+    model's tokenizer class from its model type (byte-level BPE) over the one the checkpoint
+    declares, so a checkpoint with another vocabulary (a SentencePiece one, as llama.cpp reads it)
+    would split text unlike the way it was saved."""
+    import json
+
+    import transformers
+
+    conf = Path(str(src)) / "tokenizer_config.json"
+    try:
+        declared = json.loads(conf.read_text(encoding="utf-8")).get("tokenizer_class") if conf.is_file() else None
+    except (OSError, ValueError):
+        return tok
+    if not isinstance(declared, str):
+        return tok
+    cls = getattr(transformers, declared, None) or getattr(transformers, declared.removesuffix("Fast"), None)
+    if not isinstance(cls, type) or isinstance(tok, cls) or not hasattr(cls, "from_pretrained"):
+        return tok
+    return cls.from_pretrained(str(src), local_files_only=True)
 
 
 def load_model(
