@@ -37,6 +37,7 @@ PREFILL_TOKENS = 1024  # prompt tokens prefilled between two decode steps (at le
 # are not delayed; whoever is due then, or within half a gap, rides along in the same hand-over.
 HANDOVER_GAP_S = 0.010
 
+
 class StreamClosed(Exception):
     """The request was cancelled (its client went away, or the fallback took over)."""
 
@@ -191,7 +192,7 @@ class Scheduler:
             if item is not None:
                 self._waiting.append(item)
 
-    def _admit(self, groups: dict[Stream, list[Event]]) -> None:
+    def _admit(self) -> None:
         budget = PREFILL_TOKENS
         while self._waiting and budget > 0:
             stream = self._waiting[0]
@@ -209,9 +210,11 @@ class Scheduler:
                 self.batch.drop(stream)
                 self._deliver([(stream, e)])
                 continue
-            budget -= sum(len(m.content) for m in stream.request.messages) // 4 + 1
-            for e in events:
-                groups.setdefault(e.key, []).append(e)
+            budget -= len(stream.request.prompt_ids(self.batch.tokenizer)) + 1  # encoded by `add`: no second time
+            # Its first tokens go out now, not after the next prefill or step: requests arriving together
+            # (clients that started together) would otherwise all wait for the last one's prefill.
+            if events:
+                self._deliver({stream: events})
 
     def _run(self) -> None:
         while not self._closing:
@@ -219,11 +222,8 @@ class Scheduler:
             for stream in {id(r.key): r.key for r in self.batch.rows if r.key.cancelled}.values():
                 self.batch.drop(stream)
                 self._held.pop(stream, None)
+            self._admit()
             groups: dict[Stream, list[Event]] = {}
-            self._admit(groups)
-            if groups:  # new requests' first tokens go out now, not after the step
-                self._deliver(groups)
-                groups = {}
             if len(self.batch):
                 self.stats.batches += 1
                 self.stats.largest = max(self.stats.largest, len(self.batch))
