@@ -51,18 +51,23 @@ def prompt(i: int) -> str:
     return f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"
 
 
-def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int) -> None:
-    """The server process: prints `PORT NAME` once listening, then serves until terminated."""
+def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int, precision: str = "auto") -> None:
+    """The server process: prints `PORT NAME DTYPE` once listening, then serves until terminated.
+
+    `precision` is the run's `infer.precision`, which the infer stage (the judged answers) and
+    `serve` both generate in; DTYPE is what the served weights are in."""
     from llamaduo.config import Config
     from llamaduo.serve import BackgroundServer, build_app
 
     cfg = Config(
-        infer={"temperature": 0.0, "max_new_tokens": max_tokens, "num_samples": 1},
+        infer={"temperature": 0.0, "max_new_tokens": max_tokens, "num_samples": 1, "precision": precision},
         serve={"max_batch": max_batch, "batch_wait_ms": wait_ms, "max_tokens_limit": max(2048, max_tokens)},
     )
     app, name = build_app([Path(d) for d in model_dirs] if len(model_dirs) > 1 else Path(model_dirs[0]), cfg)
     srv = BackgroundServer(app, "127.0.0.1", 0, name).start()
-    print(srv.port, name, flush=True)
+    model = getattr(getattr(app.state.batcher, "batch", None), "model", None)
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else "n/a"
+    print(srv.port, name, dtype, flush=True)
     srv.thread.join()
 
 
@@ -172,15 +177,22 @@ async def concurrent(urls, models, n: int, clients: int, max_tokens: int, stream
         return time.perf_counter() - t0, results, errors
 
 
-def start_server(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int) -> tuple[subprocess.Popen, str, str]:
+DTYPES: dict[str, str] = {}  # chat completions URL -> the dtype its server's weights are in (the child reports it)
+
+
+def start_server(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int, precision: str = "auto"
+                 ) -> tuple[subprocess.Popen, str, str]:
     """A server child process on 127.0.0.1: (process, chat completions URL, served name)."""
-    child = [sys.executable, __file__, "--child", str(max_batch), str(wait_ms), str(max_tokens), *map(str, model_dirs)]
+    child = [sys.executable, __file__, "--child", str(max_batch), str(wait_ms), str(max_tokens), precision,
+             *map(str, model_dirs)]
     proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline().split()
-    if len(line) != 2:
+    if len(line) != 3:
         proc.kill()
         raise SystemExit(f"server child did not start: {model_dirs}")
-    return proc, f"http://127.0.0.1:{line[0]}/v1/chat/completions", line[1]
+    url = f"http://127.0.0.1:{line[0]}/v1/chat/completions"
+    DTYPES[url] = line[2]
+    return proc, url, line[1]
 
 
 def rss_mb(pid: int) -> float:
@@ -216,8 +228,8 @@ def direct_caller(model_dir: Path, max_tokens: int):
 
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
-        max_batch, wait_ms, max_tokens, *model_dirs = sys.argv[2:]
-        serve_child(model_dirs, int(max_batch), float(wait_ms), int(max_tokens))
+        max_batch, wait_ms, max_tokens, precision, *model_dirs = sys.argv[2:]
+        serve_child(model_dirs, int(max_batch), float(wait_ms), int(max_tokens), precision)
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (built in a temp dir), 'gemma-270m' or a model directory")
@@ -230,6 +242,8 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="every request streams; adds first-token times")
     ap.add_argument("--adapters", type=int, default=None, help="N LoRA adapters in one process vs N processes")
     ap.add_argument("--against", choices=["llamacpp"], default=None, help="compare with llama.cpp's server")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                    help="the served run's infer.precision (what its judged answers were generated in)")
     args = ap.parse_args()
     args.max_tokens = args.max_tokens or (64 if args.model == "gemma-270m" else 32)
     if args.adapters:

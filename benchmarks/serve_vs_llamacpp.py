@@ -86,7 +86,9 @@ def run_against_llamacpp(args) -> int:
     gguf = Path(student["base"])
     hf_dir = Path(models.resolve_base(ModelConfig(**student)))  # the dequantised copy, cached
     threads = os.cpu_count() or 2
-    proc, url, name = start_server([str(hf_dir)], args.max_batch or args.clients, args.batch_wait_ms, args.max_tokens)
+    proc, url, name = start_server([str(hf_dir)], args.max_batch or args.clients, args.batch_wait_ms, args.max_tokens,
+                                   args.precision)
+    dtype = serve_load.DTYPES[url]
     try:
         ours = measure(url, name, args)
     finally:
@@ -102,7 +104,8 @@ def run_against_llamacpp(args) -> int:
         proc.terminate()
         proc.wait(10)
     print(f"Gemma 3 270M, {args.requests} requests from {args.clients} clients (+{SINGLE} from one), "
-          f"max_tokens {args.max_tokens}, greedy, streamed; llama.cpp n_threads={threads}")
+          f"max_tokens {args.max_tokens}, greedy, streamed; llamaduo weights {dtype} (infer.precision "
+          f"{args.precision}), llama.cpp Q4_K_M n_threads={threads}")
     print(f"{'server':<12}{'1-client tok/s':>16}{'1-client ttft ms':>18}{'aggregate tok/s':>17}{'ttft p50 ms':>13}"
           f"{'got tokens':>12}")
     for label, m in (("llamaduo", ours), ("llama.cpp", theirs)):

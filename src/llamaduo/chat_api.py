@@ -76,6 +76,16 @@ class ChatRequest:
     adapter: str | None = None  # the LoRA adapter that answers (a served model name); None = the base
     prompt: str | None = None  # the rendered prompt, when the server's template renders tools itself
     request_fields: dict[str, Any] = field(default_factory=dict)  # tools ... response_format as sent (fallback forwards them)
+    _ids: tuple[str | None, list[int]] | None = field(default=None, repr=False)  # (the prompt they encode, token ids)
+
+    def prompt_ids(self, tokenizer: Any) -> list[int]:
+        """The prompt's token ids, encoded once: the context check and the prefill share them (re-encoded
+        if `prompt` was set since, e.g. by a template that renders the tools itself)."""
+        if self._ids is None or self._ids[0] is not self.prompt:
+            from llamaduo.infer import prompt_ids
+
+            self._ids = (self.prompt, prompt_ids(tokenizer, self.prompt or self.messages))
+        return self._ids[1]
 
     @property
     def group_key(self) -> tuple:

@@ -43,8 +43,6 @@ def check_context(req: ChatRequest, tokenizer: Any, context_length: int | None) 
     costs the batch anything (one oversized request must not hold the others up)."""
     if tokenizer is None or not context_length:
         return
-    from llamaduo.infer import prompt_ids
-
     # A token spells at most `longest` characters, so this many characters need at least chars/longest
     # tokens: a prompt that cannot fit is refused without tokenizing it (900 KB takes seconds).
     chars = len(req.prompt) if req.prompt else sum(len(m.content) for m in req.messages)
@@ -54,7 +52,7 @@ def check_context(req: ChatRequest, tokenizer: Any, context_length: int | None) 
             f"{chars // _longest_token(tokenizer) + req.sampling.max_new_tokens} tokens ({chars} characters in the "
             f"messages, {req.sampling.max_new_tokens} in the completion).", "messages", "context_length_exceeded",
         )
-    prompt = len(prompt_ids(tokenizer, req.prompt or req.messages))
+    prompt = len(req.prompt_ids(tokenizer))  # kept on the request: its prefill does not encode it again
     asked = prompt + req.sampling.max_new_tokens
     if asked > context_length:
         raise APIError(
@@ -62,6 +60,21 @@ def check_context(req: ChatRequest, tokenizer: Any, context_length: int | None) 
             f"tokens ({prompt} in the messages, {req.sampling.max_new_tokens} in the completion).", "messages",
             "context_length_exceeded",
         )
+
+
+# Prompts up to this many characters are encoded on the event loop (well under a millisecond); a
+# longer one in a worker thread, so it does not hold up the other requests' streams.
+INLINE_CHARS = 8192
+
+
+async def fit_context(req: ChatRequest, tokenizer: Any, context_length: int | None) -> None:
+    """`check_context`, off the event loop for a long prompt: a thread hand-off costs a short one more
+    than its encoding."""
+    chars = len(req.prompt) if req.prompt else sum(len(m.content) for m in req.messages)
+    if chars <= INLINE_CHARS:
+        check_context(req, tokenizer, context_length)
+    else:
+        await asyncio.to_thread(check_context, req, tokenizer, context_length)
 
 
 _LONGEST: dict[int, int] = {}
@@ -116,30 +129,18 @@ async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first
     # An answer that may call tools: its text goes through one streamer per choice (content and
     # tool-call deltas as OpenAI sends them, see `tool_stream.py`).
     calls = [ToolCallStream(req.call_names, req.parallel_tool_calls) for _ in range(req.n)] if req.calls_tools else None
+    # The chunks of one hand-over go out in one write: each send crosses the ASGI stack and a socket write,
+    # event loop time the generation thread waits for (it needs the interpreter lock back).
+    out = [sse_chunk(rid, created, name, False, [delta(i, role=True)]) for i in range(req.n)]
     try:
-        for i in range(req.n):
-            yield sse_chunk(rid, created, name, False, [delta(i, role=True)])
         events = first
         while events is not None:
             for e in merged(events):
-                if calls is None:
-                    if e.text or e.logprobs:
-                        yield sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)])
-                    reason = e.finish_reason
-                else:
-                    parts = calls[e.index].feed(e.text)
-                    if e.finish_reason is not None:
-                        more, reason = calls[e.index].finish(e.finish_reason)
-                        parts += more
-                    else:
-                        reason = None
-                    if e.logprobs and not parts:
-                        parts = [{}]
-                    for k, d in enumerate(parts):
-                        lp = {"logprobs": {"content": e.logprobs, "refusal": None}} if e.logprobs and k == 0 else {}
-                        yield sse_chunk(rid, created, name, False, [{"index": e.index, "delta": d, "finish_reason": None, **lp}])
-                if reason is not None:
-                    yield sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=reason)])
+                out += _event_chunks(rid, created, name, e, calls)
+            if stream.open == 0:  # every choice has finished: the rest goes out with the last tokens
+                break
+            yield "".join(out)
+            out = []
             left = None if stream.deadline is None else stream.deadline - time.monotonic()
             try:
                 events = await asyncio.wait_for(stream.next(), left)
@@ -151,14 +152,38 @@ async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first
         if done is not None:
             done(stream.choices)
         if req.include_usage:
-            yield usage_chunk(rid, created, name, stream.choices, False)
-        yield "data: [DONE]\n\n"
+            out.append(usage_chunk(rid, created, name, stream.choices, False))
+        yield "".join([*out, "data: [DONE]\n\n"])
     except Exception as e:  # too late for a status code: the stream ends with an error event
         log.exception("local generation failed while streaming")
         body = APIError(500, f"local generation failed: {type(e).__name__}: {e}", None, "generation_failed",
                         "server_error").body()
-        yield f"data: {json.dumps(body)}\n\n"
+        yield "".join([*out, f"data: {json.dumps(body)}\n\n"])
     finally:
         stream.cancel()
         if stream.watcher is not None:
             stream.watcher.cancel()
+
+
+def _event_chunks(rid: str, created: int, name: str, e: Event, calls: list[ToolCallStream] | None) -> list[str]:
+    """The SSE chunks of one choice's event: its content (or tool-call deltas) and its finish."""
+    out = []
+    if calls is None:
+        if e.text or e.logprobs:
+            out.append(sse_chunk(rid, created, name, False, [delta(e.index, e.text, logprobs=e.logprobs)]))
+        reason = e.finish_reason
+    else:
+        parts = calls[e.index].feed(e.text)
+        if e.finish_reason is not None:
+            more, reason = calls[e.index].finish(e.finish_reason)
+            parts += more
+        else:
+            reason = None
+        if e.logprobs and not parts:
+            parts = [{}]
+        for k, d in enumerate(parts):
+            lp = {"logprobs": {"content": e.logprobs, "refusal": None}} if e.logprobs and k == 0 else {}
+            out.append(sse_chunk(rid, created, name, False, [{"index": e.index, "delta": d, "finish_reason": None, **lp}]))
+    if reason is not None:
+        out.append(sse_chunk(rid, created, name, False, [delta(e.index, finish_reason=reason)]))
+    return out

@@ -105,10 +105,8 @@ class RowBatch:
         """Prefill `req` and add its `req.n` rows; returns the events of their first tokens."""
         import torch
 
-        from llamaduo.infer import prompt_ids
-
         # The rendered prompt when the chat template itself rendered the tools; else the messages.
-        ids = prompt_ids(self.tokenizer, req.prompt or req.messages)
+        ids = req.prompt_ids(self.tokenizer)
         s = req.sampling
         seed = fresh_seed() if req.seed is None else req.seed
         adapter = getattr(req, "adapter", None)
@@ -148,9 +146,12 @@ class RowBatch:
             self.model.set_attn_implementation(ATTENTION)
             if self.model.config._attn_implementation != ATTENTION:
                 raise SharedPrefixUnsupported(f"{type(self.model).__name__} cannot switch its attention implementation")
+        # `row_attention` masks with the cache's own bias; a 4D mask is passed through by transformers'
+        # mask builders as is, which spares building (and checking positions for) an sdpa mask nothing reads.
+        unread = torch.zeros((len(self.rows), 1, 1, 0), dtype=torch.bool, device=self.device)
         with torch.inference_mode(), self._adapters([r.adapter for r in self.rows]):
-            out = self.model(input_ids=tokens, position_ids=positions, use_cache=False, logits_to_keep=1,
-                             row_cache=self.cache)
+            out = self.model(input_ids=tokens, attention_mask=unread, position_ids=positions, use_cache=False,
+                             logits_to_keep=1, row_cache=self.cache)
             self.cache.end_step()
             picks = pick(out.logits[:, -1], [r.sampling for r in self.rows], self.top_k)
         events = [self._take(r, p) for r, p in zip(self.rows, picks, strict=True)]

@@ -2,8 +2,9 @@
 
 Requests go into an inbox; the generation thread admits waiting requests between decode steps
 (their prefill interleaved with the others' decoding, `rowbatch.RowBatch.add`), runs one step
-for every live row, and hands each step's new text to the event loop in one
-`loop.call_soon_threadsafe`, where each request's `Stream` queues it for its route. A request
+for every live row, and hands the new text that is due (a stream's first and last tokens at once,
+the others at most every `HANDOVER_GAP_S`) to the event loop in one `loop.call_soon_threadsafe`,
+where each request's `Stream` queues it for its route. A request
 leaves the batch when its rows finish, or at the next step after its `Stream` is cancelled (its
 client went away). Rows of different requests share every step whatever their sampling settings,
 constraints or adapters.
@@ -18,7 +19,6 @@ import logging
 import queue
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,11 +28,14 @@ from llamaduo.rowbatch import Event, RowBatch
 log = logging.getLogger("llamaduo.scheduler")
 
 PREFILL_TOKENS = 1024  # prompt tokens prefilled between two decode steps (at least one request)
-# Steps faster than this are handed to the event loop together: every hand-over wakes the loop,
-# which then holds the GIL the generation thread needs for its next step (measured: a quarter of
-# that thread's time on the tiny model, one hand-over per token). First tokens, last tokens and
-# errors go out at once, so time-to-first-token and the end of an answer are not delayed.
-HANDOVER_GAP_S = 0.004
+# A stream's tokens decoded within this long of its last chunk are sent together, so a stream gets at
+# most a chunk every 10 ms (a model slower than that sends every token alone). Each chunk costs the
+# event loop and the client a wake-up and a write, and the loop then holds the interpreter lock the
+# generation thread needs for its next step (measured on the tiny model: one hand-over per token took
+# a quarter of that thread's time; 6 hand-overs of a 32-token answer cost ~0.5-0.9 ms each on 2 cores).
+# First tokens, last tokens and errors go out at once, so time-to-first-token and the end of an answer
+# are not delayed; whoever is due then, or within half a gap, rides along in the same hand-over.
+HANDOVER_GAP_S = 0.010
 
 
 class StreamClosed(Exception):
@@ -48,6 +51,7 @@ class Stream:
         self.cancelled = False
         self.watcher: asyncio.Task | None = None  # the route's disconnect watch, while it streams
         self.deadline: float | None = None  # time.monotonic() past which the request is cut off (serve.request_timeout_s)
+        self.handed_at: float | None = None  # when the generation thread last handed this stream events (None: never)
         self.open = request.n
         want = getattr(request, "logprobs", None) is not None
         self.choices = [Choice(text="", logprobs=[] if want else None) for _ in range(request.n)]
@@ -108,8 +112,8 @@ class Scheduler:
         self._pending: list[tuple[Stream, list[Event] | BaseException]] | None = None  # not yet taken by the loop
         self._pending_lock = threading.Lock()
         self._scheduled = False  # a hand-over is queued on the loop
-        self._handed_at = 0.0  # when the last one was queued
-        self._started: weakref.WeakSet[Stream] = weakref.WeakSet()  # streams whose first tokens went out
+        self._held: dict[Stream, list[list[Event] | BaseException]] = {}  # not yet due (generation thread only)
+        self._urgent: set[Stream] = set()  # held streams whose events go out at once
 
     @property
     def queued(self) -> int:
@@ -133,26 +137,32 @@ class Scheduler:
 
     # ------------------------------------------------------------- generation thread
     def _deliver(self, groups: dict[Stream, list[Event]] | list[tuple[Stream, BaseException]]) -> None:
-        """Hand a step's events to the event loop. While the loop has not yet taken the previous
-        hand-over, later steps ride along with it: one wake-up (and one chunk per stream, see
-        `request_flow`) carries several tokens when the loop is the bottleneck."""
-        items = list(groups.items()) if isinstance(groups, dict) else groups
-        if self._loop is None or not (items or self._pending):  # a step without news still flushes what waits
+        """Hand the events that are due to the event loop (see HANDOVER_GAP_S); the rest wait on this
+        thread for a later step. Called after every step, so waiting events go out once due. While
+        the loop has not yet taken the previous hand-over, due events ride along with it."""
+        if self._loop is None:
             return
-        urgent = False
-        for stream, payload in items:
-            urgent = urgent or isinstance(payload, BaseException) or stream not in self._started or any(
-                e.finish_reason is not None for e in payload)
-            self._started.add(stream)
+        for stream, payload in groups.items() if isinstance(groups, dict) else groups:
+            self._held.setdefault(stream, []).append(payload)
+            if isinstance(payload, BaseException) or stream.handed_at is None or any(
+                    e.finish_reason is not None for e in payload):
+                self._urgent.add(stream)
+        if not self._held:
+            return
         now = time.monotonic()
+        if not self._urgent and all(now - s.handed_at < HANDOVER_GAP_S for s in self._held if s.handed_at is not None):
+            return
+        moved = []
+        for stream in list(self._held):
+            if stream in self._urgent or (stream.handed_at is not None and now - stream.handed_at >= HANDOVER_GAP_S / 2):
+                moved += [(stream, payload) for payload in self._held.pop(stream)]
+                stream.handed_at = now
+        self._urgent.clear()
         with self._pending_lock:
-            if self._pending is None:
-                self._pending = list(items)
-            else:
-                self._pending.extend(items)
-            if not self._pending or self._scheduled or not (urgent or now - self._handed_at >= HANDOVER_GAP_S):
-                return  # rides along with the hand-over the loop has not taken yet, or the next one
-            self._scheduled, self._handed_at = True, now
+            self._pending = moved if self._pending is None else self._pending + moved
+            if self._scheduled:
+                return  # rides along with the hand-over the loop has not taken yet
+            self._scheduled = True
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody is listening any more
             self._loop.call_soon_threadsafe(self._put_pending)
 
@@ -182,7 +192,7 @@ class Scheduler:
             if item is not None:
                 self._waiting.append(item)
 
-    def _admit(self, groups: dict[Stream, list[Event]]) -> None:
+    def _admit(self) -> None:
         budget = PREFILL_TOKENS
         while self._waiting and budget > 0:
             stream = self._waiting[0]
@@ -200,17 +210,20 @@ class Scheduler:
                 self.batch.drop(stream)
                 self._deliver([(stream, e)])
                 continue
-            budget -= sum(len(m.content) for m in stream.request.messages) // 4 + 1
-            for e in events:
-                groups.setdefault(e.key, []).append(e)
+            budget -= len(stream.request.prompt_ids(self.batch.tokenizer)) + 1  # encoded by `add`: no second time
+            # Its first tokens go out now, not after the next prefill or step: requests arriving together
+            # (clients that started together) would otherwise all wait for the last one's prefill.
+            if events:
+                self._deliver({stream: events})
 
     def _run(self) -> None:
         while not self._closing:
             self._pull()
             for stream in {id(r.key): r.key for r in self.batch.rows if r.key.cancelled}.values():
                 self.batch.drop(stream)
+                self._held.pop(stream, None)
+            self._admit()
             groups: dict[Stream, list[Event]] = {}
-            self._admit(groups)
             if len(self.batch):
                 self.stats.batches += 1
                 self.stats.largest = max(self.stats.largest, len(self.batch))
@@ -220,4 +233,6 @@ class Scheduler:
                 except Exception as e:
                     log.exception("decode step failed")
                     self._deliver([(s, e) for s in self.batch.clear()])
+            if not len(self.batch):  # nothing will step again soon: whatever waits goes out now
+                self._urgent.update(self._held)
             self._deliver(groups)

@@ -48,7 +48,7 @@ from llamaduo.errors import UserError
 from llamaduo.fallback import cannot_carry
 from llamaduo.fallback import from_service as fallback_answer
 from llamaduo.grammar import Grammars
-from llamaduo.request_flow import check_context, requested_model, structure, tokens_as_sse, watch_disconnect
+from llamaduo.request_flow import fit_context, requested_model, structure, tokens_as_sse, watch_disconnect
 from llamaduo.scheduler import Scheduler, Stream, StreamClosed
 from llamaduo.served import ServedModel, load_served, resolve_model_dir
 
@@ -248,7 +248,7 @@ def create_app(
             req.adapter = m.adapter
             if req.logprobs is not None and not isinstance(engine, Scheduler):
                 raise APIError(400, "logprobs are not computed by this server's engine", "logprobs", "unsupported_parameter")
-            await asyncio.to_thread(check_context, req, tokenizer, context_length)  # a huge prompt: off the loop
+            await fit_context(req, tokenizer, context_length)  # a long prompt: off the loop
             await structure(req, tokenizer, grammars)
             t0 = time.perf_counter()
             stream, got, used_fallback = await start(m, req, request)
