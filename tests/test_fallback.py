@@ -135,6 +135,25 @@ def test_a_structured_request_falls_back_with_its_tools_and_schema_and_gets_call
     assert svc.requests[2]["body"]["response_format"] == ORDER
 
 
+def test_a_service_answer_that_breaks_the_requests_structure_is_a_502_not_a_200(tmp_path, untrained):  # noqa: F811
+    from llamaduo.demo.faults import chat_completion
+
+    with SimulatedService(lambda req: chat_completion(req, "Sure! One mug coming up.")) as svc:
+        service = ServiceClient(service_config(svc), db_path=tmp_path / "service.sqlite")
+        with running(broken, ServeConfig(fallback=True), fallback_client=service, tokenizer=untrained[1]) as srv:
+            url = srv.base_url + "/chat/completions"
+            schema = httpx.post(url, json={"messages": [{"role": "user", "content": "A mug"}], "response_format": ORDER})
+            call = httpx.post(url, json={"messages": HISTORY, "tools": TOOLS, "tool_choice": "required"})
+            plain = httpx.post(url, json={"messages": [{"role": "user", "content": "A mug"}]})
+        service.close()
+    for r, field in ((schema, "response_format"), (call, "tools")):
+        err = r.json()["error"]
+        assert r.status_code == 502 and err["code"] == "fallback_invalid" and err["param"] == field, r.text
+        assert "local model failed" in err["message"] and "does not fit the request" in err["message"]
+    assert "not JSON" in schema.json()["error"]["message"] and "route" in call.json()["error"]["message"]
+    assert plain.status_code == 200 and plain.json()["choices"][0]["message"]["content"] == "Sure! One mug coming up."
+
+
 def anthropic_service(request: dict):
     """Claude through the Messages API: calls `route` when offered it, answers a schema through its tool."""
     from llamaduo.demo.faults import anthropic_message

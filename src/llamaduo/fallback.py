@@ -12,7 +12,9 @@ provider maps them onto the Messages API (`service.anthropic_tools`: tools, tool
 parallel_tool_calls, tool turns; a json_schema / json_object format answered through a forced
 tool and returned as JSON content). A field a provider cannot carry (for Anthropic: a schema
 that is not an object, a non-function tool) is a 502 naming the field, and why — never a plain
-answer that silently dropped the structure.
+answer that silently dropped the structure. The service's answer is checked against the request's
+structure as a synthetic pair is (`structure.answer_problem`): one that breaks it (not JSON for
+the schema, no call where one is required) is a 502 `fallback_invalid` saying why.
 """
 
 import asyncio
@@ -46,6 +48,23 @@ def cannot_carry(fallback: "Client | None", req: ChatRequest) -> str | None:
     return refused.field if refused is not None else None
 
 
+def off_contract(req: ChatRequest, text: str) -> str | None:
+    """Why the service's answer breaks the request's structure (a schema, a forced call), or None.
+    The local model cannot break it (constrained decoding); the service is checked as the synthesis
+    stage checks its pairs (`structure.answer_problem`), so a 200 always keeps the contract."""
+    if not req.request_fields:
+        return None
+    from llamaduo import structure
+    from llamaduo.data import Example, Message
+
+    turns = [Message(role="user", content="-"), Message(role="assistant", content="-")]
+    try:
+        task = Example(id="fallback", messages=turns, **req.request_fields)
+    except ValueError as e:  # unverified is not passed on as kept
+        return f"its structure could not be checked ({str(e).splitlines()[0]})"
+    return structure.answer_problem(task, text)
+
+
 async def from_service(fallback: "Client", fallback_model: str, req: ChatRequest, reason: str) -> list[Choice]:
     """The request's choices from the service LLM; raises APIError(502) when the service fails as well,
     or cannot carry the request's structure."""
@@ -74,6 +93,11 @@ async def from_service(fallback: "Client", fallback_model: str, req: ChatRequest
     if errors:
         raise APIError(502, f"local model failed ({reason}) and the service LLM failed: {errors[0]}",
                        None, "fallback_failed", "server_error")
+    why = next(filter(None, (off_contract(req, r.raw or "") for r in replies)), None)
+    if why is not None:
+        raise APIError(502, f"local model failed ({reason}) and the service LLM's answer does not fit the request: "
+                       f"{why}", "response_format" if "response_format" in req.request_fields else "tools",
+                       "fallback_invalid", "server_error")
     return [
         Choice(text=r.raw or "", completion_tokens=r.output_tokens, prompt_tokens=r.input_tokens) for r in replies
     ]
