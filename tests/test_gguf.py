@@ -107,6 +107,7 @@ def test_a_lora_round_on_a_quantized_gguf_base_ships_that_base_with_its_adapter_
     assert res.failed == [] and res.shipped == "q8_0" and res.warnings == []
     assert entry["adapter"] == "adapter-f16.gguf" and "LoRA" in entry["note"]
     lora = store.deploy_dir / entry["adapter"]
+    assert res.adapters == {"q8_0": lora}
     assert chat_template(res.gguf["q8_0"]) == (res.merged_dir / "chat_template.jinja").read_text()
     source, _, params = parse_modelfile(store.modelfile_path.read_text())
     assert source == "./model-q8_0.gguf" and params["adapter"] == "./adapter-f16.gguf"

@@ -203,6 +203,9 @@ def deploy(run_dir: Path, round: RoundOpt = None, set_: SetOpt = None) -> None:
     result = call(locked, store, "deploy", deploy_mod.deploy, cfg, store, round)  # one process per run directory
     console.print(f"deployed round r{result.round:02d} → {result.merged_dir}; "
                   + ", ".join(p.name for p in result.gguf.values()) + f"; manifest {result.manifest}")
+    for kind, lora in result.adapters.items():
+        console.print(f"{kind}: the base's own {kind} weights with the round's LoRA {lora.name}, applied at load time "
+                      f"(llama.cpp --lora, the Modelfile's ADAPTER)")
     for w in result.warnings:
         console.print(f"note: {w}")
     if result.failed:  # what succeeded is kept; the failed formats are marked in the manifest

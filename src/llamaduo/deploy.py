@@ -38,6 +38,7 @@ class DeployResult(BaseModel):
     model_card: Path
     modelfile: Path | None = None
     gguf: dict[str, Path] = {}  # kind → file, for those written
+    adapters: dict[str, Path] = {}  # kind → the GGUF LoRA applied over its file (a quantized base + the round)
     failed: list[str] = []  # one line per requested format that failed
     stops: list[str] = []
     manifest: Path | None = None
@@ -120,6 +121,7 @@ def deploy(cfg: Config, store: RunStore, round: int | None = None) -> DeployResu
         manifest.gguf, manifest.converter = export_ggufs(cfg, store, adapter)
         manifest.failed = [f"gguf {g.kind}: {g.error}" for g in manifest.gguf if g.status == "failed"]
         result.gguf = {g.kind: store.deploy_dir / g.file for g in manifest.gguf if g.status == "ok" and g.file}
+        result.adapters = {g.kind: store.deploy_dir / g.adapter for g in manifest.gguf if g.status == "ok" and g.adapter}
     wrappers = chat_wrappers(tokenizer)
     result.stops = run_stops(tokenizer, wrappers, cfg)
     over = next((g.kind for g in manifest.gguf if g.adapter and g.status == "ok"), None)
