@@ -145,7 +145,9 @@ def test_streamed_calls_from_the_continuous_batch_send_arguments_as_they_are_dec
     from tests.tiny_server import DEFAULTS
 
     model, tok = untrained
-    app = create_app(Scheduler(model, tok, 8), ServeConfig(max_batch=8), "tiny-student", defaults=DEFAULTS, tokenizer=tok)
+    # No coalescing: what is decoded goes out at once, so the fragments show however fast this machine is.
+    app = create_app(Scheduler(model, tok, 8, handover_gap_s=0.0), ServeConfig(max_batch=8), "tiny-student",
+                     defaults=DEFAULTS, tokenizer=tok)
     ask = dict(model="tiny-student", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=160,
                temperature=0.0, seed=3)
     with BackgroundServer(app, model_name="tiny-student") as srv:

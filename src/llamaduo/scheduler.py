@@ -100,9 +100,10 @@ class EngineStats:
 class Scheduler:
     """Generates every request's tokens in one continuously refilled batch (one thread owns the model)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int):
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float = HANDOVER_GAP_S):
         self.batch = RowBatch(model, tokenizer)
         self.max_batch = max_batch
+        self.handover_gap_s = handover_gap_s  # 0: every step's tokens go out as decoded
         self.stats = EngineStats()
         self._inbox: queue.Queue[Stream | None] = queue.Queue()
         self._waiting: collections.deque[Stream] = collections.deque()
@@ -150,11 +151,11 @@ class Scheduler:
         if not self._held:
             return
         now = time.monotonic()
-        if not self._urgent and all(now - s.handed_at < HANDOVER_GAP_S for s in self._held if s.handed_at is not None):
+        if not self._urgent and all(now - s.handed_at < self.handover_gap_s for s in self._held if s.handed_at is not None):
             return
         moved = []
         for stream in list(self._held):
-            if stream in self._urgent or (stream.handed_at is not None and now - stream.handed_at >= HANDOVER_GAP_S / 2):
+            if stream in self._urgent or (stream.handed_at is not None and now - stream.handed_at >= self.handover_gap_s / 2):
                 moved += [(stream, payload) for payload in self._held.pop(stream)]
                 stream.handed_at = now
         self._urgent.clear()
