@@ -119,6 +119,12 @@ def test_a_lora_round_on_a_quantized_gguf_base_ships_that_base_with_its_adapter_
         r = api.chat.completions.create(model=rt.model, messages=[{"role": "user", "content": PROMPTS[0]}],
                                         max_tokens=12, temperature=0, extra_body=rt.extra_body)
     assert r.choices[0].message.content == want[0]
+    # Told not to: the merged weights are re-quantized, and as that loses the fine-tuning, f16 ships, saying why.
+    cfg.deploy.adapter_over_base = False
+    again = deploy(cfg, store)
+    assert again.adapters == {} and "adapter" not in read_manifest_entry(store, "q8_0")
+    assert again.shipped == "f16" and "the base model is itself q8_0" in again.warnings[0]
+    assert not lora.exists() and "adapter" not in parse_modelfile(store.modelfile_path.read_text())[2]
 
 
 def read_manifest_entry(store, kind: str) -> dict:

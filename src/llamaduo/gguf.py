@@ -169,7 +169,7 @@ def convert_lora(adapter: Path, base_config: Path, out: Path, outtype: str = "f1
     script = _converter().parent / "convert_lora_to_gguf.py"
     if not script.is_file():
         raise GGUFError(f"{script.parent} has no convert_lora_to_gguf.py: rerun `{FETCH_CMD}`")
-    args = ["--base", str(base_config), "--outtype", outtype if outtype in ("f32", "f16", "bf16") else "f16", str(adapter)]
+    args = ["--base", str(base_config), "--outtype", outtype, str(adapter)]
     os.replace(_run_converter(script, args, out, "LoRA GGUF export", timeout_s), out)
 
 

@@ -94,6 +94,7 @@ def export_ggufs(cfg: Config, store: RunStore, adapter: Path) -> tuple[list[GGUF
     """The unquantized GGUF, then each quantization; a failure is recorded, never raised."""
     base_kind = cfg.deploy.gguf_type
     over = over_base_kind(cfg, adapter)
+    store.gguf_adapter_path(base_kind).unlink(missing_ok=True)  # an earlier deploy's adapter must not pass for this one's
     files: list[GGUFFile] = []
     script = gguf_tools.find_converter()
     source = gguf_tools.converter_source(script) if script else None
@@ -116,7 +117,6 @@ def export_ggufs(cfg: Config, store: RunStore, adapter: Path) -> tuple[list[GGUF
 
     def over_base(out: Path) -> str:
         lora = store.gguf_adapter_path(base_kind)
-        lora.unlink(missing_ok=True)
         gguf_tools.convert_lora(adapter, store.merged_dir, lora, base_kind)
         gguf_tools.with_metadata_of(base_gguf(cfg), store.gguf_path(base_kind), out)  # type: ignore[arg-type]
         return lora.name
