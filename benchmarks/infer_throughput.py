@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=InferConfig().num_samples, help="K samples per prompt")
     ap.add_argument("--temperature", type=float, default=InferConfig().temperature)
     ap.add_argument("--batch-size", type=int, default=InferConfig().batch_size, help="prompts per batch (ours)")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=InferConfig().precision)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=InferConfig().precision)
     ap.add_argument("--data", default=str(DATA))
     args = ap.parse_args()
     if not Path(args.data).exists():

@@ -67,6 +67,10 @@ def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_token
     srv = BackgroundServer(app, "127.0.0.1", 0, name).start()
     model = getattr(getattr(app.state.batcher, "batch", None), "model", None)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else "n/a"
+    if model is not None:
+        from llamaduo.quantize import int8_weights
+
+        dtype = f"int8-linears+{dtype}" if int8_weights(model) else dtype
     print(srv.port, name, dtype, flush=True)
     srv.thread.join()
 
@@ -242,7 +246,7 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="every request streams; adds first-token times")
     ap.add_argument("--adapters", type=int, default=None, help="N LoRA adapters in one process vs N processes")
     ap.add_argument("--against", choices=["llamacpp"], default=None, help="compare with llama.cpp's server")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
                     help="the served run's infer.precision (what its judged answers were generated in)")
     args = ap.parse_args()
     args.max_tokens = args.max_tokens or (64 if args.model == "gemma-270m" else 32)

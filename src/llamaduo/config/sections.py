@@ -355,11 +355,12 @@ class InferConfig(Strict):
     )
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
     vllm: VLLMConfig = Field(default_factory=VLLMConfig, description="Parallel layout of the vLLM backend.")
-    precision: Literal["auto", "fp32", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto",
         description="Weights for generation: 'auto' = bf16 when sampling where the hardware computes bf16 "
         "natively and the model has 50M+ parameters (model.dtype float32); greedy stays fp32 so its answers "
-        "do not depend on the batch.",
+        "do not depend on the batch. 'int8' = the base's linear layers (LM head included) as int8 weights with "
+        "fp32 activations, CPU only, LoRA adapters kept in float (transformers backend).",
     )
 
     @model_validator(mode="after")
@@ -367,6 +368,9 @@ class InferConfig(Strict):
         if self.backend == "transformers" and self.vllm != VLLMConfig():
             raise ValueError("infer.vllm sets a GPU layout, which infer.backend=transformers does not use; "
                              "set infer.backend to vllm or auto, or remove infer.vllm")
+        if self.backend == "vllm" and self.precision == "int8":
+            raise ValueError("infer.precision=int8 is int8 weights for CPU generation on transformers; vLLM "
+                             "quantizes through its own settings: set infer.precision to auto or bf16")
         return self
 
 

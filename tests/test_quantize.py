@@ -1,0 +1,99 @@
+"""`infer.precision: int8`: base linears as int8 weights, LoRA kept in bf16, the same model judged
+and served."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+import torch
+
+from llamaduo.config import Config, InferConfig, ModelConfig
+from llamaduo.data import Message
+from llamaduo.infer import for_generation, generate
+from llamaduo.models import load_model
+from llamaduo.quantize import int8_weights
+from llamaduo.serve import BackgroundServer, build_app
+from tests.tiny import tiny_model  # noqa: F401
+from tests.tiny_server import QUESTIONS
+
+INT8 = InferConfig(precision="int8", temperature=0.0, max_new_tokens=12, num_samples=1, batch_size=1)
+
+
+def lora(base_path, out, seed: int):
+    """A LoRA adapter with random (non-zero) weights on every projection, saved as training would."""
+    from peft import LoraConfig, get_peft_model
+
+    model, tok = load_model(ModelConfig(base=str(base_path)))
+    torch.manual_seed(seed)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    peft = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False, lora_alpha=64))
+    peft.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def base_linears(model) -> int:
+    return sum(type(m) is torch.nn.Linear for m in model.modules())
+
+
+def test_int8_turns_every_base_linear_int8_and_keeps_the_lora_matrices_in_bf16(tiny_model, tmp_path):  # noqa: F811
+    plain, _ = load_model(ModelConfig(base=str(tiny_model)))
+    expected = base_linears(plain)  # projections of every layer and the LM head
+    model, _ = load_model(ModelConfig(base=str(tiny_model)), adapter=lora(tiny_model, tmp_path / "a", 1))
+    model = for_generation(model, INT8)
+    int8 = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
+    loras = [m for n, m in model.named_modules() if n.rsplit(".", 2)[-2:-1] in (["lora_A"], ["lora_B"])]
+    assert len(int8) == expected and int8_weights(model) == sum(m.qweight.numel() for m in int8)
+    assert all(m.qweight.dtype == torch.int8 for m in int8)
+    assert loras and all(type(m) is torch.nn.Linear and m.weight.dtype == torch.bfloat16 for m in loras)
+    assert int8_weights(plain) == 0
+
+
+def test_int8_logits_follow_fp32_and_the_adapter_keeps_its_effect(tiny_model, tmp_path):  # noqa: F811
+    adapter = lora(tiny_model, tmp_path / "a", 1)
+    ids = torch.tensor([list(range(5, 45))])
+
+    def logits(model) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            with model.disable_adapter():
+                base = model(ids).logits.float()
+            return model(ids).logits.float(), base
+
+    full, full_base = logits(load_model(ModelConfig(base=str(tiny_model)), adapter=adapter)[0])
+    q, q_base = logits(for_generation(load_model(ModelConfig(base=str(tiny_model)), adapter=adapter)[0], INT8))
+    assert (q.argmax(-1) == full.argmax(-1)).float().mean() >= 0.9
+    # What the adapter changes, it changes in int8 as in fp32.
+    delta, q_delta = (full - full_base).flatten(), (q - q_base).flatten()
+    assert delta.abs().max() > 0.1 and torch.nn.functional.cosine_similarity(delta, q_delta, dim=0) > 0.95
+
+
+def test_a_run_judged_in_int8_is_served_in_int8_with_the_infer_stages_answers(tiny_model, tmp_path):  # noqa: F811
+    a, b = lora(tiny_model, tmp_path / "shop-a", 1), lora(tiny_model, tmp_path / "shop-b", 2)
+    judged = {}
+    for path in (a, b):  # as the infer stage generates a round's answers
+        model, tok = load_model(ModelConfig(base=str(tiny_model)), adapter=path)
+        model = for_generation(model, INT8)
+        judged[path.name] = [generate(model, tok, [("q", [Message(role="user", content=q)])], INT8)[0].text
+                             for q in QUESTIONS]
+    cfg = Config(model={"base": str(tiny_model)}, infer=INT8.model_dump())
+    app, _ = build_app([a, b], cfg)
+    assert int8_weights(app.state.batcher.batch.model) > 0
+
+    async def ask(srv) -> list:
+        c = openai.AsyncOpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        out = [await c.chat.completions.create(model=n, messages=[{"role": "user", "content": q}])
+               for n in ("shop-a", "shop-b") for q in QUESTIONS]
+        await c.close()
+        return out
+
+    with BackgroundServer(app) as srv:
+        got = asyncio.run(ask(srv))
+    served = {n: [r.choices[0].message.content for r in got if r.model == n] for n in ("shop-a", "shop-b")}
+    assert served == judged and judged["shop-a"] != judged["shop-b"]
+
+
+def test_int8_on_vllm_is_refused_naming_the_setting():
+    with pytest.raises(ValueError, match="infer.precision=int8"):
+        InferConfig(backend="vllm", precision="int8")
