@@ -97,25 +97,3 @@ def test_a_run_judged_in_int8_is_served_in_int8_with_the_infer_stages_answers(ti
 def test_int8_on_vllm_is_refused_naming_the_setting():
     with pytest.raises(ValueError, match="infer.precision=int8"):
         InferConfig(backend="vllm", precision="int8")
-
-
-def test_a_lora_run_judged_in_int8_is_served_with_its_adapter_not_its_merged_export(tiny_model, tmp_path):  # noqa: F811
-    import shutil
-
-    from llamaduo.store import RunStore
-
-    store = RunStore(tmp_path / "shop-run")
-    store.init_manifest(0)
-    shutil.copytree(lora(tiny_model, tmp_path / "a", 1), store.adapter_dir(0))
-    cfg = Config(model={"base": str(tiny_model)}, infer=INT8.model_dump())
-    model, tok = load_model(ModelConfig(base=str(tiny_model)), adapter=store.adapter_dir(0))
-    model = for_generation(model, INT8)
-    judged = [generate(model, tok, [("q", [Message(role="user", content=q)])], INT8)[0].text for q in QUESTIONS]
-    app, name = build_app(store.root, cfg)  # no deploy/merged: the run's round is served as judged
-    served_model = app.state.batcher.batch.model
-    assert name == "shop-run" and getattr(served_model, "peft_config", None) and int8_weights(served_model) > 0
-    with BackgroundServer(app) as srv:
-        c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
-        served = [c.chat.completions.create(model=name, messages=[{"role": "user", "content": q}]).choices[0]
-                  .message.content for q in QUESTIONS]
-    assert served == judged

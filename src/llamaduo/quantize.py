@@ -8,8 +8,7 @@ quantization runs on CPU). Activations are not quantized: on Gemma 3 270M, next-
 under teacher forcing agree with fp32 on 98.3 % of tokens (bf16: 99.3 %), where int8 activations
 (fbgemm's dynamic quantization) agreed on 87 %. The LoRA matrices stay in bf16 and add their
 update on top, so the infer stage (the judged answers) and `serve` (`infer.for_generation` in
-both) quantize the very same tensors; a LoRA run served in int8 is served with its round's adapter
-over the base, as it was judged, not from its merged export (`served.load_served`). A decode step reads half of bf16's bytes: Gemma's
+both) quantize the very same tensors. A decode step reads half of bf16's bytes: Gemma's
 262,144-row LM head takes ~5.7 ms for one row vs ~14 ms in bf16 (2 threads; docs/benchmarks.md).
 """
 

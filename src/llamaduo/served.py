@@ -107,19 +107,6 @@ def _same_base(a: str, b: str) -> bool:
     return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
-def _int8_run(path: Path, cfg: Config) -> bool:
-    """A LoRA run judged in int8 (`infer.precision`) is served as it was judged — int8 base, its round's
-    adapter on top — not from its merged export, whose merged weights would round differently."""
-    from llamaduo.store import RunStore
-
-    store = RunStore(path)
-    if cfg.infer.precision != "int8" or not store.exists():
-        return False
-    from llamaduo.deploy import pick_round
-
-    return (store.adapter_dir(pick_round(store, None)) / "adapter_config.json").exists()
-
-
 def load_served(paths: list[Path], cfg: Config, overrides: list[str] | None = None) -> tuple[Any, Any, list[ServedModel]]:
     """(model, tokenizer, served names) for `paths`; `cfg` is the first path's config."""
     from llamaduo import models
@@ -127,7 +114,7 @@ def load_served(paths: list[Path], cfg: Config, overrides: list[str] | None = No
 
     if not paths:
         raise UserError("serve: name at least one run or model directory")
-    if len(paths) == 1 and not (Path(paths[0]) / "adapter_config.json").exists() and not _int8_run(paths[0], cfg):
+    if len(paths) == 1 and not (Path(paths[0]) / "adapter_config.json").exists():
         from llamaduo.store import RunStore
 
         model_dir, name = resolve_model_dir(paths[0])
