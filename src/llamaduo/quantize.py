@@ -6,9 +6,11 @@ keeps its weights as int8 with one bf16 scale per output row and multiplies bf16
 them (`Int8Linear`, torch's weight-only int8 CPU kernel, the one torchao's int8 weight-only
 quantization runs on CPU). Activations are not quantized: on Gemma 3 270M, next-token choices
 under teacher forcing agree with fp32 on 98.3 % of tokens (bf16: 99.3 %), where int8 activations
-(fbgemm's dynamic quantization) agreed on 87 %. The LoRA matrices stay in bf16 and add their
-update on top, so the infer stage (the judged answers) and `serve` (`infer.for_generation` in
-both) quantize the very same tensors. A decode step reads half of bf16's bytes: Gemma's
+(fbgemm's dynamic quantization) agreed on 87 %. The infer stage merges a round's LoRA adapter
+before quantizing (`infer.round_model`), as `deploy` merges it into the export a run is served
+from, so the int8 tensors judged are the ones served, bit for bit. Runs served together on one
+base (`serve RUN_A RUN_B`) keep their adapters apart: the LoRA matrices stay in bf16 on top of the
+int8 base, and `accept` against each name measures what that serves. A decode step reads half of bf16's bytes: Gemma's
 262,144-row LM head takes ~5.7 ms for one row vs ~14 ms in bf16 (2 threads; docs/benchmarks.md).
 """
 
