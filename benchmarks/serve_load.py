@@ -246,9 +246,11 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="every request streams; adds first-token times")
     ap.add_argument("--adapters", type=int, default=None, help="N LoRA adapters in one process vs N processes")
     ap.add_argument("--against", choices=["llamacpp"], default=None, help="compare with llama.cpp's server")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default="auto",
-                    help="the served run's infer.precision (what its judged answers were generated in)")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                    help="the served run's infer.precision (what its judged answers were generated in); default "
+                    "auto, and int8 against llama.cpp, whose side runs the GGUF's 4-bit weights")
     args = ap.parse_args()
+    args.precision = args.precision or ("int8" if args.against == "llamacpp" else "auto")
     args.max_tokens = args.max_tokens or (64 if args.model == "gemma-270m" else 32)
     if args.adapters:
         from serve_adapters import run_adapters
