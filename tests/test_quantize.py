@@ -136,3 +136,23 @@ def test_runs_served_together_in_int8_answer_as_the_int8_base_with_each_adapter(
 def test_int8_on_vllm_is_refused_naming_the_setting():
     with pytest.raises(ValueError, match="infer.precision=int8"):
         InferConfig(backend="vllm", precision="int8")
+
+
+def test_an_int8_server_leaves_a_core_to_the_event_loop_and_other_models_use_every_core(tiny_model):  # noqa: F811
+    from llamaduo.infer import _torch_default_threads, serving_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # a two-core machine, whatever this session's own setting
+    _torch_default_threads.cache_clear()
+    cores = _torch_default_threads()
+    try:
+        plain, _ = load_model(ModelConfig(base=str(tiny_model)))
+        serving_threads(plain, small=0)  # as for a model past the small-model threshold
+        assert torch.get_num_threads() == cores
+        serving_threads(for_generation(plain, INT8), small=0)
+        assert cores == 2 and torch.get_num_threads() == 1
+        serving_threads(plain)  # the tiny model itself: one thread
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+        _torch_default_threads.cache_clear()

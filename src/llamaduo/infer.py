@@ -288,21 +288,21 @@ def structured_prompts(
 BF16_MIN_PARAMS = 50_000_000
 
 
-def serving_threads(model: Any) -> None:
-    """The torch threads a served model decodes on. One for a model under BF16_MIN_PARAMS: its ops
+def serving_threads(model: Any, small: int = BF16_MIN_PARAMS) -> None:
+    """The torch threads a served model decodes on. One for a model under `small` parameters: its ops
     are too small to split, and on a shared CPU a second spinning thread makes each one many times
     slower (measured: a LoRA-sized linear took ~1-6 ms on 2 threads under load vs ~30 µs on one).
     With int8 linears (`infer.precision: int8`) one core is left to the event loop and the clients:
     their kernels are bound by reading weights, not by arithmetic, and a torch thread that shares
     its core with the server's loop stalls every step (measured on Gemma 3 270M, 2 cores: one
-    client 52 tok/s on one thread vs 28.5 on two; 8 clients 217 vs 158 tok/s). Process-wide: call
-    it where the process serves this model only."""
+    client 29.0 tok/s on one thread vs 22.1 on two). Process-wide: call it where the process
+    serves this model only."""
     import torch
 
     from llamaduo.quantize import int8_weights
 
     packed, cores = int8_weights(model), _torch_default_threads()
-    if sum(p.numel() for p in model.parameters()) + packed < BF16_MIN_PARAMS:
+    if sum(p.numel() for p in model.parameters()) + packed < small:
         torch.set_num_threads(1)
     elif packed:
         torch.set_num_threads(max(1, cores - 1))

@@ -18,53 +18,39 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch  # only imported where a model is being prepared for generation (`infer.for_generation`)
+
 from llamaduo.errors import UserError
 
 LORA_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector", "modules_to_save"}
 
 
-class _Int8:
-    """Defined on first use: the module class needs torch, which this module does not import eagerly."""
+class Int8Linear(torch.nn.Module):
+    """A frozen `nn.Linear` as int8 weights, a bf16 scale per output row, bf16 activations."""
 
-    cls: Any = None
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        w = linear.weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        self.register_buffer("scale", scale.to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
 
-def _int8_linear_class() -> Any:
-    if _Int8.cls is not None:
-        return _Int8.cls
-    import torch
-
-    class Int8Linear(torch.nn.Module):
-        """A frozen `nn.Linear` as int8 weights, a bf16 scale per output row, bf16 activations."""
-
-        def __init__(self, linear: torch.nn.Linear):
-            super().__init__()
-            self.in_features, self.out_features = linear.in_features, linear.out_features
-            w = linear.weight.detach().float()
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-            self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
-            self.register_buffer("scale", scale.to(torch.bfloat16))
-            self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().to(torch.bfloat16))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            flat = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(flat, self.qweight, self.scale)
-            if self.bias is not None:
-                y = y + self.bias
-            return y.reshape(*x.shape[:-1], self.out_features)
-
-        def extra_repr(self) -> str:
-            return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
-
-    _Int8.cls = Int8Linear
-    return Int8Linear
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights"
 
 
 def int8_linears(model: Any) -> Any:
     """`model` in bf16 with every base `nn.Linear` replaced (in place) by an `Int8Linear`; the LoRA
     matrices and everything else stay bf16."""
-    import torch
-
     device = next(model.parameters()).device
     if device.type != "cpu":
         raise UserError(f"infer.precision=int8 is int8 weights for CPU generation; the model is on {device} "
@@ -75,17 +61,14 @@ def int8_linears(model: Any) -> Any:
     model.to(torch.bfloat16)
     keep = {id(m) for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in LORA_PARTS
             for m in module.modules()}
-    int8 = _int8_linear_class()
     swaps = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
              if type(child) is torch.nn.Linear and id(child) not in keep]
     for parent, name, child in swaps:
-        setattr(parent, name, int8(child))
+        setattr(parent, name, Int8Linear(child))
     return model
 
 
 def int8_weights(model: Any) -> int:
     """How many weights `int8_linears` holds as int8 in `model` (0: it was not applied); they are
     buffers, not among `model.parameters()`."""
-    if _Int8.cls is None:  # nothing was quantized in this process
-        return 0
-    return sum(m.qweight.numel() for m in model.modules() if isinstance(m, _Int8.cls))
+    return sum(m.qweight.numel() for m in model.modules() if isinstance(m, Int8Linear))

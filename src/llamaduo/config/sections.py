@@ -359,8 +359,8 @@ class InferConfig(Strict):
         "auto",
         description="Weights for generation: 'auto' = bf16 when sampling where the hardware computes bf16 "
         "natively and the model has 50M+ parameters (model.dtype float32); greedy stays fp32 so its answers "
-        "do not depend on the batch. 'int8' = the base's linear layers (LM head included) as int8 weights with "
-        "fp32 activations, CPU only, LoRA adapters kept in float (transformers backend).",
+        "do not depend on the batch. 'int8' = every linear layer (LM head included) as int8 weights over bf16 "
+        "activations, CPU and transformers only; a round's LoRA adapter is merged first, as deploy exports it.",
     )
 
     @model_validator(mode="after")
