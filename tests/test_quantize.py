@@ -138,7 +138,9 @@ def test_int8_on_vllm_is_refused_naming_the_setting():
         InferConfig(backend="vllm", precision="int8")
 
 
-def test_an_int8_server_leaves_a_core_to_the_event_loop_and_other_models_use_every_core(tiny_model):  # noqa: F811
+def test_an_int8_server_leaves_a_core_to_the_event_loop_up_to_four_rows_and_other_models_use_every_core(
+    tiny_model,  # noqa: F811
+):
     from llamaduo.infer import _torch_default_threads, serving_threads
 
     before = torch.get_num_threads()
@@ -147,12 +149,14 @@ def test_an_int8_server_leaves_a_core_to_the_event_loop_and_other_models_use_eve
     cores = _torch_default_threads()
     try:
         plain, _ = load_model(ModelConfig(base=str(tiny_model)))
-        serving_threads(plain, small=0)  # as for a model past the small-model threshold
-        assert torch.get_num_threads() == cores
-        serving_threads(for_generation(plain, INT8), small=0)
+        threads = serving_threads(plain, small=0)  # as for a model past the small-model threshold
+        assert torch.get_num_threads() == cores and [threads(n) for n in (1, 8)] == [cores, cores]
+        threads = serving_threads(for_generation(plain, INT8), small=0)
         assert cores == 2 and torch.get_num_threads() == 1
-        serving_threads(plain)  # the tiny model itself: one thread
-        assert torch.get_num_threads() == 1
+        # the int8 kernel's cost steps at every fourth row: past four, both cores
+        assert [threads(n) for n in (1, 4, 5, 8, 30)] == [1, 1, 2, 2, 2]
+        threads = serving_threads(plain)  # the tiny model itself: one thread
+        assert torch.get_num_threads() == 1 and [threads(n) for n in (1, 8, 30)] == [1, 1, 1]
     finally:
         torch.set_num_threads(before)
         _torch_default_threads.cache_clear()

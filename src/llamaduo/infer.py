@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -288,26 +289,38 @@ def structured_prompts(
 BF16_MIN_PARAMS = 50_000_000
 
 
-def serving_threads(model: Any, small: int = BF16_MIN_PARAMS) -> None:
-    """The torch threads a served model decodes on. One for a model under `small` parameters: its ops
-    are too small to split, and on a shared CPU a second spinning thread makes each one many times
-    slower (measured: a LoRA-sized linear took ~1-6 ms on 2 threads under load vs ~30 µs on one).
-    With int8 linears (`infer.precision: int8`) one core is left to the event loop and the clients:
-    their kernels are bound by reading weights, not by arithmetic, and a torch thread that shares
-    its core with the server's loop stalls every step (measured on Gemma 3 270M, 2 cores: one
-    client 29.0 tok/s on one thread vs 22.1 on two). Process-wide: call it where the process
-    serves this model only."""
+INT8_ROWS_PER_PASS = 4  # torch's weight-only int8 kernel computes four rows per pass over the weights
+
+
+def serving_threads(model: Any, small: int = BF16_MIN_PARAMS) -> Callable[[int], int]:
+    """The torch threads a served model decodes on, as `threads(rows)` for a forward over `rows`
+    rows (a decode step's live rows, a prefill's prompt tokens); sets the count for one row.
+
+    One for a model under `small` parameters: its ops are too small to split, and on a shared CPU a
+    second spinning thread makes each one many times slower (measured: a LoRA-sized linear took
+    ~1-6 ms on 2 threads under load vs ~30 µs on one). With int8 linears (`infer.precision: int8`)
+    a forward of up to four rows runs on one thread and leaves a core to the event loop and the
+    clients: the kernel costs the same for 1-4 rows, and a torch thread sharing its core with the
+    server's loop stalls every step (Gemma 3 270M, 2 cores: one client 29.0 tok/s on one thread vs
+    22.1 on two). Past four rows the kernel makes a second pass over the weights, and every core
+    pays for itself (8 clients: 166-172 tok/s vs 145-147 on one thread). Other models use every core.
+    Process-wide: call it where the process serves this model only."""
     import torch
 
     from llamaduo.quantize import int8_weights
 
     packed, cores = int8_weights(model), _torch_default_threads()
     if sum(p.numel() for p in model.parameters()) + packed < small:
-        torch.set_num_threads(1)
+        def threads(rows: int) -> int:
+            return 1
     elif packed:
-        torch.set_num_threads(max(1, cores - 1))
+        def threads(rows: int) -> int:
+            return 1 if rows <= INT8_ROWS_PER_PASS else cores
     else:
-        torch.set_num_threads(cores)
+        def threads(rows: int) -> int:
+            return cores
+    torch.set_num_threads(threads(1))
+    return threads
 
 
 @functools.cache

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +60,9 @@ def fresh_seed() -> int:
 class RowBatch:
     """The live rows of the server's batch and their cache, over one model."""
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, threads: Callable[[int], int] | None = None):
+        """`threads(rows)`: the torch threads a forward over `rows` rows runs on (`infer.serving_threads`);
+        None leaves the process's setting alone."""
         from llamaduo.infer import stop_token_ids
 
         register()
@@ -75,6 +77,7 @@ class RowBatch:
             self._hook_adapter_layers()
         self.cache = RowCache()
         self.rows: list[_Row] = []
+        self._threads, self._threads_set = threads, 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -93,6 +96,13 @@ class RowBatch:
             if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)):
                 m.register_forward_pre_hook(inject, with_kwargs=True)
 
+    def _use_threads(self, rows: int) -> None:
+        if self._threads is not None and (n := self._threads(rows)) != self._threads_set:
+            import torch
+
+            torch.set_num_threads(n)
+            self._threads_set = n
+
     @contextlib.contextmanager
     def _adapters(self, adapters: list[str | None]) -> Iterator[None]:
         self._names = [a or "__base__" for a in adapters] if self.adapters else None
@@ -110,6 +120,7 @@ class RowBatch:
         s = req.sampling
         seed = fresh_seed() if req.seed is None else req.seed
         adapter = getattr(req, "adapter", None)
+        self._use_threads(len(ids))
         with torch.inference_mode(), self._adapters([adapter]):
             keys, values, last = prefill(self.model, ids)
             first = last[None].repeat(req.n, 1)
@@ -137,6 +148,7 @@ class RowBatch:
 
         if not self.rows:
             return []
+        self._use_threads(len(self.rows))
         self.cache.begin_step()
         tokens = torch.tensor([[r.next] for r in self.rows], dtype=torch.long, device=self.device)
         positions = self.cache.lengths[:, None]

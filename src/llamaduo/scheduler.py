@@ -19,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,8 +101,9 @@ class EngineStats:
 class Scheduler:
     """Generates every request's tokens in one continuously refilled batch (one thread owns the model)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float = HANDOVER_GAP_S):
-        self.batch = RowBatch(model, tokenizer)
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float = HANDOVER_GAP_S,
+                 threads: Callable[[int], int] | None = None):
+        self.batch = RowBatch(model, tokenizer, threads)
         self.max_batch = max_batch
         self.handover_gap_s = handover_gap_s  # 0: every step's tokens go out as decoded
         self.stats = EngineStats()

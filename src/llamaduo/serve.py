@@ -326,18 +326,24 @@ def create_app(
     return app
 
 
-def local_engine(model: Any, tokenizer: Any, max_batch: int) -> "Scheduler | Generator":
-    """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`."""
+def local_engine(model: Any, tokenizer: Any, max_batch: int, threads: Callable[[int], int] | None = None
+                 ) -> "Scheduler | Generator":
+    """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`;
+    `threads(rows)` as `infer.serving_threads` returns."""
     from llamaduo.decode import SharedPrefixUnsupported
 
     # The generation thread holds the GIL between torch ops; at the default 5 ms switch interval the
     # event loop (reading requests, sending every stream's chunks) waits that long each time it wakes.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-    scheduler = Scheduler(model, tokenizer, max_batch)
+    scheduler = Scheduler(model, tokenizer, max_batch, threads=threads)
     try:
         scheduler.batch.probe()
     except SharedPrefixUnsupported as e:
         log.warning("%s: serving with batched `generate`, whole answers (%s)", type(model).__name__, e)
+        if threads is not None:  # its batches are up to max_batch rows
+            import torch
+
+            torch.set_num_threads(threads(max_batch))
         return local_generator(model, tokenizer)
     return scheduler
 
@@ -350,8 +356,7 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
     model, tokenizer, served = load_served(paths, cfg, overrides)
     from llamaduo.infer import serving_threads
 
-    serving_threads(model)
-    engine = local_engine(model, tokenizer, cfg.serve.max_batch)
+    engine = local_engine(model, tokenizer, cfg.serve.max_batch, serving_threads(model))
     shadow: dict[str, Any] = {}
     drift: dict[str, Any] = {}
     if cfg.serve.shadow_rate > 0:  # each served run is watched by its own monitoring store and judge
