@@ -4,9 +4,11 @@
 
 Both serve the packaged Gemma 3 270M (llama.cpp the Q4_K_M GGUF itself, llamaduo its dequantised
 weights, by default as `infer.precision: int8` — quantized weights against quantized weights;
-`--precision` picks another), one server at a time on the same 127.0.0.1, with the same prompts, greedy, streamed:
+`--precision` picks another), on the same 127.0.0.1, with the same prompts, greedy, streamed:
   1. one client, a few requests one after another (single-stream tok/s, first-token time),
   2. `--clients` concurrent clients, `--requests` requests (aggregate tok/s, first-token p50).
+Both servers are up throughout and measured in turn, phase by phase (ours, llama.cpp, ours,
+llama.cpp), the idle one waiting, so the host's drifting speed reaches both sides alike.
 Tokens are the streams' reported usage (content chunks where a server reports none). llama.cpp is
 asked through its `/v1/completions` with the very prompt text our chat template renders (its chat
 endpoint answers this pretrained base with an empty turn). The last line is exactly:
@@ -58,18 +60,29 @@ def start_llamacpp(gguf: Path, threads: int) -> tuple[subprocess.Popen, str]:
     raise SystemExit("llama.cpp server did not start")
 
 
-def measure(url: str, name: str, args) -> dict:
-    sequential(url, name, 1, args.max_tokens, stream=True)  # warm-up
-    seq_s, seq_res, _, seq_err = sequential(url, name, SINGLE, args.max_tokens, stream=True)
-    con_s, con_res, con_err = asyncio.run(concurrent(url, name, args.requests, args.clients, args.max_tokens, True))
-    got = [r for r in con_res if r.ttft is not None]
-    return {
-        "single_tps": sum(r.tokens for r in seq_res) / seq_s,
-        "single_ttft": p50([r.ttft for r in seq_res if r.ttft is not None]),
-        "agg_tps": sum(r.tokens for r in con_res) / con_s,
-        "ttft": p50([r.ttft for r in got]),
-        "with_tokens": len(got), "errors": seq_err + con_err,
-    }
+def measure(servers: list[tuple[str, str, object]], args) -> list[dict]:
+    """Each server's one-client and concurrent figures. Both servers are up (the one not measured
+    sits idle) and their phases alternate — one client on each, then the clients on each — so a
+    change in the host's speed between phases reaches both sides alike."""
+    for url, name, render in servers:  # warm-up
+        serve_load.RENDER = render
+        sequential(url, name, 1, args.max_tokens, stream=True)
+    out = [{} for _ in servers]
+    for phase in ("single", "concurrent"):
+        for (url, name, render), m in zip(servers, out, strict=True):
+            serve_load.RENDER = render
+            if phase == "single":
+                seq_s, seq_res, _, m["errors"] = sequential(url, name, SINGLE, args.max_tokens, stream=True)
+                m["single_tps"] = sum(r.tokens for r in seq_res) / seq_s
+                m["single_ttft"] = p50([r.ttft for r in seq_res if r.ttft is not None])
+                continue
+            con_s, con_res, con_err = asyncio.run(concurrent(url, name, args.requests, args.clients, args.max_tokens,
+                                                             True))
+            got = [r for r in con_res if r.ttft is not None]
+            m.update(agg_tps=sum(r.tokens for r in con_res) / con_s, ttft=p50([r.ttft for r in got]),
+                     with_tokens=len(got), errors=m["errors"] + con_err)
+    serve_load.RENDER = None
+    return out
 
 
 def run_against_llamacpp(args) -> int:
@@ -91,16 +104,18 @@ def run_against_llamacpp(args) -> int:
                                    args.precision)
     dtype = serve_load.DTYPES[url]
     try:
-        ours = measure(url, name, args)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    proc, url = start_llamacpp(gguf, threads)
-    # The same prompt text both servers decode from: ours renders it from the chat messages.
-    tokenizer, _ = models.load_tokenizer(ModelConfig(base=str(hf_dir)))
-    serve_load.RENDER = lambda text: models.render_prompt(tokenizer, [{"role": "user", "content": text}])
-    try:
-        theirs = measure(url, "gemma", args)
+        theirs_proc, theirs_url = start_llamacpp(gguf, threads)
+        try:
+            # The same prompt text both servers decode from: ours renders it from the chat messages.
+            tokenizer, _ = models.load_tokenizer(ModelConfig(base=str(hf_dir)))
+
+            def render(text: str) -> str:
+                return models.render_prompt(tokenizer, [{"role": "user", "content": text}])
+
+            ours, theirs = measure([(url, name, None), (theirs_url, "gemma", render)], args)
+        finally:
+            theirs_proc.terminate()
+            theirs_proc.wait(10)
     finally:
         proc.terminate()
         proc.wait(10)
