@@ -50,14 +50,13 @@ def test_streamed_chunks_arrive_while_the_answer_is_still_being_generated(untrai
         total = time.perf_counter() - t0
         whole = c.chat.completions.create(model="tiny-student", messages=[{"role": "user", "content": "Omar"}], max_tokens=400)
     streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert len(arrivals) > 3 and arrivals[0] < total / 2  # a stream gets at most a chunk every HANDOVER_GAP_S
+    assert len(arrivals) > 3 and arrivals[0] < total / 2  # a stream gets at most a chunk every stream_interval_ms
     assert streamed == whole.choices[0].message.content
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason] == ["length"]
     assert chunks[-1].usage.completion_tokens == 400 == whole.usage.completion_tokens
 
 
 def test_a_first_token_goes_out_alone_and_later_tokens_at_most_every_handover_gap(untrained):
-    from llamaduo.scheduler import HANDOVER_GAP_S
     from tests.test_scheduler import request
 
     model, tok = untrained
@@ -76,9 +75,10 @@ def test_a_first_token_goes_out_alone_and_later_tokens_at_most_every_handover_ga
             await engine.stop()
 
     batches, took, choice = asyncio.run(main())
+    gap = ServeConfig().stream_interval_ms / 1000  # the engine's default
     assert [e.completion_tokens for e in batches[0]] == [1]  # handed over before the next decode step
     assert batches[-1][-1].finish_reason == "length" and choice.completion_tokens == 200
-    assert len(batches) <= 2 + took / HANDOVER_GAP_S + 1  # coalesced: not one hand-over per token
+    assert len(batches) <= 2 + took / gap + 1  # coalesced: not one hand-over per token
     assert "".join(e.text for b in batches for e in b) == choice.text
 
 

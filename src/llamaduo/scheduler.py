@@ -3,7 +3,7 @@
 Requests go into an inbox; the generation thread admits waiting requests between decode steps
 (their prefill interleaved with the others' decoding, `rowbatch.RowBatch.add`), runs one step
 for every live row, and hands the new text that is due (a stream's first and last tokens at once,
-the others at most every `HANDOVER_GAP_S`) to the event loop in one `loop.call_soon_threadsafe`,
+the others at most every `serve.stream_interval_ms`) to the event loop in one `loop.call_soon_threadsafe`,
 where each request's `Stream` queues it for its route. A request
 leaves the batch when its rows finish, or at the next step after its `Stream` is cancelled (its
 client went away). Rows of different requests share every step whatever their sampling settings,
@@ -24,19 +24,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from llamaduo.chat_api import ChatRequest, Choice
+from llamaduo.config.serving import ServeConfig
 from llamaduo.rowbatch import Event, RowBatch
 
 log = logging.getLogger("llamaduo.scheduler")
 
 PREFILL_TOKENS = 1024  # prompt tokens prefilled between two decode steps (at least one request)
-# A stream's tokens decoded within this long of its last chunk are sent together, so a stream gets at
-# most a chunk every 10 ms (a model slower than that sends every token alone). Each chunk costs the
-# event loop and the client a wake-up and a write, and the loop then holds the interpreter lock the
-# generation thread needs for its next step (measured on the tiny model: one hand-over per token took
-# a quarter of that thread's time; 6 hand-overs of a 32-token answer cost ~0.5-0.9 ms each on 2 cores).
-# First tokens, last tokens and errors go out at once, so time-to-first-token and the end of an answer
-# are not delayed; whoever is due then, or within half a gap, rides along in the same hand-over.
-HANDOVER_GAP_S = 0.010
+# The hand-over gap is `serve.stream_interval_ms`: each chunk costs the event loop and the client a
+# wake-up and a write, and the loop then holds the interpreter lock the generation thread needs for
+# its next step (tiny model: one hand-over per token took a quarter of that thread's time). First
+# tokens, last tokens and errors go out at once, so time-to-first-token and the end of an answer are
+# not delayed; whoever is due then, or within half a gap, rides along in the same hand-over.
 
 
 class StreamClosed(Exception):
@@ -101,8 +99,11 @@ class EngineStats:
 class Scheduler:
     """Generates every request's tokens in one continuously refilled batch (one thread owns the model)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float = HANDOVER_GAP_S,
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float | None = None,
                  threads: Callable[[int], int] | None = None):
+        """`handover_gap_s`: `serve.stream_interval_ms` in seconds (None: its default)."""
+        if handover_gap_s is None:
+            handover_gap_s = ServeConfig.model_fields["stream_interval_ms"].default / 1000
         self.batch = RowBatch(model, tokenizer, threads)
         self.max_batch = max_batch
         self.handover_gap_s = handover_gap_s  # 0: every step's tokens go out as decoded
@@ -140,7 +141,7 @@ class Scheduler:
 
     # ------------------------------------------------------------- generation thread
     def _deliver(self, groups: dict[Stream, list[Event]] | list[tuple[Stream, BaseException]]) -> None:
-        """Hand the events that are due to the event loop (see HANDOVER_GAP_S); the rest wait on this
+        """Hand the events that are due to the event loop (see `handover_gap_s`); the rest wait on this
         thread for a later step. Called after every step, so waiting events go out once due. While
         the loop has not yet taken the previous hand-over, due events ride along with it."""
         if self._loop is None:

@@ -326,16 +326,16 @@ def create_app(
     return app
 
 
-def local_engine(model: Any, tokenizer: Any, max_batch: int, threads: Callable[[int], int] | None = None
-                 ) -> "Scheduler | Generator":
+def local_engine(model: Any, tokenizer: Any, max_batch: int, threads: Callable[[int], int] | None = None,
+                 stream_interval_s: float | None = None) -> "Scheduler | Generator":
     """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`;
-    `threads(rows)` as `infer.serving_threads` returns."""
+    `threads(rows)` as `infer.serving_threads` returns; `stream_interval_s` as `serve.stream_interval_ms`."""
     from llamaduo.decode import SharedPrefixUnsupported
 
     # The generation thread holds the GIL between torch ops; at the default 5 ms switch interval the
     # event loop (reading requests, sending every stream's chunks) waits that long each time it wakes.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-    scheduler = Scheduler(model, tokenizer, max_batch, threads=threads)
+    scheduler = Scheduler(model, tokenizer, max_batch, stream_interval_s, threads)
     try:
         scheduler.batch.probe()
     except SharedPrefixUnsupported as e:
@@ -356,7 +356,7 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
     model, tokenizer, served = load_served(paths, cfg, overrides)
     from llamaduo.infer import serving_threads
 
-    engine = local_engine(model, tokenizer, cfg.serve.max_batch, serving_threads(model))
+    engine = local_engine(model, tokenizer, cfg.serve.max_batch, serving_threads(model), cfg.serve.stream_interval_ms / 1000)
     shadow: dict[str, Any] = {}
     drift: dict[str, Any] = {}
     if cfg.serve.shadow_rate > 0:  # each served run is watched by its own monitoring store and judge

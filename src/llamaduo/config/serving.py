@@ -72,6 +72,14 @@ class ServeConfig(Strict):
     max_tokens_limit: int = Field(2048, ge=1, description="Largest max_tokens a request may ask for.")
     max_batch: int = Field(8, ge=1, description="Concurrent requests generated together.")
     batch_wait_ms: float = Field(10.0, ge=0, description="How long to gather a batch.")
+    stream_interval_ms: float = Field(
+        25.0, ge=0,
+        description="A stream's tokens decoded within this long of its last chunk go out together, so a stream gets "
+        "at most a chunk this often (a model slower than that sends every token alone; first and last tokens go out "
+        "at once); 0 = every token alone. Each chunk costs the server's loop and the client a wake-up and a write "
+        "while the generation thread waits (tiny model, 2 cores: overhead over direct generation 13.8 % at 10 ms, "
+        "7.1 % at 25 ms).",
+    )
     fallback: bool = Field(False, description="Forward to the service LLM when the local model fails or is slow.")
     latency_budget_s: float | None = Field(None, gt=0, description="Fallback when local generation exceeds this.")
     request_timeout_s: float | None = Field(
