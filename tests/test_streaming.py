@@ -205,3 +205,26 @@ def test_a_full_fine_tune_cannot_share_a_base_and_is_named(tiny_model, tmp_path)
     cfg = Config(model={"base": str(tiny_model)})
     with pytest.raises(UserError, match="full-run: trained with method=full"):
         build_app([a, store.root], cfg)
+
+
+def test_serve_stream_interval_ms_sets_how_often_a_stream_gets_its_tokens(tiny_model):  # noqa: F811
+    from tests.test_scheduler import request
+
+    async def batches(engine) -> list:
+        engine.start()
+        try:
+            stream = engine.submit(request("Omar", max_tokens=20))
+            got = []
+            while (events := await stream.next()) is not None:
+                got.append(events)
+            return got
+        finally:
+            await engine.stop()
+
+    every, _ = build_app(tiny_model, Config(serve={"stream_interval_ms": 0}))
+    assert every.state.batcher.handover_gap_s == 0
+    alone = [len(b) for b in asyncio.run(batches(every.state.batcher))]
+    rare, _ = build_app(tiny_model, Config(serve={"stream_interval_ms": 60_000}))
+    together = [len(b) for b in asyncio.run(batches(rare.state.batcher))]
+    assert len(alone) > 10 and set(alone) == {1}  # every token's text on its own
+    assert len(together) == 2 and together[0] == 1 and sum(together) == sum(alone)  # the first at once, the rest at the end
