@@ -310,16 +310,13 @@ def serving_threads(model: Any, small: int = BF16_MIN_PARAMS) -> Callable[[int],
     from llamaduo.quantize import int8_weights
 
     packed, cores = int8_weights(model), _torch_default_threads()
-    if sum(p.numel() for p in model.parameters()) + packed < small:
-        def threads(rows: int) -> int:
-            return 1
-    elif packed:
-        def threads(rows: int) -> int:
-            return 1 if rows <= INT8_ROWS_PER_PASS else cores
-    else:
-        def threads(rows: int) -> int:
-            return cores
-    torch.set_num_threads(threads(1))
+    tiny = sum(p.numel() for p in model.parameters()) + packed < small
+    few, many = (1 if tiny or packed else cores), (1 if tiny else cores)  # up to four rows, past four
+
+    def threads(rows: int) -> int:
+        return few if rows <= INT8_ROWS_PER_PASS else many
+
+    torch.set_num_threads(few)
     return threads
 
 
