@@ -28,6 +28,11 @@ class RowCache:
         self.values: list[Any] = []
         self.lengths: Any = None  # [rows]: tokens already in the cache = the position of the next token
         self._bias: dict = {}
+        # Set by `begin_step` for the step's attention calls (the same for every layer): the columns
+        # it reads, the rows' indices, and their common length when every row has the same one.
+        self.columns = 0
+        self.row_index: Any = None
+        self.same_length: int | None = None
 
     @property
     def rows(self) -> int:
@@ -78,8 +83,15 @@ class RowCache:
 
     def begin_step(self) -> None:
         """Before a decode step: room for one more token per row, masks rebuilt for the new lengths."""
-        self.reserve(int(self.lengths.max()) + 1)
+        import torch
+
+        lengths = self.lengths.tolist()
+        self.columns = max(lengths) + 1
+        self.reserve(self.columns)
         self._bias.clear()
+        self.same_length = lengths[0] if min(lengths) == self.columns - 1 else None
+        if self.row_index is None or len(self.row_index) != len(lengths):
+            self.row_index = torch.arange(len(lengths), device=self.lengths.device)
 
     def end_step(self) -> None:
         self.lengths = self.lengths + 1
@@ -133,18 +145,25 @@ def row_attention(
     rows, heads, _, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
-    ar = torch.arange(rows, device=query.device)
-    st.keys[layer][ar, :, st.lengths] = key[:, :, 0].to(st.keys[layer].dtype)
-    st.values[layer][ar, :, st.lengths] = value[:, :, 0].to(st.values[layer].dtype)
-    columns = int(st.lengths.max()) + 1
-    k = st.keys[layer][:, :, :columns]
-    v = st.values[layer][:, :, :columns]
+    kc, vc = st.keys[layer], st.values[layer]
+    if key.dtype != kc.dtype:
+        key, value = key.to(kc.dtype), value.to(vc.dtype)
+    columns, same = st.columns, st.same_length
+    if same is not None:  # every row writes the same column: a plain slice, not a scatter
+        kc[:, :, same] = key[:, :, 0]
+        vc[:, :, same] = value[:, :, 0]
+    else:
+        kc[st.row_index, :, st.lengths] = key[:, :, 0]
+        vc[st.row_index, :, st.lengths] = value[:, :, 0]
+    k, v = kc[:, :, :columns], vc[:, :, :columns]
     scale = scaling if scaling is not None else dim**-0.5
     q = query.reshape(rows, kv_heads, groups, dim)
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [rows, kv, groups, columns]
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores + st.bias(columns, sliding_window, scores.dtype)
+    # Rows of one length whose window (if any) reaches back to column 0 see every column: no mask.
+    if same is None or (sliding_window is not None and same - sliding_window + 1 > 0):
+        scores = scores + st.bias(columns, sliding_window, scores.dtype)
     probs = scores.softmax(dim=-1).to(query.dtype)
     out = torch.matmul(probs, v)  # [rows, kv, groups, dim]
     return out.reshape(rows, heads, 1, dim).transpose(1, 2), None
