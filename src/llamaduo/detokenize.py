@@ -8,6 +8,7 @@ text is stripped, as `infer.generate` strips it). Everything sent is a prefix of
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 REPLACEMENT = "\ufffd"
@@ -29,11 +30,22 @@ def _stop_prefix_tail(text: str, stops: list[str]) -> int:
     return best
 
 
+def whole_text(tokenizer: Any) -> Callable[[list[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`; by the Rust tokenizer itself when that is all
+    the Python wrapper would do (it cleans up no spaces): a stream decodes its text whole every token."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if callable(getattr(backend, "decode", None)) and getattr(tokenizer, "clean_up_tokenization_spaces", None) is False:
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
 class TextStream:
     """One generated sequence's text: `push` a token, get the newly settled text."""
 
-    def __init__(self, tokenizer: Any, stops: list[str]):
+    def __init__(self, tokenizer: Any, stops: list[str], decode: Callable[[list[int]], str] | None = None):
+        """`decode`: `whole_text(tokenizer)`, made once for many streams."""
         self.tokenizer = tokenizer
+        self.decode = decode or whole_text(tokenizer)
         self.stops = [s for s in stops if s]
         self.tokens: list[int] = []
         self.sent = ""
@@ -43,7 +55,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Add a token; returns text that is now certain. Sets `stopped` when a stop string appeared."""
         self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        text = self.decode(self.tokens)
         if self.stops:
             text, self.stopped = cut_at_stop(text, self.stops)
         self.text = text

@@ -12,10 +12,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
+from starlette.responses import Response
+
 from llamaduo.chat_api import APIError, ChatRequest, delta, sse_chunk, usage_chunk
 from llamaduo.grammar import Grammars
 from llamaduo.rowbatch import Event
-from llamaduo.scheduler import Stream
+from llamaduo.scheduler import Stream, StreamClosed
 from llamaduo.tool_stream import ToolCallStream
 from llamaduo.tools import render_conversation, renders_tools
 
@@ -121,10 +123,17 @@ def merged(events: list[Event]) -> list[Event]:
     return out
 
 
-async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any,
-                        done: Callable[[list[Any]], None] | None = None) -> AsyncIterator[str]:
-    """The chunks of a streamed local answer, each sent as soon as its tokens are decoded; `done`
-    gets the finished choices (metrics, the shadow sampler) once the last token has gone out."""
+def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first: Any,
+                  done: Callable[[list[Any]], None] | None, headers: dict[str, str]) -> EventStream:
+    """The response of a streamed local answer (`sse_parts` through `EventStream`)."""
+    return EventStream(sse_parts(rid, created, name, stream, first, done), headers)
+
+
+async def sse_parts(rid: str, created: int, name: str, stream: Stream, first: Any,
+                    done: Callable[[list[Any]], None] | None = None) -> AsyncIterator[tuple[str, bool]]:
+    """The chunks of a streamed local answer, each sent as soon as its tokens are decoded, as (text,
+    whether it is the last); `done` gets the finished choices (metrics, the shadow sampler) once the
+    last token has gone out. Ends quietly when the stream is cancelled (its client went away)."""
     req = stream.request
     # An answer that may call tools: its text goes through one streamer per choice (content and
     # tool-call deltas as OpenAI sends them, see `tool_stream.py`).
@@ -139,7 +148,7 @@ async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first
                 out += _event_chunks(rid, created, name, e, calls)
             if stream.open == 0:  # every choice has finished: the rest goes out with the last tokens
                 break
-            yield "".join(out)
+            yield "".join(out), False
             out = []
             left = None if stream.deadline is None else stream.deadline - time.monotonic()
             try:
@@ -147,22 +156,46 @@ async def tokens_as_sse(rid: str, created: int, name: str, stream: Stream, first
             except (asyncio.TimeoutError, TimeoutError):  # past the deadline: the rows leave the batch (finally)
                 body = APIError(504, "the request ran past its deadline (serve.request_timeout_s)", None, "timeout",
                                 "server_error").body()
-                yield f"data: {json.dumps(body)}\n\n"
+                yield f"data: {json.dumps(body)}\n\n", True
                 return
         if done is not None:
             done(stream.choices)
         if req.include_usage:
             out.append(usage_chunk(rid, created, name, stream.choices, False))
-        yield "".join([*out, "data: [DONE]\n\n"])
+        yield "".join([*out, "data: [DONE]\n\n"]), True
+    except StreamClosed:
+        return
     except Exception as e:  # too late for a status code: the stream ends with an error event
         log.exception("local generation failed while streaming")
         body = APIError(500, f"local generation failed: {type(e).__name__}: {e}", None, "generation_failed",
                         "server_error").body()
-        yield "".join([*out, f"data: {json.dumps(body)}\n\n"])
+        yield "".join([*out, f"data: {json.dumps(body)}\n\n"]), True
     finally:
         stream.cancel()
         if stream.watcher is not None:
             stream.watcher.cancel()
+
+
+class EventStream(Response):
+    """A streamed local answer as a plain ASGI response (`sse_parts`' chunks).
+
+    Leaner than a `StreamingResponse`, on the path every token takes: the last chunk closes the body
+    in the same socket write (not one more, empty, write per answer), and no task group listens for
+    the client leaving, since the request's own watcher (`watch_disconnect`) cancels its stream."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, parts: AsyncIterator[tuple[str, bool]], headers: dict[str, str]):
+        self.parts, self.status_code, self.background = parts, 200, None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: dict, receive: Callable[[], Any], send: Callable[[dict], Any]) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        async for text, last in self.parts:
+            await send({"type": "http.response.body", "body": text.encode(), "more_body": not last})
+            if last:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _event_chunks(rid: str, created: int, name: str, e: Event, calls: list[ToolCallStream] | None) -> list[str]:

@@ -12,14 +12,13 @@ attention over the same keys), so a served greedy answer is the batch-inference 
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from llamaduo.chat_api import ChatRequest
-from llamaduo.detokenize import TextStream, logprob_entry
+from llamaduo.detokenize import TextStream, logprob_entry, whole_text
 from llamaduo.rowcache import ATTENTION, RowCache, prefill, register
 from llamaduo.sampling import RowSampling, pick, row_generator
 
@@ -77,6 +76,8 @@ class RowBatch:
             self._hook_adapter_layers()
         self.cache = RowCache()
         self.rows: list[_Row] = []
+        self._decode = whole_text(tokenizer)
+        self._unread: dict[int, Any] = {}  # rows -> the empty 4D mask of a decode step with that many rows
         self._threads, self._threads_set = threads, 0
 
     def __len__(self) -> int:
@@ -103,13 +104,9 @@ class RowBatch:
             torch.set_num_threads(n)
             self._threads_set = n
 
-    @contextlib.contextmanager
-    def _adapters(self, adapters: list[str | None]) -> Iterator[None]:
+    def _adapters(self, adapters: list[str | None]) -> None:
+        """This forward's per-row adapter names (the caller sets them back to None after it)."""
         self._names = [a or "__base__" for a in adapters] if self.adapters else None
-        try:
-            yield
-        finally:
-            self._names = None
 
     def add(self, key: Any, req: ChatRequest) -> list[Event]:
         """Prefill `req` and add its `req.n` rows; returns the events of their first tokens."""
@@ -121,9 +118,13 @@ class RowBatch:
         seed = fresh_seed() if req.seed is None else req.seed
         adapter = getattr(req, "adapter", None)
         self._use_threads(len(ids))
-        with torch.inference_mode(), self._adapters([adapter]):
-            keys, values, last = prefill(self.model, ids)
-            first = last[None].repeat(req.n, 1)
+        self._adapters([adapter])
+        try:
+            with torch.inference_mode():
+                keys, values, last = prefill(self.model, ids)
+                first = last[None].repeat(req.n, 1)
+        finally:
+            self._names = None
         rows = []
         for j in range(req.n):
             sampling = RowSampling(
@@ -131,7 +132,7 @@ class RowBatch:
                 generator=row_generator(seed, j) if s.temperature > 0 else None,
                 constraint=req.constraint() if getattr(req, "constraint", None) is not None else None,
             )
-            rows.append(_Row(key, j, sampling, TextStream(self.tokenizer, list(s.stop)), s.max_new_tokens, len(ids), adapter))
+            rows.append(_Row(key, j, sampling, TextStream(self.tokenizer, list(s.stop), self._decode), s.max_new_tokens, len(ids), adapter))
         self.cache.add(keys, values, copies=len(rows))
         self.rows += rows
         with torch.inference_mode():  # constraints mask the logits in place
@@ -160,12 +161,18 @@ class RowBatch:
                 raise SharedPrefixUnsupported(f"{type(self.model).__name__} cannot switch its attention implementation")
         # `row_attention` masks with the cache's own bias; a 4D mask is passed through by transformers'
         # mask builders as is, which spares building (and checking positions for) an sdpa mask nothing reads.
-        unread = torch.zeros((len(self.rows), 1, 1, 0), dtype=torch.bool, device=self.device)
-        with torch.inference_mode(), self._adapters([r.adapter for r in self.rows]):
-            out = self.model(input_ids=tokens, attention_mask=unread, position_ids=positions, use_cache=False,
-                             logits_to_keep=1, row_cache=self.cache)
-            self.cache.end_step()
-            picks = pick(out.logits[:, -1], [r.sampling for r in self.rows], self.top_k)
+        rows = len(self.rows)
+        if (unread := self._unread.get(rows)) is None:
+            unread = self._unread[rows] = torch.zeros((rows, 1, 1, 0), dtype=torch.bool, device=self.device)
+        self._adapters([r.adapter for r in self.rows])
+        try:
+            with torch.inference_mode():
+                out = self.model(input_ids=tokens, attention_mask=unread, position_ids=positions, use_cache=False,
+                                 logits_to_keep=1, row_cache=self.cache)
+                self.cache.end_step()
+                picks = pick(out.logits[:, -1], [r.sampling for r in self.rows], self.top_k)
+        finally:
+            self._names = None
         events = [self._take(r, p) for r, p in zip(self.rows, picks, strict=True)]
         self._compact()
         return [e for e in events if e is not None]

@@ -44,6 +44,8 @@ def pick(logits: Any, rows: list[RowSampling], top_k: int | None) -> list[Picked
     """Next token of each row from logits [rows, vocab]."""
     import torch
 
+    if all(r.temperature == 0 and r.constraint is None and r.logprobs is None for r in rows):
+        return [Picked(t) for t in logits.argmax(dim=-1).tolist()]  # greedy rows, nothing else asked
     logits = logits.float()
     for i, r in enumerate(rows):
         if r.constraint is not None:

@@ -277,8 +277,7 @@ def create_app(
                 answer = read_tool_calls(choices[0], req).text  # what the non-streamed path offers
                 sh.offer(req, answer, model=m.name, latency_ms=(time.perf_counter() - t0) * 1000)
 
-        return StreamingResponse(tokens_as_sse(rid, created, name, stream, got, streamed),
-                                 media_type="text/event-stream", headers=headers)
+        return tokens_as_sse(rid, created, name, stream, got, streamed, headers)
 
     @app.get("/metrics")
     async def prometheus_metrics(request: Request):
