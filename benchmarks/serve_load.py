@@ -14,6 +14,9 @@ The last line is exactly:
     concurrency_speedup=<ratio> p50_overhead_pct=<percent> errors=<n>
 
 speedup = concurrent req/s ÷ sequential req/s; overhead = (server p50 − direct p50) ÷ direct p50.
+Each sequential request is also paired with a call of the server's own engine (`rowbatch.RowBatch`,
+no HTTP, no threads), shown in the table with the server's latency over it (HTTP, the event loop
+and the generation thread alone) and its own over direct generate.
 With `--stream` every request streams, and the line adds the concurrent phase's time to the
 first content chunk: `... ttft_p50_ms=<t> ttft_ratio=<ttft p50 ÷ full-latency p50> errors=<n>`.
 
@@ -133,19 +136,19 @@ async def request_async(c, url: str, b: dict) -> Result:
     return _stream_result(t, r.status_code, lines)
 
 
-def sequential(url: str, model: str, n: int, max_tokens: int, direct=None, stream: bool = False
-               ) -> tuple[float, list[Result], list[float], int]:
-    """One request at a time; with `direct`, each server call is paired with a direct generate call
-    on the same prompt, so both latencies are taken under the same machine load."""
+def sequential(url: str, model: str, n: int, max_tokens: int, direct=(), stream: bool = False
+               ) -> tuple[float, list[Result], list[list[float]], int]:
+    """One request at a time; each server call is paired with a call of every `direct` function on
+    the same prompt, so all latencies are taken under the same machine load."""
     import httpx
 
-    results, direct_lat, server_s = [], [], 0.0
+    results, direct_lat, server_s = [], [[] for _ in direct], 0.0
     with httpx.Client(timeout=300) as c:
         for i in range(n):
-            if direct is not None:
+            for f, lat in zip(direct, direct_lat, strict=True):
                 t = time.perf_counter()
-                direct(i)
-                direct_lat.append(time.perf_counter() - t)
+                f(i)
+                lat.append(time.perf_counter() - t)
             results.append(request_sync(c, url, body(i, model, max_tokens, stream)))
             server_s += results[-1].latency
     return server_s, results, direct_lat, sum(not r.ok for r in results)
@@ -230,6 +233,29 @@ def direct_caller(model_dir: Path, max_tokens: int):
     return call
 
 
+def engine_caller(model_dir: Path, max_tokens: int):
+    """The server's own engine (`rowbatch.RowBatch`, no scheduler thread, no HTTP) for one request:
+    the server's cost alone is its latency over this."""
+    from llamaduo.chat_api import ChatRequest
+    from llamaduo.config import InferConfig, ModelConfig
+    from llamaduo.data import Message
+    from llamaduo.infer import serving_threads
+    from llamaduo.models import load_model
+    from llamaduo.rowbatch import RowBatch
+
+    model, tok = load_model(ModelConfig(base=str(model_dir)))
+    batch = RowBatch(model, tok, serving_threads(model))
+    sampling = InferConfig(temperature=0.0, max_new_tokens=max_tokens, num_samples=1)
+
+    def call(i: int) -> None:
+        batch.add(i, ChatRequest([Message(role="user", content=prompt(i))], sampling, 0, 1, False, False))
+        while len(batch):
+            batch.step()
+
+    call(0)  # warm-up
+    return call
+
+
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
         max_batch, wait_ms, max_tokens, precision, *model_dirs = sys.argv[2:]
@@ -272,10 +298,11 @@ def main() -> int:
                                        args.max_tokens)
         try:
             n_seq = args.sequential or args.requests
-            direct = direct_caller(model_dir, args.max_tokens)
+            direct = (direct_caller(model_dir, args.max_tokens), engine_caller(model_dir, args.max_tokens))
             sequential(url, name, 8, args.max_tokens, stream=args.stream)  # warm-up
             asyncio.run(concurrent(url, name, args.clients, args.clients, args.max_tokens, args.stream))
-            seq_s, seq_res, direct_lat, seq_err = sequential(url, name, n_seq, args.max_tokens, direct, args.stream)
+            seq_s, seq_res, (direct_lat, engine_lat), seq_err = sequential(url, name, n_seq, args.max_tokens, direct,
+                                                                           args.stream)
             con_s, con_res, con_err = asyncio.run(concurrent(url, name, args.requests, args.clients, args.max_tokens,
                                                              args.stream))
         finally:
@@ -296,12 +323,18 @@ def main() -> int:
         (f"concurrent ({args.clients} clients)", args.requests, con_rps, con_res),
         ("direct generate (no server)", len(direct_lat), len(direct_lat) / sum(direct_lat),
          [Result(x, None, 0, True) for x in direct_lat]),
+        ("direct row batch (no server)", len(engine_lat), len(engine_lat) / sum(engine_lat),
+         [Result(x, None, 0, True) for x in engine_lat]),
     ):
         lat = [r.latency for r in res]
         q = statistics.quantiles(lat, n=20)
         ttft = [r.ttft for r in res if r.ttft is not None]
         shown = f"{1000 * p50(ttft):>9.1f}" if ttft else f"{'n/a':>9}"
         print(f"{label:<28}{n:>9}{rps:>9.1f}{1000 * statistics.median(lat):>9.1f}{1000 * q[18]:>9.1f}{shown}")
+    p50_engine = statistics.median(engine_lat)
+    print(f"server p50 over its own engine's (row batch, no HTTP, no threads): "
+          f"{100.0 * (p50_server - p50_engine) / p50_engine:+.1f} %; the engine's over direct generate: "
+          f"{100.0 * (p50_engine - p50_direct) / p50_direct:+.1f} %")
     if args.stream:
         ttft = [r.ttft for r in con_res if r.ttft is not None]
         ttft_p50 = p50(ttft)
