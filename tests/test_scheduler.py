@@ -129,6 +129,36 @@ def test_row_cache_decodes_a_sliding_window_model_like_generate():
     assert [g[:12] for g in got] == expected
 
 
+
+def test_rows_of_one_length_take_the_unmasked_path_and_still_decode_like_generate():
+    # Two rows of the same prompt, a window of 4: the first steps see every column (no mask), later
+    # ones only the window (masked); and the slice write replaces the scatter throughout.
+    from llamaduo.decode import _attention
+    from llamaduo.rowcache import ATTENTION
+
+    model = gemma3(sliding_window=4)
+    register()
+    p = [5, 9]
+    expected = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)[0, len(p):].tolist()
+    cache, seen = RowCache(), []
+    with torch.inference_mode():
+        keys, values, last = prefill(model, p)
+        cache.add(keys, values, copies=2)
+        nxt = [int(last.argmax())] * 2
+        got = [nxt[:1], nxt[1:]]
+        while len(got[0]) < 10:
+            cache.begin_step()
+            seen.append(cache.same_length)
+            with _attention(model, ATTENTION):
+                out = model(input_ids=torch.tensor(nxt)[:, None], position_ids=cache.lengths[:, None], use_cache=False,
+                            row_cache=cache)
+            cache.end_step()
+            nxt = out.logits[:, -1].argmax(-1).tolist()
+            for row, t in enumerate(nxt):
+                got[row].append(t)
+    assert got == [expected, expected] and seen == list(range(2, 11))
+
 class OnlySequence:
     """A token constraint that allows exactly one fixed token sequence, then ends the row."""
 

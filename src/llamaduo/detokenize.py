@@ -44,7 +44,6 @@ class TextStream:
 
     def __init__(self, tokenizer: Any, stops: list[str], decode: Callable[[list[int]], str] | None = None):
         """`decode`: `whole_text(tokenizer)`, made once for many streams."""
-        self.tokenizer = tokenizer
         self.decode = decode or whole_text(tokenizer)
         self.stops = [s for s in stops if s]
         self.tokens: list[int] = []
