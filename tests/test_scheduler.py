@@ -91,14 +91,30 @@ def test_each_forward_runs_on_the_threads_its_row_count_is_given(tiny):
     assert seen == [1 if n <= 2 else 2 for n in asked]  # every forward ran on what was asked for it
 
 
+def row_step(model, cache, nxt: list[int], got: list[list[int]], seen: list | None = None) -> list[int]:
+    """One greedy decode step of every row of `cache` through the row attention; appends to `got`."""
+    from llamaduo.decode import _attention
+    from llamaduo.rowcache import ATTENTION
+
+    cache.begin_step()
+    if seen is not None:
+        seen.append(cache.same_length)
+    with _attention(model, ATTENTION):
+        out = model(input_ids=torch.tensor(nxt)[:, None], position_ids=cache.lengths[:, None], use_cache=False,
+                    row_cache=cache)
+    cache.end_step()
+    nxt = out.logits[:, -1].argmax(-1).tolist()
+    for row, t in enumerate(nxt):
+        got[row].append(t)
+    return nxt
+
+
 def test_row_cache_decodes_a_sliding_window_model_like_generate():
     model = gemma3(sliding_window=4)
     register()
     prompts = [[5, 9, 2, 7, 7, 3], [11, 4], [8, 1, 6, 6, 2, 9, 10, 12, 3]]
     expected = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None,
                                pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-    from llamaduo.decode import _attention
-    from llamaduo.rowcache import ATTENTION
 
     cache, nxt, got = RowCache(), [], []
     with torch.inference_mode():
@@ -109,23 +125,9 @@ def test_row_cache_decodes_a_sliding_window_model_like_generate():
             got.append([nxt[-1]])
             if i == len(prompts) - 1:
                 break
-            cache.begin_step()
-            with _attention(model, ATTENTION):
-                out = model(input_ids=torch.tensor(nxt)[:, None], position_ids=cache.lengths[:, None], use_cache=False,
-                            row_cache=cache)
-            cache.end_step()
-            nxt = out.logits[:, -1].argmax(-1).tolist()
-            for row, t in enumerate(nxt):
-                got[row].append(t)
+            nxt = row_step(model, cache, nxt, got)
         while min(len(g) for g in got) < 12:
-            cache.begin_step()
-            with _attention(model, ATTENTION):
-                out = model(input_ids=torch.tensor(nxt)[:, None], position_ids=cache.lengths[:, None], use_cache=False,
-                            row_cache=cache)
-            cache.end_step()
-            nxt = out.logits[:, -1].argmax(-1).tolist()
-            for row, t in enumerate(nxt):
-                got[row].append(t)
+            nxt = row_step(model, cache, nxt, got)
     assert [g[:12] for g in got] == expected
 
 
@@ -133,8 +135,6 @@ def test_row_cache_decodes_a_sliding_window_model_like_generate():
 def test_rows_of_one_length_take_the_unmasked_path_and_still_decode_like_generate():
     # Two rows of the same prompt, a window of 4: the first steps see every column (no mask), later
     # ones only the window (masked); and the slice write replaces the scatter throughout.
-    from llamaduo.decode import _attention
-    from llamaduo.rowcache import ATTENTION
 
     model = gemma3(sliding_window=4)
     register()
@@ -148,15 +148,7 @@ def test_rows_of_one_length_take_the_unmasked_path_and_still_decode_like_generat
         nxt = [int(last.argmax())] * 2
         got = [nxt[:1], nxt[1:]]
         while len(got[0]) < 10:
-            cache.begin_step()
-            seen.append(cache.same_length)
-            with _attention(model, ATTENTION):
-                out = model(input_ids=torch.tensor(nxt)[:, None], position_ids=cache.lengths[:, None], use_cache=False,
-                            row_cache=cache)
-            cache.end_step()
-            nxt = out.logits[:, -1].argmax(-1).tolist()
-            for row, t in enumerate(nxt):
-                got[row].append(t)
+            nxt = row_step(model, cache, nxt, got, seen)
     assert got == [expected, expected] and seen == list(range(2, 11))
 
 class OnlySequence:
