@@ -244,7 +244,8 @@ def engine_caller(model_dir: Path, max_tokens: int):
     from llamaduo.rowbatch import RowBatch
 
     model, tok = load_model(ModelConfig(base=str(model_dir)))
-    batch = RowBatch(model, tok, serving_threads(model))
+    serving_threads(model)
+    batch = RowBatch(model, tok)
     sampling = InferConfig(temperature=0.0, max_new_tokens=max_tokens, num_samples=1)
 
     def call(i: int) -> None:

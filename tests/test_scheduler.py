@@ -65,32 +65,6 @@ def test_greedy_rows_joining_at_different_steps_match_generate(tiny):
     assert [out[i]["tokens"][0] for i in range(len(PROMPTS))] == [c.new_tokens for c in expected]
 
 
-def test_each_forward_runs_on_the_threads_its_row_count_is_given(tiny):
-    """A prefill asks for its prompt's token count, a decode step for its live rows; answers unchanged."""
-    model, tok = tiny
-    asked: list[int] = []
-
-    def threads(rows: int) -> int:
-        asked.append(rows)
-        return 1 if rows <= 2 else 2
-
-    before = torch.get_num_threads()
-    seen: list[int] = []
-    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
-    try:
-        out = run(RowBatch(model, tok, threads), [(0, request(PROMPTS[1], max_tokens=4)), (0, request(PROMPTS[3],
-                  max_tokens=4)), (1, request(PROMPTS[4], max_tokens=4))])
-    finally:
-        hook.remove()
-        torch.set_num_threads(before)
-    plain = run(RowBatch(model, tok), [(0, request(PROMPTS[1], max_tokens=4)), (0, request(PROMPTS[3], max_tokens=4)),
-                                       (1, request(PROMPTS[4], max_tokens=4))])
-    assert out == plain
-    prompt_tokens = [len(request(p).prompt_ids(tok)) for p in (PROMPTS[1], PROMPTS[3], PROMPTS[4])]
-    assert asked[:2] == prompt_tokens[:2] and 3 in asked  # two prefills, then steps of up to three rows
-    assert seen == [1 if n <= 2 else 2 for n in asked]  # every forward ran on what was asked for it
-
-
 def row_step(model, cache, nxt: list[int], got: list[list[int]], seen: list | None = None) -> list[int]:
     """One greedy decode step of every row of `cache` through the row attention; appends to `got`."""
     from llamaduo.decode import _attention

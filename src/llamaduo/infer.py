@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -289,35 +288,43 @@ def structured_prompts(
 BF16_MIN_PARAMS = 50_000_000
 
 
-INT8_ROWS_PER_PASS = 4  # torch's weight-only int8 kernel computes four rows per pass over the weights
-
-
-def serving_threads(model: Any, small: int = BF16_MIN_PARAMS) -> Callable[[int], int]:
-    """The torch threads a served model decodes on, as `threads(rows)` for a forward over `rows`
-    rows (a decode step's live rows, a prefill's prompt tokens); sets the count for one row.
+def serving_threads(model: Any, small: int = BF16_MIN_PARAMS) -> int:
+    """Set and return the torch threads a served model decodes on (process-wide: the decode thread,
+    started later, takes torch's setting; call it where the process serves this model only).
 
     One for a model under `small` parameters: its ops are too small to split, and on a shared CPU a
     second spinning thread makes each one many times slower (measured: a LoRA-sized linear took
-    ~1-6 ms on 2 threads under load vs ~30 µs on one). With int8 linears (`infer.precision: int8`)
-    a forward of up to four rows runs on one thread and leaves a core to the event loop and the
-    clients: the kernel costs the same for 1-4 rows, and a torch thread sharing its core with the
-    server's loop stalls every step (Gemma 3 270M, 2 cores: one client 29.0 tok/s on one thread vs
-    22.1 on two). Past four rows the kernel makes a second pass over the weights, and every core
-    pays for itself (8 clients: 166-172 tok/s vs 145-147 on one thread). Other models use every core.
-    Process-wide: call it where the process serves this model only."""
+    ~1-6 ms on 2 threads under load vs ~30 µs on one). Every core otherwise, int8 linears included
+    (Gemma 3 270M served in int8, 2 cores, one client: 21.5 vs 14.8 tok/s on one thread), once the
+    loading thread's OpenMP pool is released (`release_thread_pool`): left in place, it had made the
+    decode thread's two threads no faster than one."""
     import torch
 
     from llamaduo.quantize import int8_weights
 
-    packed, cores = int8_weights(model), _torch_default_threads()
-    tiny = sum(p.numel() for p in model.parameters()) + packed < small
-    few, many = (1 if tiny or packed else cores), (1 if tiny else cores)  # up to four rows, past four
+    tiny = sum(p.numel() for p in model.parameters()) + int8_weights(model) < small
+    n = 1 if tiny else _torch_default_threads()
+    torch.set_num_threads(n)
+    return n
 
-    def threads(rows: int) -> int:
-        return few if rows <= INT8_ROWS_PER_PASS else many
 
-    torch.set_num_threads(few)
-    return threads
+def release_thread_pool() -> bool:
+    """Free the OpenMP worker pool torch keeps for the calling thread (False: no libgomp found).
+
+    Why: libgomp gives every thread that ran a parallel op its own pool, and once pooled threads
+    outnumber the cores it stops spinning between ops; the server's decode thread then waits on a
+    wake-up in every op (a small int8 matmul, 2 threads: 113 vs 45 µs). Call it in the thread that
+    loaded the model, before the decode thread's first op."""
+    import ctypes
+    import glob
+    import os
+
+    import torch
+
+    for path in glob.glob(os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp*.so*")):
+        with contextlib.suppress(OSError, AttributeError):
+            return ctypes.CDLL(path).omp_pause_resource_all(1) == 0  # omp_pause_soft
+    return False
 
 
 @functools.cache

@@ -13,7 +13,6 @@ attention over the same keys), so a served greedy answer is the batch-inference 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,9 +58,7 @@ def fresh_seed() -> int:
 class RowBatch:
     """The live rows of the server's batch and their cache, over one model."""
 
-    def __init__(self, model: Any, tokenizer: Any, threads: Callable[[int], int] | None = None):
-        """`threads(rows)`: the torch threads a forward over `rows` rows runs on (`infer.serving_threads`);
-        None leaves the process's setting alone."""
+    def __init__(self, model: Any, tokenizer: Any):
         from llamaduo.infer import stop_token_ids
 
         register()
@@ -78,7 +75,6 @@ class RowBatch:
         self.rows: list[_Row] = []
         self._decode = whole_text(tokenizer)
         self._unread: dict[int, Any] = {}  # rows -> the empty 4D mask of a decode step with that many rows
-        self._threads, self._threads_set = threads, 0
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,13 +93,6 @@ class RowBatch:
             if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper)):
                 m.register_forward_pre_hook(inject, with_kwargs=True)
 
-    def _use_threads(self, rows: int) -> None:
-        if self._threads is not None and (n := self._threads(rows)) != self._threads_set:
-            import torch
-
-            torch.set_num_threads(n)
-            self._threads_set = n
-
     def _adapters(self, adapters: list[str | None]) -> None:
         """This forward's per-row adapter names (the caller sets them back to None after it)."""
         self._names = [a or "__base__" for a in adapters] if self.adapters else None
@@ -117,7 +106,6 @@ class RowBatch:
         s = req.sampling
         seed = fresh_seed() if req.seed is None else req.seed
         adapter = getattr(req, "adapter", None)
-        self._use_threads(len(ids))
         self._adapters([adapter])
         try:
             with torch.inference_mode():
@@ -149,7 +137,6 @@ class RowBatch:
 
         if not self.rows:
             return []
-        self._use_threads(len(self.rows))
         self.cache.begin_step()
         tokens = torch.tensor([[r.next] for r in self.rows], dtype=torch.long, device=self.device)
         positions = self.cache.lengths[:, None]

@@ -19,7 +19,6 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +98,11 @@ class EngineStats:
 class Scheduler:
     """Generates every request's tokens in one continuously refilled batch (one thread owns the model)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float | None = None,
-                 threads: Callable[[int], int] | None = None):
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float | None = None):
         """`handover_gap_s`: `serve.stream_interval_ms` in seconds (None: its default)."""
         if handover_gap_s is None:
             handover_gap_s = ServeConfig.model_fields["stream_interval_ms"].default / 1000
-        self.batch = RowBatch(model, tokenizer, threads)
+        self.batch = RowBatch(model, tokenizer)
         self.max_batch = max_batch
         self.handover_gap_s = handover_gap_s  # 0: every step's tokens go out as decoded
         self.stats = EngineStats()

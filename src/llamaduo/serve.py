@@ -325,25 +325,24 @@ def create_app(
     return app
 
 
-def local_engine(model: Any, tokenizer: Any, max_batch: int, threads: Callable[[int], int] | None = None,
-                 stream_interval_s: float | None = None) -> "Scheduler | Generator":
+def local_engine(model: Any, tokenizer: Any, max_batch: int, stream_interval_s: float | None = None
+                 ) -> "Scheduler | Generator":
     """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`;
-    `threads(rows)` as `infer.serving_threads` returns; `stream_interval_s` as `serve.stream_interval_ms`."""
+    `stream_interval_s` as `serve.stream_interval_ms`. Torch's threads as set before (`infer.serving_threads`)."""
     from llamaduo.decode import SharedPrefixUnsupported
 
     # The generation thread holds the GIL between torch ops; at the default 5 ms switch interval the
     # event loop (reading requests, sending every stream's chunks) waits that long each time it wakes.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-    scheduler = Scheduler(model, tokenizer, max_batch, stream_interval_s, threads)
+    scheduler = Scheduler(model, tokenizer, max_batch, stream_interval_s)
     try:
         scheduler.batch.probe()
     except SharedPrefixUnsupported as e:
         log.warning("%s: serving with batched `generate`, whole answers (%s)", type(model).__name__, e)
-        if threads is not None:  # its batches are up to max_batch rows
-            import torch
-
-            torch.set_num_threads(threads(max_batch))
         return local_generator(model, tokenizer)
+    from llamaduo.infer import release_thread_pool
+
+    release_thread_pool()  # loading and the probe ran here; the decode thread's pool is then the only one
     return scheduler
 
 
@@ -355,7 +354,8 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
     model, tokenizer, served = load_served(paths, cfg, overrides)
     from llamaduo.infer import serving_threads
 
-    engine = local_engine(model, tokenizer, cfg.serve.max_batch, serving_threads(model), cfg.serve.stream_interval_ms / 1000)
+    serving_threads(model)
+    engine = local_engine(model, tokenizer, cfg.serve.max_batch, cfg.serve.stream_interval_ms / 1000)
     shadow: dict[str, Any] = {}
     drift: dict[str, Any] = {}
     if cfg.serve.shadow_rate > 0:  # each served run is watched by its own monitoring store and judge
