@@ -58,12 +58,14 @@ def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_token
     """The server process: prints `PORT NAME DTYPE` once listening, then serves until terminated.
 
     `precision` is the run's `infer.precision`, which the infer stage (the judged answers) and
-    `serve` both generate in; DTYPE is what the served weights are in."""
+    `serve` both generate in ("int8-int4head": int8 with `infer.int4_lm_head`); DTYPE is what the
+    served weights are in."""
     from llamaduo.config import Config
     from llamaduo.serve import BackgroundServer, build_app
 
     cfg = Config(
-        infer={"temperature": 0.0, "max_new_tokens": max_tokens, "num_samples": 1, "precision": precision},
+        infer={"temperature": 0.0, "max_new_tokens": max_tokens, "num_samples": 1,
+               "precision": precision.removesuffix("-int4head"), "int4_lm_head": precision.endswith("-int4head")},
         serve={"max_batch": max_batch, "batch_wait_ms": wait_ms, "max_tokens_limit": max(2048, max_tokens)},
     )
     app, name = build_app([Path(d) for d in model_dirs] if len(model_dirs) > 1 else Path(model_dirs[0]), cfg)
@@ -71,9 +73,10 @@ def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_token
     model = getattr(getattr(app.state.batcher, "batch", None), "model", None)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.") if model is not None else "n/a"
     if model is not None:
-        from llamaduo.quantize import int8_weights
+        from llamaduo.quantize import Int4Linear, int8_weights
 
-        dtype = f"int8-linears+{dtype}" if int8_weights(model) else dtype
+        head = "+int4-head" if isinstance(model.get_output_embeddings(), Int4Linear) else ""
+        dtype = f"int8-linears{head}+{dtype}" if int8_weights(model) else dtype
     print(srv.port, name, dtype, flush=True)
     srv.thread.join()
 
@@ -273,11 +276,12 @@ def main() -> int:
     ap.add_argument("--stream", action="store_true", help="every request streams; adds first-token times")
     ap.add_argument("--adapters", type=int, default=None, help="N LoRA adapters in one process vs N processes")
     ap.add_argument("--against", choices=["llamacpp"], default=None, help="compare with llama.cpp's server")
-    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8"], default=None,
-                    help="the served run's infer.precision (what its judged answers were generated in); default "
-                    "auto, and int8 against llama.cpp, whose side runs the GGUF's 4-bit weights")
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16", "int8", "int8-int4head"], default=None,
+                    help="the served run's infer.precision (what its judged answers were generated in; "
+                    "int8-int4head: int8 with infer.int4_lm_head); default auto, and int8-int4head against "
+                    "llama.cpp, whose side runs the GGUF's 4-5-bit layers and 8-bit LM head")
     args = ap.parse_args()
-    args.precision = args.precision or ("int8" if args.against == "llamacpp" else "auto")
+    args.precision = args.precision or ("int8-int4head" if args.against == "llamacpp" else "auto")
     args.max_tokens = args.max_tokens or (64 if args.model == "gemma-270m" else 32)
     if args.adapters:
         from serve_adapters import run_adapters

@@ -3,8 +3,8 @@
     python benchmarks/serve_load.py --model gemma-270m --clients 8 --requests 32 --stream --against llamacpp
 
 Both serve the packaged Gemma 3 270M (llama.cpp the Q4_K_M GGUF itself, llamaduo its dequantised
-weights, by default as `infer.precision: int8` — quantized weights against quantized weights;
-`--precision` picks another), on the same 127.0.0.1, with the same prompts, greedy, streamed:
+weights, by default as `infer.precision: int8` with `infer.int4_lm_head` — int8 layers and a 4-bit
+LM head against the GGUF's 4-5-bit layers and 8-bit head; `--precision` picks another), on the same 127.0.0.1, with the same prompts, greedy, streamed:
   1. one client, a few requests one after another (single-stream tok/s, first-token time),
   2. `--clients` concurrent clients, `--requests` requests (aggregate tok/s, first-token p50).
 Both servers are up throughout and measured in turn, phase by phase (ours, llama.cpp, ours,

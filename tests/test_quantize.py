@@ -19,6 +19,7 @@ from tests.tiny import tiny_model  # noqa: F401
 from tests.tiny_server import QUESTIONS
 
 INT8 = InferConfig(precision="int8", temperature=0.0, max_new_tokens=12, num_samples=1, batch_size=1)
+INT4_HEAD = INT8.model_copy(update={"int4_lm_head": True})
 
 
 def lora(base_path, out, seed: int):
@@ -131,6 +132,53 @@ def test_runs_served_together_in_int8_answer_as_the_int8_base_with_each_adapter(
     # Exact equality is not promised: bf16 activations round differently in the server's attention (see above).
     assert all(x[:4] == y[:4] for n in expected for x, y in zip(served[n], expected[n], strict=True))
     assert served["shop-a"] != served["shop-b"] and expected["shop-a"] != expected["shop-b"]
+
+
+def test_int4_lm_head_makes_only_the_head_4_bit_and_it_computes_with_its_dequantized_weights(tiny_model):  # noqa: F811
+    from llamaduo.quantize import Int4Linear
+
+    plain, _ = load_model(ModelConfig(base=str(tiny_model)))
+    weight = plain.get_output_embeddings().weight.detach().bfloat16().float()  # int8 casts to bf16 first
+    model = for_generation(plain, INT4_HEAD)
+    head = model.get_output_embeddings()
+    int8 = [m for m in model.modules() if type(m).__name__ == "Int8Linear"]
+    assert [m for m in model.modules() if isinstance(m, Int4Linear)] == [head] and head.out_features % 16 != 0
+    assert len(int8) == base_linears(load_model(ModelConfig(base=str(tiny_model)))[0]) - 1
+    assert int8_weights(model) == sum(m.qweight.numel() for m in int8) + weight.numel()
+    # Groups of 32 weights, 16 levels from the group's least to its greatest; scale and zero in bf16.
+    groups = weight.reshape(-1, 32)
+    low, high = groups.amin(1, keepdim=True), groups.amax(1, keepdim=True)
+    scale = (high - low) / 15
+    levels = torch.round((groups - low) / scale).clamp(0, 15)
+    dequantized = ((levels - 8) * scale.bfloat16().float() + (low + 8 * scale).bfloat16().float()).reshape(weight.shape)
+    assert (dequantized - weight).abs().max() <= 0.51 * scale.max() + 1e-3
+    x = torch.randn(7, weight.shape[1], dtype=torch.bfloat16)
+    expected = x.float() @ dequantized.T
+    assert torch.allclose(head(x).float(), expected, rtol=1e-2, atol=1e-2 * expected.abs().max().item())
+    with torch.inference_mode():
+        logits = model(torch.tensor([list(range(5, 45))])).logits
+    assert logits.shape[-1] == head.out_features and torch.isfinite(logits.float()).all()
+
+
+def test_an_int4_head_run_is_served_with_the_infer_stages_int4_head_and_answers(tiny_model):  # noqa: F811
+    from llamaduo.quantize import Int4Linear
+
+    model, tok = load_model(ModelConfig(base=str(tiny_model)))
+    model = for_generation(model, INT4_HEAD)
+    judged = [generate(model, tok, [("q", [Message(role="user", content=q)])], INT4_HEAD)[0].text for q in QUESTIONS]
+    app, name = build_app(tiny_model, Config(model={"base": str(tiny_model)}, infer=INT4_HEAD.model_dump()))
+    assert isinstance(app.state.batcher.batch.model.get_output_embeddings(), Int4Linear)
+    with BackgroundServer(app) as srv:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        served = [c.chat.completions.create(model=name, messages=[{"role": "user", "content": q}]).choices[0]
+                  .message.content for q in QUESTIONS]
+    # As in int8: bf16 activations round differently in the server's attention, so only the start is promised.
+    assert all(a[:4] == b[:4] for a, b in zip(served, judged, strict=True))
+
+
+def test_int4_lm_head_outside_int8_is_refused_naming_both_settings():
+    with pytest.raises(ValueError, match="infer.int4_lm_head is part of infer.precision=int8 \\(set: bf16\\)"):
+        InferConfig(precision="bf16", int4_lm_head=True)
 
 
 def test_int8_on_vllm_is_refused_naming_the_setting():

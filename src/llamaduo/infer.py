@@ -347,7 +347,7 @@ def for_generation(model: Any, infer_cfg: InferConfig) -> Any:
     if infer_cfg.precision == "int8":
         from llamaduo.quantize import int8_linears
 
-        return int8_linears(model)
+        return int8_linears(model, infer_cfg.int4_lm_head)
     if infer_cfg.precision == "bf16":
         return model.to(torch.bfloat16)
     if infer_cfg.precision == "fp32":

@@ -362,6 +362,9 @@ class InferConfig(Strict):
         "do not depend on the batch. 'int8' = every linear layer (LM head included) as int8 weights over bf16 "
         "activations, CPU and transformers only; a round's LoRA adapter is merged first, as deploy exports it.",
     )
+    int4_lm_head: bool = Field(False, description="With precision int8: the LM head as int4, a bf16 scale and zero "
+                               "per 32 weights (Gemma 3 270M, 2 cores: head 5.8 vs 16.7 ms a token; next token as "
+                               "fp32's on 98.0 % of tokens, int8: 98.3 %; mean KL 0.019 vs 0.0035).")
 
     @model_validator(mode="after")
     def _vllm_layout_needs_vllm(self) -> InferConfig:
@@ -371,6 +374,9 @@ class InferConfig(Strict):
         if self.backend == "vllm" and self.precision == "int8":
             raise ValueError("infer.precision=int8 is int8 weights for CPU generation on transformers; vLLM "
                              "quantizes through its own settings: set infer.precision to auto or bf16")
+        if self.int4_lm_head and self.precision != "int8":
+            raise ValueError(f"infer.int4_lm_head is part of infer.precision=int8 (set: {self.precision}); "
+                             "set infer.precision to int8 or remove infer.int4_lm_head")
         return self
 
 
