@@ -155,6 +155,7 @@ def _generate_batch(
     from transformers import StoppingCriteriaList, StopStringCriteria
 
     from llamaduo.decode import SharedPrefixUnsupported, decode
+    from llamaduo.sampling import greedy as greedy_pick
 
     greedy = sampling.temperature == 0
     copies = 1 if greedy else sampling.num_samples
@@ -164,7 +165,7 @@ def _generate_batch(
         try:
             return decode(
                 model, input_ids, attention_mask, copies, sampling.max_new_tokens,
-                pick=(lambda logits: logits.argmax(-1)) if greedy else (
+                pick=greedy_pick if greedy else (
                     lambda logits: draw(logits, sampling.temperature, sampling.top_p, top_k)
                 ),
                 eos_ids=eos_ids, pad_id=pad_id, stop=(lambda gen: stops(gen, None)) if stops else None,

