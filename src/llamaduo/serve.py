@@ -330,6 +330,7 @@ def local_engine(model: Any, tokenizer: Any, max_batch: int, stream_interval_s: 
     """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`;
     `stream_interval_s` as `serve.stream_interval_ms`. Torch's threads as set before (`infer.serving_threads`)."""
     from llamaduo.decode import SharedPrefixUnsupported
+    from llamaduo.infer import release_thread_pool
 
     # The generation thread holds the GIL between torch ops; at the default 5 ms switch interval the
     # event loop (reading requests, sending every stream's chunks) waits that long each time it wakes.
@@ -340,9 +341,8 @@ def local_engine(model: Any, tokenizer: Any, max_batch: int, stream_interval_s: 
     except SharedPrefixUnsupported as e:
         log.warning("%s: serving with batched `generate`, whole answers (%s)", type(model).__name__, e)
         return local_generator(model, tokenizer)
-    from llamaduo.infer import release_thread_pool
-
-    release_thread_pool()  # loading and the probe ran here; the decode thread's pool is then the only one
+    finally:  # loading and the probe ran here; the generating thread's pool is then the only one
+        release_thread_pool()
     return scheduler
 
 
