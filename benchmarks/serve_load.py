@@ -54,19 +54,21 @@ def prompt(i: int) -> str:
     return f"{QUESTIONS[i % len(QUESTIONS)]} (request {i})"
 
 
-def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int, precision: str = "auto") -> None:
+def serve_child(model_dirs: list[str], max_batch: int, wait_ms: float, max_tokens: int, precision: str = "auto",
+                serve: dict | None = None) -> None:
     """The server process: prints `PORT NAME DTYPE` once listening, then serves until terminated.
 
     `precision` is the run's `infer.precision`, which the infer stage (the judged answers) and
     `serve` both generate in ("int8-int4head": int8 with `infer.int4_lm_head`); DTYPE is what the
-    served weights are in."""
+    served weights are in; `serve`: more `serve` settings (`SERVE`)."""
     from llamaduo.config import Config
     from llamaduo.serve import BackgroundServer, build_app
 
     cfg = Config(
         infer={"temperature": 0.0, "max_new_tokens": max_tokens, "num_samples": 1,
                "precision": precision.removesuffix("-int4head"), "int4_lm_head": precision.endswith("-int4head")},
-        serve={"max_batch": max_batch, "batch_wait_ms": wait_ms, "max_tokens_limit": max(2048, max_tokens)},
+        serve={"max_batch": max_batch, "batch_wait_ms": wait_ms, "max_tokens_limit": max(2048, max_tokens),
+               **(serve or {})},
     )
     app, name = build_app([Path(d) for d in model_dirs] if len(model_dirs) > 1 else Path(model_dirs[0]), cfg)
     srv = BackgroundServer(app, "127.0.0.1", 0, name).start()
@@ -187,6 +189,7 @@ async def concurrent(urls, models, n: int, clients: int, max_tokens: int, stream
         return time.perf_counter() - t0, results, errors
 
 
+SERVE: dict = {}  # `serve` settings every server child gets (`--prefix-cache-mb`)
 DTYPES: dict[str, str] = {}  # chat completions URL -> the dtype its server's weights are in (the child reports it)
 
 
@@ -194,7 +197,7 @@ def start_server(model_dirs: list[str], max_batch: int, wait_ms: float, max_toke
                  ) -> tuple[subprocess.Popen, str, str]:
     """A server child process on 127.0.0.1: (process, chat completions URL, served name)."""
     child = [sys.executable, __file__, "--child", str(max_batch), str(wait_ms), str(max_tokens), precision,
-             *map(str, model_dirs)]
+             json.dumps(SERVE), *map(str, model_dirs)]
     proc = subprocess.Popen(child, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline().split()
     if len(line) != 3:
@@ -262,8 +265,8 @@ def engine_caller(model_dir: Path, max_tokens: int):
 
 def main() -> int:
     if sys.argv[1:2] == ["--child"]:
-        max_batch, wait_ms, max_tokens, precision, *model_dirs = sys.argv[2:]
-        serve_child(model_dirs, int(max_batch), float(wait_ms), int(max_tokens), precision)
+        max_batch, wait_ms, max_tokens, precision, serve, *model_dirs = sys.argv[2:]
+        serve_child(model_dirs, int(max_batch), float(wait_ms), int(max_tokens), precision, json.loads(serve))
         return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (built in a temp dir), 'gemma-270m' or a model directory")
@@ -280,7 +283,13 @@ def main() -> int:
                     help="the served run's infer.precision (what its judged answers were generated in; "
                     "int8-int4head: int8 with infer.int4_lm_head); default auto, and int8-int4head against "
                     "llama.cpp, whose side runs the GGUF's 4-5-bit layers and 8-bit LM head")
+    ap.add_argument("--prefix-cache-mb", type=float, default=None,
+                    help="the servers' serve.prefix_cache_mb (default: its default; 0 = off)")
     args = ap.parse_args()
+    if args.prefix_cache_mb is not None:
+        import serve_load  # this file runs as __main__; the comparisons' `start_server` is this module's
+
+        SERVE["prefix_cache_mb"] = serve_load.SERVE["prefix_cache_mb"] = args.prefix_cache_mb
     args.precision = args.precision or ("int8-int4head" if args.against == "llamacpp" else "auto")
     args.max_tokens = args.max_tokens or (64 if args.model == "gemma-270m" else 32)
     if args.adapters:

@@ -4,7 +4,9 @@ Per request: `llamaduo_requests_total{model,status}`, `llamaduo_request_latency_
 `llamaduo_time_to_first_token_seconds{model}` (the server sends a request's text in one chunk once
 it is generated, so this is the time until the answer is ready), `llamaduo_tokens_in_total` /
 `llamaduo_tokens_out_total{model}`, `llamaduo_fallbacks_total{reason}`. Read at scrape time from
-their owners: the batcher's `llamaduo_batch_size` (count = batches, sum = requests batched), the
+their owners: the batcher's `llamaduo_batch_size` (count = batches, sum = requests batched), its prefix cache's
+`llamaduo_prefix_cache_lookups_total`, `_hits_total`, `_reused_tokens_total` (prompt tokens not
+prefilled again) and `llamaduo_prefix_cache_bytes`, the
 shadow sender's `llamaduo_shadow_requests_total{outcome}` (sent, judged, unjudged, failed) and
 `llamaduo_shadow_dropped_total{reason}`, the last window's `llamaduo_shadow_score` and its CI,
 `llamaduo_drifted`, and `llamaduo_shadow_spend_usd`. A per-app `CollectorRegistry` keeps two
@@ -86,6 +88,14 @@ class _Owned(Collector):
             st = self.batcher.stats
             yield SummaryMetricFamily("llamaduo_batch_size", "Requests per generate batch.",
                                       count_value=st.batches, sum_value=st.requests)
+            prefixes = getattr(getattr(self.batcher, "batch", None), "prefixes", None)
+            if prefixes is not None:  # the continuous batch's (batched `generate` has none)
+                for name, doc, value in (
+                        ("lookups", "Prompts looked up in the prefix cache.", prefixes.lookups),
+                        ("hits", "Prompts that took a prefix from the cache.", prefixes.hits),
+                        ("reused_tokens", "Prompt tokens taken from the cache, not prefilled.", prefixes.reused_tokens)):
+                    yield CounterMetricFamily(f"llamaduo_prefix_cache_{name}", doc, value=value)
+                yield GaugeMetricFamily("llamaduo_prefix_cache_bytes", "Bytes the prefix cache holds.", value=prefixes.bytes)
         if self.shadows:
             sent = CounterMetricFamily("llamaduo_shadow_requests", "Shadowed requests by outcome.",
                                        labels=["model", "outcome"])

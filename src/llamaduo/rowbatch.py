@@ -1,13 +1,15 @@
 """The server's continuous batch: a request's rows join between decode steps and leave when done.
 
-`add` prefills a request's prompt (on its own, unpadded, with the model's attention), picks each
+`add` prefills a request's prompt (on its own, unpadded, with the model's attention; the part it
+shares with a recent prompt comes from `prefixcache.PrefixCache`), picks each
 of its `n` rows' first token and appends the rows to the batch; `step` runs one decode step for
 every live row at once (`rowcache.row_attention` reads each row's own cache), picks each row's
 next token with that row's settings (`sampling.pick`) and drops the rows that finished. Both
 return what the step produced per row as `Event`s. No threads here: `scheduler.py` drives it.
 
 Greedy rows pick exactly what `infer.generate` picks (same prefill, same prompt encoding, fp32
-attention over the same keys), so a served greedy answer is the batch-inference answer.
+attention over the same keys), so a served greedy answer is the batch-inference answer; a prompt
+whose prefix came from the cache had the rest of it run in a shorter forward (see `prefixcache`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from llamaduo.chat_api import ChatRequest
 from llamaduo.detokenize import TextStream, logprob_entry, whole_text
+from llamaduo.prefixcache import PrefixCache
 from llamaduo.rowcache import ATTENTION, RowCache, prefill, register
 from llamaduo.sampling import RowSampling, pick, row_generator
 
@@ -58,8 +61,15 @@ def fresh_seed() -> int:
 class RowBatch:
     """The live rows of the server's batch and their cache, over one model."""
 
-    def __init__(self, model: Any, tokenizer: Any):
+    def __init__(self, model: Any, tokenizer: Any, prefix_cache_bytes: int | None = None):
+        """`prefix_cache_bytes`: `serve.prefix_cache_mb` in bytes (None: its default; 0: no cache)."""
+        from llamaduo.config.serving import ServeConfig
         from llamaduo.infer import stop_token_ids
+
+        if prefix_cache_bytes is None:
+            prefix_cache_bytes = int(ServeConfig.model_fields["prefix_cache_mb"].default * 2**20)
+        self.prefixes = PrefixCache(prefix_cache_bytes)
+        self.prefilled = 0  # prompt tokens the last `add` ran through the model (the rest came from the cache)
 
         register()
         self.model, self.tokenizer = model, tokenizer
@@ -109,7 +119,10 @@ class RowBatch:
         self._adapters([adapter])
         try:
             with torch.inference_mode():
-                keys, values, last = prefill(self.model, ids)
+                reuse = self.prefixes.lookup(adapter, ids)
+                self.prefilled = len(ids) - (reuse.tokens if reuse is not None else 0)
+                keys, values, last = prefill(self.model, ids, reuse)
+                self.prefixes.store(adapter, ids, keys, values, last)
                 first = last[None].repeat(req.n, 1)
         finally:
             self._names = None

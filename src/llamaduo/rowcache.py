@@ -177,16 +177,26 @@ def register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
 
 
-def prefill(model: Any, ids: list[int], **forward: Any) -> tuple[list[Any], list[Any], Any]:
-    """Run one prompt through the model (its own attention): (keys, values per layer, last logits [vocab])."""
+def prefill(model: Any, ids: list[int], reuse: Any = None, **forward: Any) -> tuple[list[Any], list[Any], Any]:
+    """Run one prompt through the model (its own attention): (keys, values per layer, last logits [vocab]).
+
+    `reuse` (a `prefixcache.Reuse`): its first `tokens` prompt tokens' keys and values seed the cache
+    and only the rest of the prompt runs; the whole prompt's results come back as without it."""
     import torch
     from transformers import DynamicCache
 
     from llamaduo.decode import SharedPrefixUnsupported
 
+    if reuse is not None and reuse.whole:
+        return reuse.entry.keys, reuse.entry.values, reuse.entry.last
     device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-    out = model(input_ids=input_ids, cache=DynamicCache(), use_cache=True, logits_to_keep=1, **forward)
+    cache, start = DynamicCache(), 0
+    if reuse is not None:
+        start = reuse.tokens
+        for i, (k, v) in enumerate(zip(reuse.entry.keys, reuse.entry.values, strict=True)):
+            cache.update(k[:, :, :start], v[:, :, :start], i)  # the layer concatenates: the entry is not written
+    input_ids = torch.tensor([ids[start:]], dtype=torch.long, device=device)
+    out = model(input_ids=input_ids, cache=cache, use_cache=True, logits_to_keep=1, **forward)
     layers = getattr(out.cache, "layers", None) or []
     if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
         raise SharedPrefixUnsupported("the prefill did not leave a key/value cache per layer")

@@ -28,7 +28,7 @@ from llamaduo.rowbatch import Event, RowBatch
 
 log = logging.getLogger("llamaduo.scheduler")
 
-PREFILL_TOKENS = 1024  # prompt tokens prefilled between two decode steps (at least one request)
+PREFILL_TOKENS = 1024  # prompt tokens prefilled between two decode steps (at least one request; cached ones free)
 # The hand-over gap is `serve.stream_interval_ms`: each chunk costs the event loop and the client a
 # wake-up and a write, and the loop then holds the interpreter lock the generation thread needs for
 # its next step (tiny model: one hand-over per token took a quarter of that thread's time). First
@@ -98,11 +98,13 @@ class EngineStats:
 class Scheduler:
     """Generates every request's tokens in one continuously refilled batch (one thread owns the model)."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float | None = None):
-        """`handover_gap_s`: `serve.stream_interval_ms` in seconds (None: its default)."""
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int, handover_gap_s: float | None = None,
+                 prefix_cache_bytes: int | None = None):
+        """`handover_gap_s`: `serve.stream_interval_ms` in seconds (None: its default); `prefix_cache_bytes`
+        as `RowBatch`'s."""
         if handover_gap_s is None:
             handover_gap_s = ServeConfig.model_fields["stream_interval_ms"].default / 1000
-        self.batch = RowBatch(model, tokenizer)
+        self.batch = RowBatch(model, tokenizer, prefix_cache_bytes)
         self.max_batch = max_batch
         self.handover_gap_s = handover_gap_s  # 0: every step's tokens go out as decoded
         self.stats = EngineStats()
@@ -212,7 +214,7 @@ class Scheduler:
                 self.batch.drop(stream)
                 self._deliver([(stream, e)])
                 continue
-            budget -= len(stream.request.prompt_ids(self.batch.tokenizer)) + 1  # encoded by `add`: no second time
+            budget -= self.batch.prefilled + 1  # a prefix from the cache costs no prefill time
             # Its first tokens go out now, not after the next prefill or step: requests arriving together
             # (clients that started together) would otherwise all wait for the last one's prefill.
             if events:

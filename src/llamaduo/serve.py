@@ -325,17 +325,19 @@ def create_app(
     return app
 
 
-def local_engine(model: Any, tokenizer: Any, max_batch: int, stream_interval_s: float | None = None
-                 ) -> "Scheduler | Generator":
+def local_engine(model: Any, tokenizer: Any, max_batch: int, stream_interval_s: float | None = None,
+                 prefix_cache_mb: float | None = None) -> "Scheduler | Generator":
     """The continuous batch over `model`, or (an architecture it cannot decode) batched `generate`;
-    `stream_interval_s` as `serve.stream_interval_ms`. Torch's threads as set before (`infer.serving_threads`)."""
+    `stream_interval_s` and `prefix_cache_mb` as `serve.stream_interval_ms` and `serve.prefix_cache_mb` (None:
+    their defaults). Torch's threads as set before (`infer.serving_threads`)."""
     from llamaduo.decode import SharedPrefixUnsupported
     from llamaduo.infer import release_thread_pool
 
     # The generation thread holds the GIL between torch ops; at the default 5 ms switch interval the
     # event loop (reading requests, sending every stream's chunks) waits that long each time it wakes.
     sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
-    scheduler = Scheduler(model, tokenizer, max_batch, stream_interval_s)
+    cache = None if prefix_cache_mb is None else int(prefix_cache_mb * 2**20)
+    scheduler = Scheduler(model, tokenizer, max_batch, stream_interval_s, cache)
     try:
         scheduler.batch.probe()
     except SharedPrefixUnsupported as e:
@@ -355,7 +357,8 @@ def build_app(model_or_run_dirs: "Path | Sequence[Path]", cfg: Config, overrides
     from llamaduo.infer import serving_threads
 
     serving_threads(model)
-    engine = local_engine(model, tokenizer, cfg.serve.max_batch, cfg.serve.stream_interval_ms / 1000)
+    engine = local_engine(model, tokenizer, cfg.serve.max_batch, cfg.serve.stream_interval_ms / 1000,
+                          cfg.serve.prefix_cache_mb)
     shadow: dict[str, Any] = {}
     drift: dict[str, Any] = {}
     if cfg.serve.shadow_rate > 0:  # each served run is watched by its own monitoring store and judge

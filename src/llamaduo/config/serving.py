@@ -80,6 +80,12 @@ class ServeConfig(Strict):
         "while the generation thread waits (tiny model, 2 cores: overhead over direct generation 13.8 % at 10 ms, "
         "7.1 % at 25 ms).",
     )
+    prefix_cache_mb: float = Field(
+        64.0, ge=0,
+        description="Keys and values of recent prompts kept for the next prompts that start the same way (a shared "
+        "system prompt, tool list or chat history is then not prefilled again); least recently used go first beyond "
+        "this many MB; 0 = off.",
+    )
     fallback: bool = Field(False, description="Forward to the service LLM when the local model fails or is slow.")
     latency_budget_s: float | None = Field(None, gt=0, description="Fallback when local generation exceeds this.")
     request_timeout_s: float | None = Field(
