@@ -10,7 +10,7 @@ from llamaduo.chat_api import ChatRequest
 from llamaduo.config import InferConfig, ModelConfig, ServeConfig
 from llamaduo.data import Message
 from llamaduo.models import load_model
-from llamaduo.prefixcache import MIN_REUSE, PrefixCache, common_prefix
+from llamaduo.prefixcache import BLOCK, PrefixCache, common_prefix
 from llamaduo.rowbatch import RowBatch
 from llamaduo.rowcache import prefill
 from tests.test_decode import gemma3
@@ -38,7 +38,7 @@ def test_common_prefix_counts_the_shared_leading_tokens():
 
 
 def test_lookup_takes_the_longest_prefix_of_the_same_adapter_and_leaves_the_last_token_to_run():
-    cache = PrefixCache(1 << 20)
+    cache = PrefixCache(1 << 20, block=2)
     cache.store(None, [1, 2, 3, 4, 5, 6], *tensors(4))
     cache.store(None, [1, 2, 3, 4, 5, 6, 7, 8, 9], *tensors(4))
     cache.store("task-b", [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], *tensors(4))
@@ -48,15 +48,26 @@ def test_lookup_takes_the_longest_prefix_of_the_same_adapter_and_leaves_the_last
     assert cache.lookup(None, [1, 2, 3, 4, 5, 6, 7]).tokens == 6
     whole = cache.lookup(None, [1, 2, 3, 4, 5, 6])
     assert whole.whole and whole.tokens == 6
-    assert cache.lookup(None, [1, 2, 3, 9, 9, 9]) is None  # fewer than MIN_REUSE shared tokens
-    assert MIN_REUSE == 4
+    assert cache.lookup(None, [1, 9, 9, 9, 9, 9]) is None  # less than a block shared
+    assert cache.lookup(None, [1, 2, 3, 9, 9, 9]).tokens == 3  # a block, then token by token
     assert cache.lookup("task-c", [1, 2, 3, 4, 5, 6]) is None  # another adapter's keys are not this one's
-    assert cache.hits == 3 and cache.lookups == 5 and cache.reused_tokens == 8 + 6 + 6
+    assert cache.hits == 4 and cache.lookups == 6 and cache.reused_tokens == 8 + 6 + 6 + 3
+    assert BLOCK == 16 and PrefixCache(1).block == BLOCK
+
+
+def test_among_many_prompts_the_deepest_shared_block_names_the_most_recent_entry():
+    cache = PrefixCache(1 << 30, block=4)
+    for i in range(2000):
+        cache.store(None, [1, 2, 3, 4, i, 5, 6, 7, 8, 9], *tensors(1))
+    hit = cache.lookup(None, [1, 2, 3, 4, 77, 5, 6, 7, 0])
+    assert hit.tokens == 8 and hit.entry is cache._entries[(None, (1, 2, 3, 4, 77, 5, 6, 7, 8, 9))]
+    # Sharing the first block only: the entry used last (the hit above) answers.
+    assert cache.lookup(None, [1, 2, 3, 4, 5000, 0]).entry is hit.entry
 
 
 def test_the_least_recently_used_prompts_go_beyond_the_budget():
     one = sum(t.numel() * t.element_size() for t in (*tensors(4)[0], *tensors(4)[1], tensors(4)[2]))
-    cache = PrefixCache(2 * one)
+    cache = PrefixCache(2 * one, block=2)
     for first in (1, 2, 3):
         cache.store(None, [first, 5, 6, 7, 8, 9], *tensors(4))
         cache.lookup(None, [1, 5, 6, 7, 8, 9])  # keeps the first one recent
@@ -72,7 +83,7 @@ def test_a_prefilled_prefix_runs_only_the_rest_and_gives_the_full_prefills_keys_
     model = gemma3(sliding_window=4)  # sliding-window layers whose window the prompt outgrows
     ids = torch.randint(3, 256, (20,), generator=torch.Generator().manual_seed(3)).tolist()
     other = ids[:shared] + [(t + 1) % 250 + 3 for t in ids[shared:]]
-    cache = PrefixCache(1 << 24)
+    cache = PrefixCache(1 << 24, block=4)
     runs = counted(model)
     with torch.inference_mode():
         keys, values, last = prefill(model, ids)

@@ -18,7 +18,7 @@ import collections
 from dataclasses import dataclass
 from typing import Any
 
-MIN_REUSE = 4  # fewer shared tokens than this are prefilled again: the saving would not pay the lookup
+BLOCK = 16  # prompts are matched by blocks of this many tokens (then token by token within the last one)
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Entry:
     values: list[Any]
     last: Any  # the last prompt token's logits [vocab]
     nbytes: int
+    blocks: list[int]  # the chained hashes of the prompt's whole blocks (`PrefixCache._chain`)
 
 
 @dataclass
@@ -51,12 +52,19 @@ def common_prefix(a: tuple[int, ...], b: tuple[int, ...]) -> int:
 
 
 class PrefixCache:
-    """Recent prompts' prefill results, keyed by (adapter, prompt tokens), within a byte budget."""
+    """Recent prompts' prefill results, keyed by (adapter, prompt tokens), within a byte budget.
 
-    def __init__(self, budget_bytes: int):
-        self.budget = budget_bytes
+    A lookup costs the prompt's length, not the number of entries: each stored prompt's whole blocks
+    of `block` tokens are indexed by a chained hash (block k's hash covers blocks 1..k and the adapter),
+    the deepest block a new prompt matches names an entry, and the shared tokens are then counted on
+    that entry's tokens (so a hash collision only costs a miss). Prefixes shorter than a block are not
+    reused: the saving would not pay the lookup."""
+
+    def __init__(self, budget_bytes: int, block: int = BLOCK):
+        self.budget, self.block = budget_bytes, block
         self.bytes = 0
         self._entries: collections.OrderedDict[tuple[str | None, tuple[int, ...]], Entry] = collections.OrderedDict()
+        self._by_block: dict[int, tuple[str | None, tuple[int, ...]]] = {}  # block hash -> newest entry with it
         self.lookups = 0
         self.hits = 0
         self.reused_tokens = 0  # prompt tokens taken from the cache instead of prefilled
@@ -64,40 +72,61 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def _chain(self, adapter: str | None, prompt: tuple[int, ...]) -> list[int]:
+        h, out = hash(adapter), []
+        for end in range(self.block, len(prompt) + 1, self.block):
+            h = hash((h, prompt[end - self.block:end]))
+            out.append(h)
+        return out
+
     def lookup(self, adapter: str | None, ids: list[int]) -> Reuse | None:
-        """The longest cached prefix of `ids` under `adapter` (at least `MIN_REUSE` tokens), or None."""
+        """The longest cached prefix of `ids` under `adapter` (at least a block), or None."""
         if self.budget <= 0 or not ids:
             return None
         self.lookups += 1
         prompt = tuple(ids)
         exact = self._entries.get((adapter, prompt))
         if exact is not None:
-            self._entries.move_to_end((adapter, prompt))
+            self._touch((adapter, prompt))
             self.hits += 1
             self.reused_tokens += len(prompt)
             return Reuse(len(prompt), exact, True)
-        best, found = 0, None
-        for a, cached in self._entries:
-            if a == adapter and cached[0] == prompt[0] and (n := common_prefix(cached, prompt)) > best:
-                best, found = n, (a, cached)
-        best = min(best, len(prompt) - 1)  # the last prompt token runs: its logits pick the first answer token
-        if found is None or best < MIN_REUSE:
+        found = None
+        for h in self._chain(adapter, prompt):
+            if (key := self._by_block.get(h)) is None:
+                break
+            found = key
+        # The last prompt token runs: its logits pick the first answer token.
+        best = 0 if found is None else min(common_prefix(found[1], prompt), len(prompt) - 1)
+        if best < self.block:
             return None
-        self._entries.move_to_end(found)
+        self._touch(found)
         self.hits += 1
         self.reused_tokens += best
         return Reuse(best, self._entries[found], False)
 
+    def _touch(self, key: tuple[str | None, tuple[int, ...]]) -> None:
+        """Make an entry the most recent, and the one its blocks name (it is now the last to go)."""
+        self._entries.move_to_end(key)
+        for h in self._entries[key].blocks:
+            self._by_block[h] = key
+
     def store(self, adapter: str | None, ids: list[int], keys: list[Any], values: list[Any], last: Any) -> None:
         """Keep a prompt's prefill (tensors nothing writes to later), evicting the oldest beyond the budget."""
         nbytes = sum(t.numel() * t.element_size() for t in (*keys, *values, last))
-        key = (adapter, tuple(ids))
         if self.budget <= 0 or nbytes > self.budget or not ids:
             return
+        key = (adapter, tuple(ids))
         if (old := self._entries.pop(key, None)) is not None:
             self.bytes -= old.nbytes
-        self._entries[key] = Entry(keys, values, last, nbytes)
+        blocks = self._chain(adapter, key[1])
+        self._entries[key] = Entry(keys, values, last, nbytes, blocks)
+        for h in blocks:
+            self._by_block[h] = key
         self.bytes += nbytes
         while self.bytes > self.budget:
-            _, gone = self._entries.popitem(last=False)
+            gone_key, gone = self._entries.popitem(last=False)
             self.bytes -= gone.nbytes
+            for h in gone.blocks:
+                if self._by_block.get(h) == gone_key:
+                    del self._by_block[h]
