@@ -122,7 +122,8 @@ class RowBatch:
                 reuse = self.prefixes.lookup(adapter, ids)
                 self.prefilled = len(ids) - (reuse.tokens if reuse is not None else 0)
                 keys, values, last = prefill(self.model, ids, reuse)
-                self.prefixes.store(adapter, ids, keys, values, last)
+                if reuse is None or not reuse.whole:  # a whole hit is cached already (and now the most recent)
+                    self.prefixes.store(adapter, ids, keys, values, last)
                 first = last[None].repeat(req.n, 1)
         finally:
             self._names = None
