@@ -147,3 +147,18 @@ def test_a_shared_system_prompt_is_served_from_the_cache_and_counted_in_the_metr
     assert samples["llamaduo_prefix_cache_hits_total"] == 1 and samples["llamaduo_prefix_cache_lookups_total"] == 3
     assert samples["llamaduo_prefix_cache_reused_tokens_total"] > len(tok(system)["input_ids"])
     assert samples["llamaduo_prefix_cache_bytes"] > 0
+
+
+def test_the_served_cache_takes_its_budget_from_the_config_and_off_shows_no_series(tiny_model):  # noqa: F811
+    import httpx
+
+    from llamaduo.config import Config
+    from llamaduo.serve import BackgroundServer, build_app
+
+    for mb, budget in ((0.5, 2**19), (0, 0)):
+        app, _ = build_app(tiny_model, Config(model={"base": str(tiny_model)}, serve={"prefix_cache_mb": mb,
+                                                                                      "metrics_public": True}))
+        assert app.state.batcher.batch.prefixes.budget == budget
+        with BackgroundServer(app) as srv:
+            text = httpx.get(srv.base_url.removesuffix("/v1") + "/metrics").text
+        assert ("llamaduo_prefix_cache_lookups_total" in text) == (budget > 0)

@@ -89,7 +89,7 @@ class _Owned(Collector):
             yield SummaryMetricFamily("llamaduo_batch_size", "Requests per generate batch.",
                                       count_value=st.batches, sum_value=st.requests)
             prefixes = getattr(getattr(self.batcher, "batch", None), "prefixes", None)
-            if prefixes is not None:  # the continuous batch's (batched `generate` has none)
+            if prefixes is not None and prefixes.budget > 0:  # absent when there is no cache (off, or batched `generate`)
                 for name, doc, value in (
                         ("lookups", "Prompts looked up in the prefix cache.", prefixes.lookups),
                         ("hits", "Prompts that took a prefix from the cache.", prefixes.hits),
